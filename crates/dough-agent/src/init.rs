@@ -1,0 +1,190 @@
+//! PID 1 duties: mount the early filesystems, load kernel modules, assemble
+//! the root (read-only base + overlay on the scratch disk), switch into it,
+//! set the hostname, bring up loopback, power off.
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::unistd::{chdir, chroot, sethostname};
+
+use crate::cmdline::BootConfig;
+
+/// Where the initramfs lists the modules to load, in order (one file name a
+/// line, relative to `/lib/dough/modules/`). Absent or empty for a kernel
+/// with the drivers built in.
+const MODULE_ORDER: &str = "/lib/dough/modules.order";
+const MODULE_DIR: &str = "/lib/dough/modules";
+
+type Result<T> = std::result::Result<T, String>;
+
+fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {src} on {target} ({fstype}): {e}"))
+}
+
+/// proc, sys and dev inside the initramfs.
+pub fn early_mounts() -> Result<()> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mnt("proc", "/proc", "proc", nodev, None)?;
+    mnt("sysfs", "/sys", "sysfs", nodev, None)?;
+    mnt(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    Ok(())
+}
+
+/// Load the initramfs's modules in their listed order. A module that is
+/// already present (built in, or loaded) is fine.
+pub fn load_modules() -> Result<usize> {
+    let Ok(order) = fs::read_to_string(MODULE_ORDER) else {
+        return Ok(0);
+    };
+    let params = CString::default();
+    let mut n = 0;
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = Path::new(MODULE_DIR).join(name);
+        let f = fs::File::open(&path).map_err(|e| format!("open module {name}: {e}"))?;
+        match nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) => n += 1,
+            Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(format!("load module {name}: {e}")),
+        }
+    }
+    Ok(n)
+}
+
+fn wait_for(path: &str, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !Path::new(path).exists() {
+        if start.elapsed() > limit {
+            return Err(format!("{path} did not appear within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Mount the base read-only, the scratch disk read-write, join them with an
+/// overlay and make that the root. The initramfs stays underneath, unseen.
+pub fn switch_root(cfg: &BootConfig) -> Result<()> {
+    wait_for(&cfg.root_dev, Duration::from_secs(10))?;
+    wait_for(&cfg.scratch_dev, Duration::from_secs(10))?;
+    mnt(
+        &cfg.root_dev,
+        "/mnt/base",
+        "ext4",
+        MsFlags::MS_RDONLY,
+        Some("noload"),
+    )?;
+    mnt(
+        &cfg.scratch_dev,
+        "/mnt/scratch",
+        "ext4",
+        MsFlags::MS_NOATIME,
+        None,
+    )?;
+    for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
+        fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    mnt(
+        "overlay",
+        "/newroot",
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/mnt/base,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work"),
+    )?;
+    for d in ["proc", "sys", "dev"] {
+        let target = format!("/newroot/{d}");
+        let _ = fs::create_dir_all(&target);
+        mount(
+            Some(format!("/{d}").as_str()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("move /{d}: {e}"))?;
+    }
+    chdir("/newroot").map_err(|e| format!("chdir /newroot: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move new root onto /: {e}"))?;
+    chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mnt(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    )?;
+    mnt("tmpfs", "/dev/shm", "tmpfs", nodev, Some("mode=1777"))?;
+    mnt("tmpfs", "/run", "tmpfs", nodev, Some("mode=0755"))?;
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    Ok(())
+}
+
+/// Hostname `dough-<vm id>`, also in /etc/hostname and /etc/hosts so tools
+/// that look it up find it.
+pub fn set_identity(cfg: &BootConfig) -> Result<()> {
+    let name = format!("dough-{}", cfg.vm_id);
+    sethostname(&name).map_err(|e| format!("sethostname: {e}"))?;
+    let _ = fs::write("/etc/hostname", format!("{name}\n"));
+    let hosts = format!("127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n");
+    let _ = fs::write("/etc/hosts", hosts);
+    Ok(())
+}
+
+/// Bring `lo` up (SIOCSIFFLAGS), so tasks can use localhost.
+pub fn loopback_up() -> Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    // SAFETY: ifreq is a plain C struct for which all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `sock` is an open socket, `req` a valid ifreq naming "lo"; the
+    // kernel writes only inside it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(format!(
+            "SIOCGIFFLAGS lo: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(format!(
+            "SIOCSIFFLAGS lo: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// End the VM. The VMM runs with reboot treated as exit (QEMU `-no-reboot`,
+/// Firecracker always), so a reset is the fastest way out. The scratch disk
+/// is discarded by the host, so nothing is synced.
+pub fn power_off() -> ! {
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Only reached if reboot failed; PID 1 must never return.
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}

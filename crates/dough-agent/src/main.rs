@@ -1,0 +1,190 @@
+//! `dough-agent`: PID 1 inside every Dough microVM.
+//!
+//! Boot: mount proc/sys/dev, load modules, assemble the root (read-only base
+//! + overlay on the scratch disk), set the hostname, dial the host over vsock
+//! (CID 2, [`dough_proto::CONTROL_PORT`]) and say Hello. Then: take one
+//! Assign, run it, stream output, heartbeat every second, report Exit, and
+//! power off on Shutdown or when the host goes away.
+mod cmdline;
+mod init;
+mod task;
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dough_proto::{GuestMsg, Hello, HostMsg, MAX_FRAME};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+
+fn log(msg: &str) {
+    // PID 1's stderr is /dev/console: the serial log on the host.
+    eprintln!("dough-agent: {msg}");
+}
+
+fn fatal(msg: &str) -> ! {
+    log(&format!("fatal: {msg}"));
+    init::power_off()
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!(
+            "dough-agent {}: this is the init of a Dough guest and runs only as PID 1 inside a VM",
+            env!("CARGO_PKG_VERSION")
+        );
+        std::process::exit(2);
+    }
+    std::panic::set_hook(Box::new(|info| fatal(&format!("panic: {info}"))));
+    task::Reaper::block_sigchld();
+
+    if let Err(e) = init::early_mounts() {
+        fatal(&e);
+    }
+    let cfg = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if cfg.bench_poweroff {
+        init::power_off();
+    }
+    if let Err(e) = init::load_modules() {
+        fatal(&e);
+    }
+    if let Err(e) = init::switch_root(&cfg) {
+        fatal(&e);
+    }
+    if let Err(e) = init::set_identity(&cfg) {
+        log(&e);
+    }
+    if let Err(e) = init::loopback_up() {
+        log(&e);
+    }
+    let reaper = task::Reaper::default();
+    {
+        let r = reaper.clone();
+        std::thread::spawn(move || r.run());
+    }
+    let conn = dial(cfg.port);
+    serve(conn, reaper);
+    init::power_off();
+}
+
+/// Dial the host until it answers; the host listens before the VM starts, so
+/// the first try normally succeeds. The host kills a VM that never dials.
+fn dial(port: u32) -> File {
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match try_dial(port) {
+            Ok(fd) => return File::from(fd),
+            Err(e) => {
+                log(&format!("dial host vsock port {port}: {e}; retrying"));
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+fn try_dial(port: u32) -> nix::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &VsockAddr::new(dough_proto::HOST_CID, port),
+    )?;
+    Ok(fd)
+}
+
+fn boot_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// Speak the protocol on `conn` until Shutdown or the host goes away.
+fn serve(conn: File, reaper: task::Reaper) {
+    let Ok(mut writer) = conn.try_clone() else {
+        fatal("cannot clone the control connection");
+    };
+    let mut reader = conn;
+    // One writer thread owns the socket's write side; everyone else queues.
+    let (tx, rx) = sync_channel::<GuestMsg>(64);
+    std::thread::spawn(move || {
+        for msg in rx {
+            if dough_proto::write_frame(&mut writer, &msg).is_err() {
+                break;
+            }
+        }
+    });
+    let hello = GuestMsg::Hello(Hello {
+        versions: dough_proto::supported_versions(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        boot_ms: boot_ms(),
+    });
+    if tx.send(hello).is_err() {
+        return;
+    }
+    start_heartbeat(tx.clone());
+
+    let pgid: Arc<Mutex<Option<i32>>> = Arc::default();
+    let mut assigned = false;
+    loop {
+        let frame = match dough_proto::read_frame(&mut reader, MAX_FRAME) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                log("host closed the control connection; powering off");
+                return;
+            }
+            Err(e) => {
+                log(&format!("control connection failed: {e}; powering off"));
+                return;
+            }
+        };
+        let msg = match dough_proto::decode::<HostMsg>(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                log(&format!("bad message from host: {e}"));
+                continue;
+            }
+        };
+        match msg {
+            HostMsg::Welcome { version } => log(&format!("protocol version {version}")),
+            HostMsg::Assign(a) if !assigned => {
+                assigned = true;
+                let (r, tx, pg) = (reaper.clone(), tx.clone(), pgid.clone());
+                std::thread::spawn(move || task::run(&r, a, tx, pg));
+            }
+            HostMsg::Assign(_) => {
+                let _ = tx.send(GuestMsg::Log {
+                    message: "a task was already assigned to this VM; ignored".into(),
+                });
+            }
+            HostMsg::Signal { signo } => {
+                let target = *pgid.lock().unwrap_or_else(|p| p.into_inner());
+                if let (Some(pg), Ok(sig)) = (target, nix::sys::signal::Signal::try_from(signo)) {
+                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), sig);
+                }
+            }
+            HostMsg::Shutdown => return,
+        }
+    }
+}
+
+fn start_heartbeat(tx: SyncSender<GuestMsg>) {
+    std::thread::spawn(move || {
+        let mut seq = 0;
+        loop {
+            std::thread::sleep(Duration::from_millis(dough_proto::HEARTBEAT_INTERVAL_MS));
+            if tx.send(GuestMsg::Heartbeat { seq }).is_err() {
+                return;
+            }
+            seq += 1;
+        }
+    });
+}

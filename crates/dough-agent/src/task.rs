@@ -1,0 +1,209 @@
+//! Running the task: spawn as the task user in its own session, stream its
+//! stdout and stderr, and collect its exit status from the PID-1 reaper.
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dough_proto::{Assign, ExitStatus, GuestMsg, Stream, MAX_OUTPUT_CHUNK};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// The unprivileged task user made by the image build.
+pub const TASK_UID: u32 = 1000;
+pub const TASK_GID: u32 = 1000;
+pub const TASK_HOME: &str = "/home/dough";
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// PID 1 reaps every process; the task's own status is routed to whoever
+/// waits for it. Spawning holds the same lock, so the reaper can never take
+/// the status of a child `Command::spawn` is still waiting on.
+#[derive(Clone, Default)]
+pub struct Reaper {
+    inner: Arc<Mutex<ReaperState>>,
+}
+
+#[derive(Default)]
+struct ReaperState {
+    watched: HashMap<i32, SyncSender<ExitStatus>>,
+}
+
+impl Reaper {
+    /// Block SIGCHLD in the calling thread; call before any other thread is
+    /// started so every thread inherits the mask and only the reaper takes it.
+    pub fn block_sigchld() {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGCHLD);
+        let _ = set.thread_block();
+    }
+
+    /// The reaper loop, on its own thread.
+    pub fn run(self) {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGCHLD);
+        loop {
+            let _ = set.wait();
+            let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) => st.deliver(pid, ExitStatus::Code(code)),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                        st.deliver(pid, ExitStatus::Signal(sig as i32))
+                    }
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Spawn under the reaper's lock and register for its exit status.
+    pub fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> std::io::Result<(std::process::Child, Receiver<ExitStatus>)> {
+        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let child = cmd.spawn()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        st.watched.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+}
+
+impl ReaperState {
+    fn deliver(&mut self, pid: Pid, status: ExitStatus) {
+        if let Some(tx) = self.watched.remove(&pid.as_raw()) {
+            let _ = tx.try_send(status);
+        }
+    }
+}
+
+/// Build the task's command: clean environment, task user (unless root),
+/// new session (so a signal reaches the whole process group), stdin empty.
+pub fn command(a: &Assign) -> Command {
+    let (home, user) = if a.root {
+        ("/root", "root")
+    } else {
+        (TASK_HOME, "dough")
+    };
+    let mut cmd = Command::new(&a.command[0]);
+    cmd.args(&a.command[1..])
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", home)
+        .env("USER", user)
+        .env("LOGNAME", user)
+        .env("SHELL", "/bin/bash")
+        .env("LANG", "C.UTF-8")
+        .env("DOUGH_TASK_ID", &a.task_id)
+        .envs(a.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(a.workdir.as_deref().unwrap_or(home))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !a.root {
+        cmd.uid(TASK_UID).gid(TASK_GID);
+    }
+    // SAFETY: between fork and exec only async-signal-safe calls are made:
+    // setsid and sigprocmask.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            SigSet::empty().thread_set_mask()?;
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Run the task to completion, sending Started, Output and Exit to `out`.
+/// Returns the task's process group id once it is started (for signals).
+pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mutex<Option<i32>>>) {
+    if a.command.is_empty() {
+        let _ = out.send(GuestMsg::SpawnFailed {
+            message: "empty command".into(),
+        });
+        return;
+    }
+    let mut cmd = command(&a);
+    let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            let message = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    format!("{}: command not found in the guest", a.command[0])
+                }
+                _ => format!("cannot start {}: {e}", a.command[0]),
+            };
+            let _ = out.send(GuestMsg::SpawnFailed { message });
+            return;
+        }
+    };
+    let pid = child.id();
+    *pgid.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid as i32);
+    let _ = out.send(GuestMsg::Started { pid });
+
+    let readers: Vec<_> = [
+        (
+            Stream::Stdout,
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+        (
+            Stream::Stderr,
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(stream, r)| r.map(|r| (stream, r)))
+    .map(|(stream, mut r)| {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let msg = GuestMsg::Output {
+                            stream,
+                            data: buf[..n].to_vec(),
+                        };
+                        if out.send(msg).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        })
+    })
+    .collect();
+    drop(child);
+
+    let status = status_rx.recv().unwrap_or(ExitStatus::Code(255));
+    // Output pipes may be held open by the task's background children; give
+    // them a moment, then end the whole group so every byte written so far
+    // is flushed and the readers finish.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while readers.iter().any(|r| !r.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if readers.iter().any(|r| !r.is_finished()) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    *pgid.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let _ = out.send(GuestMsg::Exit { status });
+}

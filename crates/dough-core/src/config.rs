@@ -1,0 +1,39 @@
+//! Where Dough keeps things on the host, and host-wide choices.
+use std::path::PathBuf;
+
+use dough_vmm::{AccelChoice, HostFacts};
+
+/// Host-side configuration shared by every VM.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Root of Dough's state (`/var/lib/dough` by default).
+    pub state_dir: PathBuf,
+    /// The guest image (`<state>/images/default` by default).
+    pub image_dir: PathBuf,
+    pub accel: AccelChoice,
+    pub facts: HostFacts,
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/dough";
+
+impl HostConfig {
+    pub fn new(state_dir: Option<PathBuf>, image_dir: Option<PathBuf>, accel: AccelChoice) -> Self {
+        let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let image_dir = image_dir.unwrap_or_else(|| dough_image::Image::dir_in(&state_dir));
+        HostConfig {
+            state_dir,
+            image_dir,
+            accel,
+            facts: HostFacts::probe(),
+        }
+    }
+
+    /// Per-VM run directories live here.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
+    }
+}

@@ -1,0 +1,33 @@
+//! The orchestrator core.
+//!
+//! * [`supervisor`] — **where a VM boots, runs one task and is torn down**:
+//!   run directory → scratch disk → vsock listener → VMM → Hello → Assign →
+//!   output/heartbeats → Exit → Shutdown → stop → delete.
+//! * [`rundir`] — the per-VM run directory, its owner record (written before
+//!   anything is created) and `gc` of what a crashed Dough left behind.
+//! * [`conn`] — the async side of the control protocol.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod conn;
+pub mod rundir;
+pub mod supervisor;
+
+pub use config::HostConfig;
+pub use supervisor::{run_task, Event, Outcome, Phase, RunError, RunReport, TaskSpec};
+
+/// A fresh random id (12 hex digits) for a VM.
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b.copy_from_slice(&(t as u64 ^ std::process::id() as u64).to_le_bytes()[..6]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

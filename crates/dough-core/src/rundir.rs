@@ -1,0 +1,187 @@
+//! Per-VM run directories, and reclaiming what a crash left behind.
+//!
+//! Intent before action: the directory and its `owner.json` (the owning
+//! process and its start time) exist before any disk, socket or process of
+//! the VM does. Every VM resource lives inside the directory or names it on
+//! its command line, so `gc` can find all of it from the directory alone.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const OWNER: &str = "owner.json";
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct OwnerRecord {
+    pub vm_id: String,
+    /// The Dough process that owns the VM.
+    pub owner_pid: u32,
+    /// Its start time (clock ticks since boot, /proc/PID/stat field 22), so a
+    /// recycled PID is not mistaken for the owner.
+    pub owner_start: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Debug)]
+pub struct RunDir {
+    pub id: String,
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Make `<runs>/<id>` (mode 0700) with its owner record.
+    pub fn create(runs: &Path, id: &str) -> std::io::Result<RunDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(runs)?;
+        let path = runs.join(id);
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        let me = std::process::id();
+        let rec = OwnerRecord {
+            vm_id: id.to_string(),
+            owner_pid: me,
+            owner_start: proc_start_time(me).unwrap_or(0),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        std::fs::write(
+            path.join(OWNER),
+            serde_json::to_vec(&rec).expect("record serializes"),
+        )?;
+        Ok(RunDir {
+            id: id.to_string(),
+            path,
+        })
+    }
+
+    /// Remove the directory and everything in it (sockets, disks, logs).
+    pub fn remove(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+}
+
+/// Field 22 of /proc/PID/stat.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn owner_alive(rec: &OwnerRecord) -> bool {
+    proc_start_time(rec.owner_pid).is_some_and(|t| t == rec.owner_start)
+}
+
+/// PIDs of processes whose command line mentions `dir` (QEMU and
+/// vhost-device-vsock name their sockets and disks there).
+pub fn processes_using(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .split('\0')
+                        .any(|arg| arg.contains(&needle))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// What `gc` did.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub removed: Vec<String>,
+    pub killed: Vec<u32>,
+    pub kept_live: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Reclaim every run directory whose owner is gone: kill its processes,
+/// delete the directory. Directories of live owners are left alone.
+pub fn gc(runs: &Path) -> GcReport {
+    let mut r = GcReport::default();
+    let Ok(rd) = std::fs::read_dir(runs) else {
+        return r;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let id = e.file_name().to_string_lossy().into_owned();
+        if !path.is_dir() {
+            continue;
+        }
+        let rec: Option<OwnerRecord> = std::fs::read(path.join(OWNER))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if rec.as_ref().is_some_and(owner_alive) {
+            r.kept_live.push(id);
+            continue;
+        }
+        for pid in processes_using(&path) {
+            match nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            ) {
+                Ok(()) => r.killed.push(pid),
+                Err(e) => r.errors.push(format!("kill {pid}: {e}")),
+            }
+        }
+        // Killed processes may hold files open for a moment; deletion works
+        // regardless on Linux.
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => r.removed.push(id),
+            Err(e) => r.errors.push(format!("remove {}: {e}", path.display())),
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_keeps_live_owners_and_reclaims_dead_ones() {
+        let runs = tempfile::tempdir().unwrap();
+        let live = RunDir::create(runs.path(), "live000000aa").unwrap();
+        let dead = RunDir::create(runs.path(), "dead000000bb").unwrap();
+        // Pretend the owner of `dead` was another, now gone, process.
+        let mut rec: OwnerRecord =
+            serde_json::from_slice(&std::fs::read(dead.path.join(OWNER)).unwrap()).unwrap();
+        rec.owner_start += 1;
+        std::fs::write(dead.path.join(OWNER), serde_json::to_vec(&rec).unwrap()).unwrap();
+        // A process of the dead VM, named by its directory.
+        // `sh -c 'read x' PATH`: blocks on stdin with PATH as its $0.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x"])
+            .arg(format!("{}/marker", dead.path.display()))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let r = gc(runs.path());
+        assert_eq!(r.kept_live, vec!["live000000aa".to_string()]);
+        assert_eq!(r.removed, vec!["dead000000bb".to_string()]);
+        assert_eq!(r.killed, vec![child.id()]);
+        assert!(!child.wait().unwrap().success());
+        assert!(live.path.exists() && !dead.path.exists());
+    }
+
+    #[test]
+    fn start_time_of_self_is_readable() {
+        assert!(proc_start_time(std::process::id()).is_some());
+        assert!(proc_start_time(u32::MAX).is_none());
+    }
+}

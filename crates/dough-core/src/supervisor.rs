@@ -1,0 +1,480 @@
+//! **Where a VM boots, runs one task and is torn down.**
+//!
+//! ```text
+//! run dir + owner record ─▶ scratch disk ─▶ vsock listener ─▶ VMM spawned
+//!   ─▶ agent dials in, Hello ─▶ Welcome + Assign ─▶ Started
+//!   ─▶ Output / Heartbeat … ─▶ Exit            (or timeout / cancel / loss)
+//!   ─▶ teardown: Shutdown ─▶ VMM exits (else QMP quit, else SIGKILL)
+//!      ─▶ helpers stopped ─▶ run dir (sockets, disk, logs) deleted
+//! ```
+//! Teardown runs on every path, keeps going past errors and reports them.
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use dough_image::{Image, ImageError};
+use dough_proto::{Assign, ExitStatus, GuestMsg, Hello, HostMsg, ProtoError, Stream};
+use dough_vmm::{qemu::Qemu, vsock, Accel, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
+use tokio::net::unix::OwnedWriteHalf;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::conn::{self, Incoming};
+use crate::rundir::RunDir;
+use crate::HostConfig;
+
+/// The guest CID every VM gets (each VM has its own vsock device, so the
+/// CID need not be unique on the host).
+pub const GUEST_CID: u32 = 3;
+
+/// What to run, and the VM to run it in.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    pub task_id: String,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub root: bool,
+    pub workdir: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Size of the sparse scratch disk (the guest's writable layer).
+    pub scratch_mib: u64,
+    /// Kill the task after this long (from Assign).
+    pub timeout: Option<Duration>,
+    /// The agent must say Hello within this long of the VMM starting.
+    pub boot_timeout: Duration,
+    /// Silence from the guest longer than this means it is lost.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for TaskSpec {
+    fn default() -> Self {
+        TaskSpec {
+            task_id: String::new(),
+            command: vec![],
+            env: vec![],
+            root: false,
+            workdir: None,
+            vcpus: 1,
+            memory_mib: 512,
+            scratch_mib: 4096,
+            timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            heartbeat_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Milestones of a run, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// VMM process spawned.
+    Spawned,
+    /// Agent's Hello received.
+    Hello,
+    /// Task process started in the guest.
+    Started,
+    /// Task ended (Exit or spawn failure received).
+    Done,
+    /// The VMM exited on its own (guest power-off, crash or kill).
+    VmmExit,
+    /// Everything of the VM is gone.
+    TornDown,
+}
+
+/// Streamed to the caller while the task runs.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Phase(Phase, Duration),
+    Output(Stream, &'a [u8]),
+}
+
+/// How the task ended (the VM itself worked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(ExitStatus),
+    /// The command could not be started in the guest.
+    SpawnFailed(String),
+    TimedOut(Duration),
+    /// Stopped by the caller (e.g. Ctrl-C) with this signal number.
+    Cancelled(i32),
+}
+
+/// Why the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("accelerator: {0}")]
+    Accel(String),
+    #[error("cannot prepare the vm's run directory")]
+    RunDir(#[source] std::io::Error),
+    #[error("the guest did not say Hello within {secs} s (boot timeout); serial console ends:\n{serial_tail}")]
+    BootTimeout { secs: u64, serial_tail: String },
+    #[error("the vmm exited unexpectedly ({status}); serial console ends:\n{serial_tail}")]
+    VmmExited { status: String, serial_tail: String },
+    #[error("lost the guest agent: {reason}; serial console ends:\n{serial_tail}")]
+    AgentLost { reason: String, serial_tail: String },
+    #[error("protocol error from the guest")]
+    Protocol(#[source] ProtoError),
+}
+
+/// Everything known after a run, whether it worked or not.
+#[derive(Debug)]
+pub struct RunReport {
+    pub vm_id: String,
+    pub accel: Option<Accel>,
+    pub result: Result<Outcome, RunError>,
+    pub hello: Option<Hello>,
+    pub phases: Vec<(Phase, Duration)>,
+    /// Problems met during teardown (the run's result is unaffected).
+    pub teardown_errors: Vec<String>,
+    /// How the VMM ended: "exited", "qmp quit" or "killed".
+    pub vmm_ended_by: &'static str,
+}
+
+impl RunReport {
+    pub fn phase(&self, p: Phase) -> Option<Duration> {
+        self.phases.iter().find(|(q, _)| *q == p).map(|(_, d)| *d)
+    }
+}
+
+/// The live parts that teardown must undo.
+#[derive(Default)]
+struct Live {
+    vm: Option<VmProcess>,
+    writer: Option<OwnedWriteHalf>,
+    /// The agent is still connected and can be asked to shut down.
+    agent_ok: bool,
+}
+
+struct Ctx<'a> {
+    t0: Instant,
+    phases: Vec<(Phase, Duration)>,
+    on_event: &'a mut (dyn FnMut(Event<'_>) + Send),
+}
+
+impl Ctx<'_> {
+    fn phase(&mut self, p: Phase) {
+        let d = self.t0.elapsed();
+        self.phases.push((p, d));
+        (self.on_event)(Event::Phase(p, d));
+    }
+}
+
+/// Boot a VM, run `spec` in it, stream events, tear it all down. `cancel`
+/// resolves to a signal number when the caller wants to stop early.
+pub async fn run_task(
+    host: &HostConfig,
+    spec: &TaskSpec,
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+    cancel: impl Future<Output = i32>,
+) -> RunReport {
+    run_vm(host, spec, &[], on_event, cancel).await
+}
+
+/// Boot the image with `dough.bench=poweroff`: the agent powers off as its
+/// first act. Time from spawning the VMM to its exit: the bare-boot baseline.
+pub async fn bare_boot(
+    host: &HostConfig,
+    vcpus: u32,
+    memory_mib: u32,
+) -> Result<Duration, RunError> {
+    let spec = TaskSpec {
+        vcpus,
+        memory_mib,
+        ..TaskSpec::default()
+    };
+    let mut ignore = |_: Event<'_>| {};
+    let rep = run_vm(
+        host,
+        &spec,
+        &["dough.bench=poweroff".to_string()],
+        &mut ignore,
+        std::future::pending(),
+    )
+    .await;
+    match rep.result {
+        Err(RunError::VmmExited { ref status, .. }) if status.starts_with("exit status: 0") => {
+            let spawned = rep.phase(Phase::Spawned).unwrap_or_default();
+            Ok(rep
+                .phase(Phase::VmmExit)
+                .unwrap_or_default()
+                .saturating_sub(spawned))
+        }
+        Err(e) => Err(e),
+        Ok(o) => Err(RunError::AgentLost {
+            reason: format!("bare boot unexpectedly ran a task: {o:?}"),
+            serial_tail: String::new(),
+        }),
+    }
+}
+
+async fn run_vm(
+    host: &HostConfig,
+    spec: &TaskSpec,
+    extra_args: &[String],
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+    cancel: impl Future<Output = i32>,
+) -> RunReport {
+    let vm_id = crate::new_id();
+    let span = info_span!("vm", vm_id = %vm_id, task_id = %spec.task_id);
+    let mut rep = RunReport {
+        vm_id: vm_id.clone(),
+        accel: None,
+        result: Ok(Outcome::Cancelled(0)),
+        hello: None,
+        phases: vec![],
+        teardown_errors: vec![],
+        vmm_ended_by: "never started",
+    };
+    let mut ctx = Ctx {
+        t0: Instant::now(),
+        phases: vec![],
+        on_event,
+    };
+    // Checks that create nothing come first: a bad image or a missing tool
+    // leaves nothing behind.
+    let prepared = (|| -> Result<(Image, Qemu, Accel), RunError> {
+        let image = Image::load(&host.image_dir)?;
+        let qemu = Qemu::locate(host.facts.tsc_khz)?;
+        let accel = host.facts.choose(host.accel).map_err(RunError::Accel)?;
+        Ok((image, qemu, accel))
+    })();
+    let (image, qemu, accel) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            rep.result = Err(e);
+            return rep;
+        }
+    };
+    rep.accel = Some(accel);
+    let rd = match RunDir::create(&host.runs_dir(), &vm_id) {
+        Ok(rd) => rd,
+        Err(e) => {
+            rep.result = Err(RunError::RunDir(e));
+            return rep;
+        }
+    };
+    let paths = VmPaths::new(&rd.path);
+    let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
+    kernel_args.extend(extra_args.iter().cloned());
+    let vmspec = VmSpec {
+        id: vm_id.clone(),
+        paths: paths.clone(),
+        kernel: image.kernel.clone(),
+        initramfs: Some(image.initramfs.clone()),
+        rootfs: image.rootfs.clone(),
+        scratch: paths.scratch(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        accel,
+        kernel_args,
+        tap: None,
+        guest_cid: GUEST_CID,
+        guest_port: dough_proto::CONTROL_PORT,
+    };
+    let mut live = Live::default();
+    rep.result = drive(&qemu, &vmspec, spec, &mut live, &mut ctx, cancel)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &rep.result {
+        debug!(parent: &span, error = %e, "vm failed");
+    }
+    // Teardown, on every path.
+    let (errors, ended_by) = teardown(&mut live, &rd).instrument(span).await;
+    rep.teardown_errors = errors;
+    rep.vmm_ended_by = ended_by;
+    ctx.phase(Phase::TornDown);
+    rep.phases = ctx.phases;
+    rep
+}
+
+fn serial_tail(paths: &VmPaths) -> String {
+    dough_vmm::process::log_tail(&paths.serial_log(), 20)
+}
+
+fn vmm_exited(paths: &VmPaths, status: std::io::Result<std::process::ExitStatus>) -> RunError {
+    let mut status = match status {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let log = dough_vmm::process::log_tail(&paths.vmm_log(), 5);
+    if !log.is_empty() {
+        status = format!("{status}; vmm says: {log}");
+    }
+    RunError::VmmExited {
+        status,
+        serial_tail: serial_tail(paths),
+    }
+}
+
+async fn drive(
+    vmm: &dyn Vmm,
+    vmspec: &VmSpec,
+    spec: &TaskSpec,
+    live: &mut Live,
+    ctx: &mut Ctx<'_>,
+    cancel: impl Future<Output = i32>,
+) -> Result<Outcome, RunError> {
+    tokio::pin!(cancel);
+    let paths = &vmspec.paths;
+    dough_vmm::disk::create_scratch(&vmspec.scratch, spec.scratch_mib).await?;
+    let listener = vsock::listen(&paths.vsock_uds(), dough_proto::CONTROL_PORT)?;
+    let vm = live.vm.insert(vmm.start(vmspec).await?);
+    ctx.phase(Phase::Spawned);
+    let boot_deadline = tokio::time::Instant::now() + spec.boot_timeout;
+    let boot_timeout = || RunError::BootTimeout {
+        secs: spec.boot_timeout.as_secs(),
+        serial_tail: serial_tail(paths),
+    };
+
+    // The agent dials in: that is the readiness signal.
+    let stream = tokio::select! {
+        r = listener.accept() => r.map_err(|e| RunError::Vmm(VmmError::Io { path: paths.vsock_uds(), source: e }))?.0,
+        st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
+        _ = tokio::time::sleep_until(boot_deadline) => return Err(boot_timeout()),
+        sig = &mut cancel => return Ok(Outcome::Cancelled(sig)),
+    };
+    drop(listener);
+    let (r, w) = stream.into_split();
+    let w = live.writer.insert(w);
+    let mut rx = conn::spawn_reader(r);
+    live.agent_ok = true;
+
+    let hello = tokio::select! {
+        m = rx.recv() => match m {
+            Some(Incoming::Msg(GuestMsg::Hello(h))) => h,
+            Some(Incoming::Msg(other)) => {
+                live.agent_ok = false;
+                return Err(RunError::AgentLost { reason: format!("expected Hello, got {other:?}"), serial_tail: serial_tail(paths) });
+            }
+            Some(Incoming::Failed(e)) => { live.agent_ok = false; return Err(RunError::Protocol(e)) }
+            Some(Incoming::Closed) | None => { live.agent_ok = false; return Err(RunError::AgentLost { reason: "connection closed before Hello".into(), serial_tail: serial_tail(paths) }) }
+        },
+        st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
+        _ = tokio::time::sleep_until(boot_deadline) => return Err(boot_timeout()),
+        sig = &mut cancel => return Ok(Outcome::Cancelled(sig)),
+    };
+    let version = dough_proto::negotiate(dough_proto::supported_versions(), hello.versions)
+        .map_err(RunError::Protocol)?;
+    debug!(kernel = %hello.kernel, boot_ms = hello.boot_ms, version, "hello");
+    ctx.phase(Phase::Hello);
+
+    let assign = Assign {
+        task_id: spec.task_id.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        root: spec.root,
+        workdir: spec.workdir.clone(),
+    };
+    let send_err = |e: ProtoError| RunError::AgentLost {
+        reason: format!("cannot send to the agent: {e}"),
+        serial_tail: serial_tail(paths),
+    };
+    conn::send(w, &HostMsg::Welcome { version })
+        .await
+        .map_err(send_err)?;
+    conn::send(w, &HostMsg::Assign(assign))
+        .await
+        .map_err(send_err)?;
+
+    let task_deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
+    let task_timeout = async {
+        match task_deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(task_timeout);
+    let mut last_seen = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            biased;
+            m = rx.recv() => {
+                let msg = match m {
+                    Some(Incoming::Msg(msg)) => msg,
+                    Some(Incoming::Failed(e)) => { live.agent_ok = false; return Err(RunError::Protocol(e)) }
+                    Some(Incoming::Closed) | None => {
+                        live.agent_ok = false;
+                        // Attribute a lost connection to the VMM if it died too.
+                        if let Ok(st) = tokio::time::timeout(Duration::from_millis(500), vm.wait_vmm()).await {
+                            ctx.phase(Phase::VmmExit);
+                            return Err(vmm_exited(paths, st));
+                        }
+                        return Err(RunError::AgentLost { reason: "control connection closed mid-task".into(), serial_tail: serial_tail(paths) });
+                    }
+                };
+                last_seen = Instant::now();
+                match msg {
+                    GuestMsg::Heartbeat { .. } => {}
+                    GuestMsg::Started { pid } => { debug!(pid, "task started"); ctx.phase(Phase::Started) }
+                    GuestMsg::Output { stream, data } => (ctx.on_event)(Event::Output(stream, &data)),
+                    GuestMsg::Exit { status } => { ctx.phase(Phase::Done); return Ok(Outcome::Exited(status)) }
+                    GuestMsg::SpawnFailed { message } => { ctx.phase(Phase::Done); return Ok(Outcome::SpawnFailed(message)) }
+                    GuestMsg::Log { message } => debug!(%message, "agent"),
+                    GuestMsg::Hello(_) => warn!("second Hello ignored"),
+                }
+            }
+            st = vm.wait_vmm() => { live.agent_ok = false; ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
+            _ = &mut task_timeout => {
+                let _ = conn::send(w, &HostMsg::Signal { signo: libc_sigkill() }).await;
+                ctx.phase(Phase::Done);
+                return Ok(Outcome::TimedOut(spec.timeout.unwrap_or_default()));
+            }
+            sig = &mut cancel => {
+                let _ = conn::send(w, &HostMsg::Signal { signo: sig }).await;
+                return Ok(Outcome::Cancelled(sig));
+            }
+            _ = tick.tick() => {
+                if last_seen.elapsed() > spec.heartbeat_timeout {
+                    live.agent_ok = false;
+                    return Err(RunError::AgentLost {
+                        reason: format!("no heartbeat for {} s", spec.heartbeat_timeout.as_secs()),
+                        serial_tail: serial_tail(paths),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn libc_sigkill() -> i32 {
+    nix::sys::signal::Signal::SIGKILL as i32
+}
+
+/// Undo everything in `live` and delete the run directory. Never stops at
+/// the first error.
+async fn teardown(live: &mut Live, rd: &RunDir) -> (Vec<String>, &'static str) {
+    let mut errors = Vec::new();
+    let mut grace = Duration::ZERO;
+    if let Some(w) = live.writer.as_mut() {
+        if live.agent_ok {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                conn::send(w, &HostMsg::Shutdown),
+            )
+            .await
+            {
+                Ok(Ok(())) => grace = Duration::from_secs(1),
+                Ok(Err(e)) => debug!("shutdown not delivered: {e}"),
+                Err(_) => debug!("shutdown not delivered in time"),
+            }
+        }
+    }
+    live.writer = None;
+    let mut ended_by = "never started";
+    if let Some(mut vm) = live.vm.take() {
+        let r = vm.stop(grace).await;
+        ended_by = r.vmm_ended_by;
+        errors.extend(r.errors);
+    }
+    if let Err(e) = rd.remove() {
+        errors.push(format!("remove {}: {e}", rd.path.display()));
+    }
+    for e in &errors {
+        warn!("teardown: {e}");
+    }
+    (errors, ended_by)
+}

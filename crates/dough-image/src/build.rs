@@ -1,0 +1,524 @@
+//! `dough image build`: kernel, initramfs and rootfs from Debian packages.
+//! Each part is rebuilt only when the hash of its inputs changed.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::cpio::CpioWriter;
+use crate::manifest::{now_rfc3339, sha256_file, sha256_hex, Manifest, PartInfo};
+use crate::{elf, io_err, Image, ImageError};
+
+pub const KERNEL: &str = "vmlinux";
+pub const INITRAMFS: &str = "initramfs.cpio";
+pub const ROOTFS: &str = "rootfs.ext4";
+
+/// Debian's cloud kernel meta package; its dependency names the real one.
+const KERNEL_META: &str = "linux-image-cloud-amd64";
+
+/// Modules the guest needs, in load order (paths under `kernel/`).
+pub const MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/block/virtio_blk.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+    "net/vmw_vsock/vsock.ko",
+    "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+    "fs/overlayfs/overlay.ko",
+];
+
+/// Packages of the base rootfs (on top of debootstrap's minbase).
+pub const ROOTFS_PACKAGES: &[&str] = &[
+    "bash",
+    "coreutils",
+    "git",
+    "ca-certificates",
+    "openssh-client",
+    "curl",
+    "procps",
+    "iproute2",
+    "nano",
+    "less",
+    "xz-utils",
+];
+
+/// Run inside the new rootfs (chroot) after debootstrap. Changing this text
+/// changes the rootfs inputs, so the next build redoes the rootfs.
+const CUSTOMIZE: &str = r#"set -e
+groupadd -g 1000 dough
+useradd -m -u 1000 -g 1000 -s /bin/bash -c "Dough task user" dough
+install -d -o 1000 -g 1000 -m 0755 /work
+printf 'nameserver 172.16.0.1\n' > /etc/resolv.conf
+printf 'dough\n' > /etc/hostname
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/*.log /var/log/apt/* /tmp/* /root/.bash_history
+"#;
+
+/// What to build and from where.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The image directory (see [`Image::dir_in`]).
+    pub dir: PathBuf,
+    /// Downloads and build scratch, kept between builds.
+    pub cache_dir: PathBuf,
+    /// The static `dough-agent` binary to put in the initramfs as `/init`.
+    pub agent: PathBuf,
+    pub mirror: String,
+    pub suite: String,
+    /// Rebuild every part even if its inputs are unchanged.
+    pub force: bool,
+}
+
+/// Progress lines on stderr, with the time since the build started.
+pub struct Progress {
+    start: Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Self {
+        Progress {
+            start: Instant::now(),
+            quiet,
+        }
+    }
+
+    pub fn say(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("[{:>6.1}s] {msg}", self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Build (or bring up to date) the image; returns what was built.
+pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageError> {
+    for (tool, pkg) in [
+        ("apt-get", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("lz4", "lz4"),
+        ("debootstrap", "debootstrap"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ] {
+        if which(tool).is_none() {
+            return Err(ImageError::MissingTool {
+                tool: tool.into(),
+                hint: format!("apt-get install {pkg}, or run scripts/setup.sh"),
+            });
+        }
+    }
+    let agent =
+        std::fs::read(&opts.agent).map_err(|_| ImageError::AgentMissing(opts.agent.clone()))?;
+    match elf::has_interpreter(&agent) {
+        Some(false) => {}
+        Some(true) => return Err(ImageError::AgentDynamic(opts.agent.clone())),
+        None => {
+            return Err(ImageError::Invalid(format!(
+                "{} is not an x86-64 ELF binary",
+                opts.agent.display()
+            )))
+        }
+    }
+    for d in [&opts.dir, &opts.cache_dir] {
+        std::fs::create_dir_all(d).map_err(io_err(d))?;
+    }
+    let mpath = opts.dir.join(crate::manifest::FILE);
+    let old = if opts.force {
+        Manifest::default()
+    } else {
+        Manifest::read(&mpath).unwrap_or_default()
+    };
+    let mut m = old.clone();
+    m.format = 1;
+
+    // 1. Kernel.
+    let (pkg, version) = kernel_package()?;
+    let kernel_inputs = sha256_hex(format!("kernel/1\n{pkg}\n{version}\n").as_bytes());
+    let kernel_tree = opts.cache_dir.join(format!("{pkg}_{version}"));
+    let kpath = opts.dir.join(KERNEL);
+    let kernel_fresh = part_fresh(&old.kernel, &kernel_inputs, &kpath);
+    if kernel_fresh && kernel_tree.exists() {
+        progress.say(&format!("[1/3] kernel {pkg} {version}: unchanged, skipped"));
+    } else {
+        progress.say(&format!("[1/3] kernel: fetching {pkg} {version}"));
+        fetch_kernel(&pkg, &version, &opts.cache_dir, &kernel_tree)?;
+        if !kernel_fresh {
+            extract_vmlinux(&kernel_tree, &kpath)?;
+            m.kernel = part_info(&kpath, kernel_inputs, format!("{pkg} {version}"))?;
+        }
+        progress.say(&format!("[1/3] kernel: vmlinux {} MB", m.kernel.size >> 20));
+    }
+    let kver = kernel_release(&kernel_tree)?;
+    m.kernel_version = kver.clone();
+
+    // 2. Initramfs: agent + modules.
+    let mod_root = kernel_tree.join("lib/modules").join(&kver).join("kernel");
+    let mut initramfs_src = format!("initramfs/1\nagent {}\n", sha256_hex(&agent));
+    for module in MODULES {
+        initramfs_src.push_str(&format!(
+            "{module} {}\n",
+            sha256_file(&mod_root.join(module))?
+        ));
+    }
+    let initramfs_inputs = sha256_hex(initramfs_src.as_bytes());
+    let ipath = opts.dir.join(INITRAMFS);
+    if part_fresh(&old.initramfs, &initramfs_inputs, &ipath) {
+        progress.say("[2/3] initramfs: unchanged, skipped");
+    } else {
+        progress.say("[2/3] initramfs: agent + modules");
+        write_initramfs(&ipath, &agent, &mod_root)?;
+        m.initramfs = part_info(
+            &ipath,
+            initramfs_inputs,
+            format!(
+                "dough-agent {} + {} modules of {kver}",
+                sha256_hex(&agent)[..12].to_owned(),
+                MODULES.len()
+            ),
+        )?;
+    }
+
+    // 3. Rootfs.
+    let rootfs_src = format!(
+        "rootfs/1\n{}\n{}\n{}\n{CUSTOMIZE}",
+        opts.suite,
+        opts.mirror,
+        ROOTFS_PACKAGES.join(",")
+    );
+    let rootfs_inputs = sha256_hex(rootfs_src.as_bytes());
+    let rpath = opts.dir.join(ROOTFS);
+    if part_fresh(&old.rootfs, &rootfs_inputs, &rpath) {
+        progress.say("[3/3] rootfs: unchanged, skipped");
+    } else {
+        progress.say(&format!(
+            "[3/3] rootfs: debootstrap {} (about a minute)",
+            opts.suite
+        ));
+        build_rootfs(opts, &rpath, progress)?;
+        m.rootfs = part_info(
+            &rpath,
+            rootfs_inputs,
+            format!(
+                "debootstrap minbase {} + {}",
+                opts.suite,
+                ROOTFS_PACKAGES.join(",")
+            ),
+        )?;
+    }
+    m.compute_digest();
+    if m != old {
+        m.write(&mpath)?;
+    }
+    progress.say(&format!(
+        "image {} ready in {}",
+        &m.digest[..12],
+        opts.dir.display()
+    ));
+    Image::load(&opts.dir)
+}
+
+fn part_fresh(old: &PartInfo, inputs: &str, path: &Path) -> bool {
+    old.inputs == inputs && path.exists() && sha256_file(path).ok().as_deref() == Some(&old.sha256)
+}
+
+fn part_info(path: &Path, inputs: String, source: String) -> Result<PartInfo, ImageError> {
+    Ok(PartInfo {
+        sha256: sha256_file(path)?,
+        size: std::fs::metadata(path).map_err(io_err(path))?.len(),
+        inputs,
+        source,
+        built_at: now_rfc3339(),
+    })
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn run(cmd: &mut Command) -> Result<String, ImageError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ImageError::Command {
+            command: shown.clone(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        return Err(ImageError::Command {
+            command: shown,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The concrete kernel package behind the meta package, and its version.
+fn kernel_package() -> Result<(String, String), ImageError> {
+    let deps = run(Command::new("apt-cache").args(["depends", KERNEL_META]))?;
+    let pkg = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|d| d.starts_with("linux-image-"))
+        .ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "apt knows no {KERNEL_META}; run `apt-get update` (scripts/setup.sh does)"
+            ))
+        })?
+        .to_string();
+    let show = run(Command::new("apt-cache").args(["show", "--no-all-versions", &pkg]))?;
+    let version = show
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .ok_or_else(|| ImageError::Invalid(format!("apt-cache shows no version of {pkg}")))?
+        .trim()
+        .to_string();
+    Ok((pkg, version))
+}
+
+fn fetch_kernel(pkg: &str, version: &str, cache: &Path, tree: &Path) -> Result<(), ImageError> {
+    if tree.join("boot").exists() {
+        return Ok(());
+    }
+    let debs = cache.join("debs");
+    std::fs::create_dir_all(&debs).map_err(io_err(&debs))?;
+    run(Command::new("apt-get")
+        .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
+        .arg(format!("{pkg}={version}"))
+        .current_dir(&debs))?;
+    let deb = std::fs::read_dir(&debs)
+        .map_err(io_err(&debs))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| ImageError::Invalid(format!("apt-get download left no {pkg} .deb")))?;
+    let tmp = tree.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+    let _ = std::fs::remove_dir_all(tree);
+    std::fs::rename(&tmp, tree).map_err(io_err(tree))?;
+    let _ = std::fs::remove_file(&deb);
+    Ok(())
+}
+
+fn kernel_release(tree: &Path) -> Result<String, ImageError> {
+    let dir = tree.join("lib/modules");
+    std::fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .ok_or_else(|| ImageError::Invalid(format!("no kernel modules in {}", dir.display())))
+}
+
+/// Debian's vmlinuz is a bzImage whose payload is LZ4 (legacy frame): find
+/// the frame magic and decompress from there.
+fn extract_vmlinux(tree: &Path, out: &Path) -> Result<(), ImageError> {
+    let boot = tree.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .map_err(io_err(&boot))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| ImageError::Invalid(format!("no vmlinuz in {}", boot.display())))?;
+    let bz = std::fs::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
+    const LZ4_LEGACY: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+    let off = bz
+        .windows(4)
+        .position(|w| w == LZ4_LEGACY)
+        .ok_or_else(|| ImageError::Invalid(format!("{} has no LZ4 payload", vmlinuz.display())))?;
+    let tmp = out.with_extension("tmp");
+    let outf = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut child = Command::new("lz4")
+        .arg("-dc")
+        .stdin(Stdio::piped())
+        .stdout(outf)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| ImageError::Command {
+            command: "lz4 -dc".into(),
+            detail: e.to_string(),
+        })?;
+    // lz4 stops with an error at the bzImage trailer after the frame; the
+    // output is checked below instead of its exit status.
+    let _ = child.stdin.take().expect("piped").write_all(&bz[off..]);
+    let _ = child.wait();
+    let head = std::fs::read(&tmp).map_err(io_err(&tmp))?;
+    if !elf::is_elf64(&head) {
+        return Err(ImageError::Invalid(format!(
+            "decompressing {} did not give an ELF vmlinux",
+            vmlinuz.display()
+        )));
+    }
+    std::fs::rename(&tmp, out).map_err(io_err(out))
+}
+
+fn write_initramfs(out: &Path, agent: &[u8], mod_root: &Path) -> Result<(), ImageError> {
+    let tmp = out.with_extension("tmp");
+    let f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut w = CpioWriter::new(std::io::BufWriter::new(f));
+    let e = io_err(&tmp);
+    let mut order = String::new();
+    (|| -> std::io::Result<()> {
+        for d in [
+            "dev",
+            "proc",
+            "sys",
+            "mnt",
+            "newroot",
+            "lib",
+            "lib/dough",
+            "lib/dough/modules",
+        ] {
+            w.dir(d, 0o755)?;
+        }
+        w.file("init", 0o755, agent)?;
+        for module in MODULES {
+            let name = Path::new(module)
+                .file_name()
+                .expect("module path")
+                .to_string_lossy();
+            let data = std::fs::read(mod_root.join(module))?;
+            w.file(&format!("lib/dough/modules/{name}"), 0o644, &data)?;
+            order.push_str(&name);
+            order.push('\n');
+        }
+        w.file("lib/dough/modules.order", 0o644, order.as_bytes())?;
+        w.finish()?;
+        Ok(())
+    })()
+    .map_err(e)?;
+    std::fs::rename(&tmp, out).map_err(io_err(out))
+}
+
+fn build_rootfs(opts: &BuildOptions, out: &Path, progress: &Progress) -> Result<(), ImageError> {
+    let tree = opts.cache_dir.join("rootfs.tmp");
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree).map_err(io_err(&tree))?;
+    }
+    let mut child = Command::new("debootstrap")
+        .args(["--variant=minbase", "--include"])
+        .arg(ROOTFS_PACKAGES.join(","))
+        .arg(&opts.suite)
+        .arg(&tree)
+        .arg(&opts.mirror)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| ImageError::Command {
+            command: "debootstrap".into(),
+            detail: e.to_string(),
+        })?;
+    let stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            s.push_str(&line);
+            s.push('\n');
+        }
+        s
+    });
+    let mut last = Vec::new();
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        // debootstrap's "I: Retrieving/Validating/Unpacking/Configuring X"
+        // lines are its progress; show the stage changes, not every package.
+        if let Some(rest) = line.strip_prefix("I: ") {
+            let stage = rest.split_whitespace().next().unwrap_or("").to_string();
+            if last.last() != Some(&stage) {
+                progress.say(&format!("      debootstrap: {rest}"));
+                last.push(stage);
+            }
+        }
+        if line.starts_with("E: ") || line.starts_with("W: ") {
+            progress.say(&format!("      debootstrap: {line}"));
+        }
+    }
+    let status = child.wait().map_err(io_err(&tree))?;
+    let err = err_thread.join().unwrap_or_default();
+    if !status.success() {
+        let log = tree.join("debootstrap/debootstrap.log");
+        let tail = std::fs::read_to_string(&log).unwrap_or(err);
+        let tail: Vec<&str> = tail.lines().rev().take(10).collect();
+        return Err(ImageError::Command {
+            command: "debootstrap".into(),
+            detail: format!(
+                "{status}: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ),
+        });
+    }
+    progress.say("      customizing (task user, resolver, clean-up)");
+    run(Command::new("chroot")
+        .arg(&tree)
+        .args(["/bin/sh", "-c", CUSTOMIZE]))?;
+    let bytes = dir_size(&tree);
+    // Room for ext4 metadata plus some slack; the image is sparse anyway.
+    let size_mb = bytes / (1 << 20) * 5 / 4 + 64;
+    progress.say(&format!(
+        "      mkfs.ext4 -d ({} MB of files, {size_mb} MB image)",
+        bytes >> 20
+    ));
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "dough-base",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-d",
+        ])
+        .arg(&tree)
+        .arg(&tmp)
+        .arg(format!("{size_mb}M")))?;
+    std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    std::fs::remove_dir_all(&tree).map_err(io_err(&tree))?;
+    Ok(())
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += md.len();
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,143 @@
+//! `manifest.json`: what an image is made of.
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{io_err, ImageError};
+
+pub const FILE: &str = "manifest.json";
+
+/// One part of the image.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PartInfo {
+    /// sha256 of the file as stored.
+    pub sha256: String,
+    pub size: u64,
+    /// Hash of everything the part was built from; equal inputs ⇒ no rebuild.
+    pub inputs: String,
+    /// Human-readable description of the inputs.
+    pub source: String,
+    /// RFC 3339 UTC time the part was built.
+    pub built_at: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    /// `uname -r` of the guest kernel.
+    pub kernel_version: String,
+    pub kernel: PartInfo,
+    pub initramfs: PartInfo,
+    pub rootfs: PartInfo,
+    /// sha256 over the three parts' hashes: names the image as a whole.
+    pub digest: String,
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Manifest, ImageError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ImageError::Manifest(path.into(), e))?;
+        serde_json::from_str(&text).map_err(|e| ImageError::ManifestFormat(path.into(), e))
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), ImageError> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("manifest serializes");
+        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))
+    }
+
+    pub fn compute_digest(&mut self) {
+        self.digest = sha256_hex(
+            format!(
+                "{}\n{}\n{}\n",
+                self.kernel.sha256, self.initramfs.sha256, self.rootfs.sha256
+            )
+            .as_bytes(),
+        );
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Now as RFC 3339 UTC, without a date crate.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_785), (2026, 11, 28));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn manifest_round_trips_and_rejects_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(FILE);
+        let mut m = Manifest {
+            format: 1,
+            kernel_version: "6.1".into(),
+            ..Default::default()
+        };
+        m.kernel.sha256 = "aa".into();
+        m.compute_digest();
+        m.write(&p).unwrap();
+        assert_eq!(Manifest::read(&p).unwrap(), m);
+        std::fs::write(&p, r#"{"format":1,"bogus":2}"#).unwrap();
+        assert!(matches!(
+            Manifest::read(&p),
+            Err(ImageError::ManifestFormat(..))
+        ));
+    }
+}

@@ -1,0 +1,193 @@
+//! Which accelerator to use. `auto` picks KVM only where it can boot a
+//! normal guest: `/dev/kvm` present and openable, the CPU advertising VT-x or
+//! AMD-V, and the KVM provider being `kvm_intel`/`kvm_amd`. A PVM nested
+//! hypervisor (`kvm_pvm`, as on Dough's own CI machines) also offers
+//! `/dev/kvm`, but a stock guest kernel does not boot under it.
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Kvm),
+            "tcg" => Ok(AccelChoice::Tcg),
+            _ => Err(format!(
+                "unknown accelerator `{s}` (expected auto, kvm or tcg)"
+            )),
+        }
+    }
+}
+
+/// The facts accelerator choice depends on, gathered once.
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    pub kvm_device: bool,
+    pub kvm_openable: bool,
+    pub cpu_virt_flag: bool,
+    /// `kvm_intel` or `kvm_amd` loaded.
+    pub hw_kvm_module: bool,
+    /// `kvm_pvm` loaded: nested PVM, no stock guest boots.
+    pub pvm_module: bool,
+    /// Host TSC frequency in kHz, from /proc/cpuinfo.
+    pub tsc_khz: Option<u64>,
+}
+
+impl HostFacts {
+    pub fn probe() -> HostFacts {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        HostFacts {
+            kvm_device: Path::new("/dev/kvm").exists(),
+            kvm_openable: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
+            cpu_virt_flag: cpuinfo.lines().any(|l| {
+                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
+            }),
+            hw_kvm_module: Path::new("/sys/module/kvm_intel").exists()
+                || Path::new("/sys/module/kvm_amd").exists(),
+            pvm_module: Path::new("/sys/module/kvm_pvm").exists(),
+            tsc_khz: tsc_khz(&cpuinfo),
+        }
+    }
+
+    /// Why KVM cannot be used, or `None` if it can.
+    pub fn kvm_problem(&self) -> Option<String> {
+        if !self.kvm_device {
+            return Some("/dev/kvm does not exist".into());
+        }
+        if !self.kvm_openable {
+            return Some("/dev/kvm cannot be opened read-write (permissions?)".into());
+        }
+        if self.pvm_module && !self.hw_kvm_module {
+            return Some(
+                "/dev/kvm is provided by kvm_pvm (a PVM nested hypervisor); a stock guest kernel does not boot under it"
+                    .into(),
+            );
+        }
+        if !self.cpu_virt_flag {
+            return Some("the CPU advertises no hardware virtualization (vmx/svm)".into());
+        }
+        if !self.hw_kvm_module {
+            return Some("neither kvm_intel nor kvm_amd is loaded".into());
+        }
+        None
+    }
+
+    /// Resolve a choice to an accelerator, or say why KVM was refused.
+    pub fn choose(&self, choice: AccelChoice) -> Result<Accel, String> {
+        match (choice, self.kvm_problem()) {
+            (AccelChoice::Tcg, _) => Ok(Accel::Tcg),
+            (AccelChoice::Kvm, None) | (AccelChoice::Auto, None) => Ok(Accel::Kvm),
+            (AccelChoice::Kvm, Some(why)) => Err(why),
+            (AccelChoice::Auto, Some(_)) => Ok(Accel::Tcg),
+        }
+    }
+}
+
+/// `cpu MHz` of the first CPU, in kHz. Passed to the guest as
+/// `tsc_early_khz`: without it about one TCG boot in seven hangs calibrating
+/// the TSC against the PIT.
+pub fn tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real_kvm() -> HostFacts {
+        HostFacts {
+            kvm_device: true,
+            kvm_openable: true,
+            cpu_virt_flag: true,
+            hw_kvm_module: true,
+            pvm_module: false,
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    #[test]
+    fn auto_picks_kvm_on_a_hardware_virtualization_host() {
+        assert_eq!(real_kvm().choose(AccelChoice::Auto), Ok(Accel::Kvm));
+        assert_eq!(real_kvm().choose(AccelChoice::Tcg), Ok(Accel::Tcg));
+    }
+
+    #[test]
+    fn auto_picks_tcg_under_pvm_and_kvm_is_refused_with_the_reason() {
+        let pvm = HostFacts {
+            cpu_virt_flag: false,
+            hw_kvm_module: false,
+            pvm_module: true,
+            ..real_kvm()
+        };
+        assert_eq!(pvm.choose(AccelChoice::Auto), Ok(Accel::Tcg));
+        let err = pvm.choose(AccelChoice::Kvm).unwrap_err();
+        assert!(err.contains("kvm_pvm"), "{err}");
+        let none = HostFacts::default();
+        assert!(none
+            .choose(AccelChoice::Kvm)
+            .unwrap_err()
+            .contains("does not exist"));
+    }
+
+    /// On this machine (PVM) auto must be TCG; on a KVM host, KVM. The probe
+    /// agrees with whatever the machine really is.
+    #[test]
+    fn probe_of_this_machine_is_consistent() {
+        let f = HostFacts::probe();
+        let expect = if f.kvm_problem().is_none() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        assert_eq!(f.choose(AccelChoice::Auto), Ok(expect));
+        if f.pvm_module && !f.hw_kvm_module {
+            assert_eq!(expect, Accel::Tcg);
+        }
+        assert!(f.tsc_khz.is_some(), "cpu MHz readable");
+    }
+
+    #[test]
+    fn tsc_from_cpuinfo() {
+        assert_eq!(
+            tsc_khz("processor: 0\ncpu MHz\t\t: 2596.136\n"),
+            Some(2_596_136)
+        );
+        assert_eq!(tsc_khz("nothing"), None);
+    }
+}

@@ -1,0 +1,165 @@
+//! A running VM's processes and their orderly, idempotent stop.
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::{io_err, qmp, Backend, VmPaths, VmmError};
+
+/// Spawn a helper or VMM process: own process group (a terminal's Ctrl-C
+/// goes to Dough, which then tears down in order), killed if Dough dies
+/// (PR_SET_PDEATHSIG), output to `log`.
+pub fn spawn(what: &str, mut cmd: Command, log: &std::path::Path) -> Result<Child, VmmError> {
+    let out = std::fs::File::create(log).map_err(io_err(log))?;
+    let err = out.try_clone().map_err(io_err(log))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|source| VmmError::Spawn {
+        what: what.into(),
+        source,
+    })
+}
+
+/// Last `n` lines of a log file (for error messages).
+pub fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// One started VM.
+#[derive(Debug)]
+pub struct VmProcess {
+    pub backend: Backend,
+    pub paths: VmPaths,
+    pub vmm: Child,
+    /// Helpers stopped after the VMM (vhost-device-vsock for QEMU).
+    pub helpers: Vec<(String, Child)>,
+    pub pids: Vec<u32>,
+}
+
+/// What happened during a stop; errors are collected, never fatal midway.
+#[derive(Debug, Default)]
+pub struct StopReport {
+    /// How the VMM ended: "exited", "qmp quit", "killed".
+    pub vmm_ended_by: &'static str,
+    pub errors: Vec<String>,
+}
+
+impl VmProcess {
+    /// The VMM's PID (for recording and gc).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.id()
+    }
+
+    /// Has the VMM exited? (non-blocking)
+    pub fn vmm_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.vmm.try_wait().ok().flatten()
+    }
+
+    /// Wait for the VMM to exit on its own.
+    pub async fn wait_vmm(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.vmm.wait().await
+    }
+
+    /// Stop everything: wait `grace` for the VMM to exit by itself (the
+    /// guest was asked to power off), then QMP `quit`, then SIGKILL; then the
+    /// helpers (SIGTERM, then SIGKILL). Safe to call more than once.
+    pub async fn stop(&mut self, grace: Duration) -> StopReport {
+        let mut r = StopReport::default();
+        r.vmm_ended_by = "exited";
+        if !wait_for(&mut self.vmm, grace).await {
+            r.vmm_ended_by = "qmp quit";
+            if let Err(e) = qmp::quit(&self.paths.qmp(), Duration::from_millis(300)).await {
+                r.errors.push(format!("qmp quit: {e}"));
+            }
+            if !wait_for(&mut self.vmm, Duration::from_millis(500)).await {
+                r.vmm_ended_by = "killed";
+                if let Err(e) = kill_wait(&mut self.vmm).await {
+                    r.errors.push(format!("kill vmm: {e}"));
+                }
+            }
+        }
+        for (name, child) in &mut self.helpers {
+            if child.try_wait().ok().flatten().is_some() {
+                continue;
+            }
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            if !wait_for(child, Duration::from_millis(200)).await {
+                if let Err(e) = kill_wait(child).await {
+                    r.errors.push(format!("kill {name}: {e}"));
+                }
+            }
+        }
+        r
+    }
+}
+
+async fn wait_for(child: &mut Child, limit: Duration) -> bool {
+    if child.try_wait().ok().flatten().is_some() {
+        return true;
+    }
+    if limit.is_zero() {
+        return false;
+    }
+    tokio::time::timeout(limit, child.wait()).await.is_ok()
+}
+
+async fn kill_wait(child: &mut Child) -> std::io::Result<()> {
+    match child.kill().await {
+        Ok(()) => Ok(()),
+        // Already reaped.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Wait until `path` exists, failing early if `child` exits.
+pub async fn wait_for_socket(
+    what: &str,
+    child: &mut Child,
+    path: &std::path::Path,
+    log: &std::path::Path,
+    limit: Duration,
+) -> Result<(), VmmError> {
+    let start = std::time::Instant::now();
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(VmmError::EarlyExit {
+                what: what.into(),
+                status: status.to_string(),
+                log_tail: log_tail(log, 10),
+            });
+        }
+        if start.elapsed() > limit {
+            return Err(VmmError::SocketTimeout {
+                what: what.into(),
+                path: PathBuf::from(path),
+                secs: limit.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

@@ -1,0 +1,254 @@
+//! QEMU `microvm` backend: KVM where it boots a guest, TCG otherwise.
+//! vsock goes through a `vhost-user-vsock-device` served by one
+//! `vhost-device-vsock` per VM, which speaks hybrid vsock on the host side.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::process::{spawn, wait_for_socket, VmProcess};
+use crate::{tools, Accel, Backend, BoxFuture, VmSpec, Vmm, VmmError};
+
+/// The QEMU backend with the tools it found.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub qemu: PathBuf,
+    pub vhost_vsock: PathBuf,
+    /// Host TSC in kHz for `tsc_early_khz` (TCG boots hang without it).
+    pub tsc_khz: Option<u64>,
+}
+
+impl Qemu {
+    /// Find the binaries; a clear error naming the missing one.
+    pub fn locate(tsc_khz: Option<u64>) -> Result<Qemu, VmmError> {
+        let find = |name: &str| {
+            tools::find(name).ok_or_else(|| VmmError::MissingTool {
+                tool: name.into(),
+                hint: tools::hint(name).into(),
+            })
+        };
+        Ok(Qemu {
+            qemu: find(tools::QEMU)?,
+            vhost_vsock: find(tools::VHOST_VSOCK)?,
+            tsc_khz,
+        })
+    }
+
+    /// The kernel command line for `spec`.
+    pub fn kernel_cmdline(&self, spec: &VmSpec) -> String {
+        let mut args = vec![
+            "console=ttyS0".to_string(),
+            "panic=-1".into(),
+            "quiet".into(),
+            "reboot=t".into(),
+            "i8042.noaux".into(),
+            "i8042.nomux".into(),
+            "i8042.dumbkbd".into(),
+        ];
+        if let Some(khz) = self.tsc_khz {
+            args.push(format!("tsc_early_khz={khz}"));
+        }
+        args.push(format!("dough.vm={}", spec.id));
+        args.extend(spec.kernel_args.iter().cloned());
+        args.join(" ")
+    }
+
+    /// QEMU's arguments for `spec` (pure; tested below).
+    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+        let p = &spec.paths;
+        let mem = format!("{}M", spec.memory_mib);
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        match spec.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]),
+        }
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-m", &mem, "-smp", &spec.vcpus.to_string()]);
+        // vhost-user needs guest RAM it can map: a shared memfd.
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-M",
+            "microvm,memory-backend=mem,rtc=on",
+        ]);
+        push(&[
+            "-chardev",
+            &format!("file,id=ser,path={}", p.serial_log().display()),
+            "-serial",
+            "chardev:ser",
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", p.qmp().display()),
+        ]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsc,path={}", p.vhost_user().display()),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsc",
+        ]);
+        push(&[
+            "-drive",
+            &format!(
+                "id=base,file={},format=raw,if=none,readonly=on",
+                spec.rootfs.display()
+            ),
+            "-device",
+            "virtio-blk-device,drive=base",
+            "-drive",
+            &format!(
+                "id=scratch,file={},format=raw,if=none,cache=unsafe,discard=unmap",
+                spec.scratch.display()
+            ),
+            "-device",
+            "virtio-blk-device,drive=scratch",
+        ]);
+        if let Some(tap) = &spec.tap {
+            push(&[
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+                "-device",
+                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
+            ]);
+        }
+        push(&["-kernel", &spec.kernel.display().to_string()]);
+        if let Some(initrd) = &spec.initramfs {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        push(&["-append", &self.kernel_cmdline(spec)]);
+        a
+    }
+}
+
+impl Vmm for Qemu {
+    fn backend(&self) -> Backend {
+        Backend::Qemu
+    }
+
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
+        Box::pin(async move {
+            spec.validate()?;
+            let p = &spec.paths;
+            let mut vh = Command::new(&self.vhost_vsock);
+            vh.arg("--guest-cid")
+                .arg(spec.guest_cid.to_string())
+                .arg("--socket")
+                .arg(p.vhost_user())
+                .arg("--uds-path")
+                .arg(p.vsock_uds());
+            let mut vsock = spawn("vhost-device-vsock", vh, &p.vsock_log())?;
+            if let Err(e) = wait_for_socket(
+                "vhost-device-vsock",
+                &mut vsock,
+                &p.vhost_user(),
+                &p.vsock_log(),
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                let _ = vsock.kill().await;
+                return Err(e);
+            }
+            let mut q = Command::new(&self.qemu);
+            q.args(self.args(spec));
+            let vmm = match spawn("qemu", q, &p.vmm_log()) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = vsock.kill().await;
+                    return Err(e);
+                }
+            };
+            let pids = [vmm.id(), vsock.id()].into_iter().flatten().collect();
+            Ok(VmProcess {
+                backend: Backend::Qemu,
+                paths: p.clone(),
+                vmm,
+                helpers: vec![("vhost-device-vsock".into(), vsock)],
+                pids,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VmPaths;
+
+    fn spec(accel: Accel) -> VmSpec {
+        VmSpec {
+            id: "abc".into(),
+            paths: VmPaths::new("/r"),
+            kernel: "/i/vmlinux".into(),
+            initramfs: Some("/i/initramfs.cpio".into()),
+            rootfs: "/i/rootfs.ext4".into(),
+            scratch: "/r/scratch.ext4".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            accel,
+            kernel_args: vec!["dough.port=1024".into()],
+            tap: None,
+            guest_cid: 3,
+            guest_port: 1024,
+        }
+    }
+
+    fn q() -> Qemu {
+        Qemu {
+            qemu: "qemu".into(),
+            vhost_vsock: "v".into(),
+            tsc_khz: Some(2_445_432),
+        }
+    }
+
+    #[test]
+    fn tcg_args_follow_the_measured_recipe() {
+        let a = q().args(&spec(Accel::Tcg)).join(" ");
+        assert!(
+            a.contains("-accel tcg,thread=multi,tb-size=64 -cpu max"),
+            "{a}"
+        );
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
+            "{a}"
+        );
+        assert!(a.contains("-M microvm,memory-backend=mem"), "{a}");
+        assert!(a.contains("-smp 2"), "{a}");
+        assert!(
+            a.contains("file=/i/rootfs.ext4,format=raw,if=none,readonly=on"),
+            "{a}"
+        );
+        assert!(a.contains("vhost-user-vsock-device,chardev=vsc"), "{a}");
+        assert!(a.contains("unix:/r/qmp.sock,server=on,wait=off"), "{a}");
+        assert!(a.contains("-no-reboot"));
+        assert!(!a.contains("virtio-net"), "no NIC without a TAP");
+        let cmdline = q().kernel_cmdline(&spec(Accel::Tcg));
+        assert!(cmdline.contains("tsc_early_khz=2445432"));
+        assert!(cmdline.contains("dough.vm=abc"));
+        assert!(cmdline.ends_with("dough.port=1024"));
+    }
+
+    #[test]
+    fn kvm_and_tap() {
+        let mut s = spec(Accel::Kvm);
+        s.tap = Some("tap0".into());
+        let a = q().args(&s).join(" ");
+        assert!(a.contains("-accel kvm -cpu host"));
+        assert!(a.contains("tap,id=n0,ifname=tap0,script=no,downscript=no"));
+        assert!(a.contains("virtio-net-device,netdev=n0"));
+    }
+
+    #[test]
+    fn spec_validation_names_the_problem() {
+        let mut s = spec(Accel::Tcg);
+        s.vcpus = 0;
+        assert!(s.validate().unwrap_err().to_string().contains("vcpus"));
+        let mut s = spec(Accel::Tcg);
+        s.memory_mib = 64;
+        assert!(s.validate().unwrap_err().to_string().contains("memory"));
+        let mut s = spec(Accel::Tcg);
+        s.paths = VmPaths::new(format!("/{}", "x".repeat(120)));
+        assert!(matches!(s.validate(), Err(VmmError::PathTooLong(_))));
+    }
+}

@@ -1,0 +1,104 @@
+//! `dough bench boot`: where the time of a cold run goes, against a bare
+//! boot of the same kernel measured in the same run.
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use dough_core::supervisor::{bare_boot, Phase};
+use dough_core::{run_task, Outcome, TaskSpec};
+use dough_vmm::AccelChoice;
+
+use crate::Cli;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Cold `dough run -- true` split into phases, vs bare boots.
+    Boot(BootArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BootArgs {
+    /// Runs of each kind (interleaved).
+    #[arg(short, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub n: u32,
+    #[arg(long, default_value = "auto")]
+    pub accel: AccelChoice,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
+    let BenchCmd::Boot(a) = c;
+    let host = super::host_config(cli, a.accel);
+    let spec = TaskSpec {
+        command: vec!["true".into()],
+        ..TaskSpec::default()
+    };
+    let (mut spawned, mut hello, mut started, mut done, mut teardown, mut bare) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..a.n {
+        eprintln!("run {}/{}", i + 1, a.n);
+        let rep = run_task(&host, &spec, &mut |_| {}, std::future::pending()).await;
+        match rep.result {
+            Ok(Outcome::Exited(s)) if s.shell_code() == 0 => {}
+            Ok(o) => anyhow::bail!("bench run ended {o:?}"),
+            Err(e) => return Err(e.into()),
+        }
+        let p = |x| rep.phase(x).unwrap_or_default();
+        spawned.push(p(Phase::Spawned));
+        hello.push(p(Phase::Hello));
+        started.push(p(Phase::Started));
+        done.push(p(Phase::Done));
+        teardown.push(p(Phase::TornDown) - p(Phase::Done));
+        bare.push(bare_boot(&host, spec.vcpus, spec.memory_mib).await?);
+    }
+    let (m_sp, m_he, m_st, m_do, m_td, m_bare) = (
+        median(spawned),
+        median(hello),
+        median(started),
+        median(done),
+        median(teardown),
+        median(bare),
+    );
+    let accel = host.facts.choose(a.accel).map_err(anyhow::Error::msg)?;
+    println!(
+        "## dough bench boot — {} runs each, qemu/{accel}, 1 vCPU, 512 MiB; medians",
+        a.n
+    );
+    println!();
+    println!("| phase (from start of `dough run`) | ms |");
+    println!("|---|---|");
+    println!("| VMM spawned | {} |", ms(m_sp));
+    println!("| Hello received | {} |", ms(m_he));
+    println!("| command started | {} |", ms(m_st));
+    println!("| command done | {} |", ms(m_do));
+    println!("| teardown (done → all gone) | {} |", ms(m_td));
+    println!(
+        "| bare boot (VMM spawn → exit, init powers off at once) | {} |",
+        ms(m_bare)
+    );
+    println!();
+    let to_hello = m_he.saturating_sub(m_sp);
+    let ratio = to_hello.as_secs_f64() / m_bare.as_secs_f64().max(1e-9);
+    println!(
+        "time to Hello (spawn → Hello) {} ms / bare boot {} ms = **{ratio:.2}** (target ≤ 1.15); teardown {} ms (target ≤ 100)",
+        ms(to_hello),
+        ms(m_bare),
+        ms(m_td)
+    );
+    Ok(0)
+}

@@ -1,0 +1,127 @@
+//! `dough doctor`: what works here, and why.
+use clap::Args;
+use dough_image::Image;
+use dough_vmm::{tools, Accel, AccelChoice};
+
+use crate::Cli;
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Also re-hash the image files against the manifest.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+fn version_of(bin: &std::path::Path, arg: &str) -> String {
+    std::process::Command::new(bin)
+        .arg(arg)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
+    let host = super::host_config(cli, AccelChoice::Auto);
+    let mut ok = true;
+    println!("accelerator");
+    match host.facts.kvm_problem() {
+        None => println!("  kvm: usable (hardware virtualization, kvm_intel/kvm_amd)"),
+        Some(why) => println!("  kvm: not usable: {why}"),
+    }
+    println!("  tcg: always available (software emulation; guest code runs several times slower)");
+    let auto = host.facts.choose(AccelChoice::Auto).unwrap_or(Accel::Tcg);
+    println!("  auto → {auto}");
+    match host.facts.tsc_khz {
+        Some(k) => println!("  tsc_early_khz={k} (from /proc/cpuinfo)"),
+        None => println!(
+            "  warning: cannot read the host TSC frequency; TCG boots may hang calibrating"
+        ),
+    }
+
+    println!("backends");
+    let qemu = tools::find(tools::QEMU);
+    let vhost = tools::find(tools::VHOST_VSOCK);
+    match (&qemu, &vhost) {
+        (Some(q), Some(v)) => println!(
+            "  qemu: usable — {} ({}), vsock via {}",
+            q.display(),
+            version_of(q, "--version"),
+            v.display()
+        ),
+        _ => {
+            ok = false;
+            println!("  qemu: NOT usable");
+        }
+    }
+    println!("  firecracker: not implemented yet in this build (issue: Firecracker backend)");
+    println!("  → runs use qemu with {auto}");
+
+    println!("tools");
+    for (t, needed_for) in [
+        (tools::QEMU, "running VMs"),
+        (tools::VHOST_VSOCK, "vsock for QEMU VMs"),
+        ("mkfs.ext4", "scratch disks, image build"),
+        ("debootstrap", "image build"),
+        ("lz4", "image build"),
+        ("dpkg-deb", "image build"),
+        ("apt-get", "image build"),
+    ] {
+        match tools::find(t) {
+            Some(p) => println!("  ok       {t:<20} {}", p.display()),
+            None => {
+                ok = false;
+                println!(
+                    "  MISSING  {t:<20} needed for {needed_for}: {}",
+                    tools::hint(t)
+                );
+            }
+        }
+    }
+
+    println!("image");
+    match Image::load(&host.image_dir) {
+        Ok(img) => {
+            println!(
+                "  built: {} · kernel {} · digest {} · rootfs built {}",
+                img.dir.display(),
+                img.manifest.kernel_version,
+                &img.manifest.digest[..12.min(img.manifest.digest.len())],
+                img.manifest.rootfs.built_at
+            );
+            if a.verify {
+                let bad = img.verify()?;
+                if bad.is_empty() {
+                    println!("  hashes match the manifest");
+                } else {
+                    ok = false;
+                    println!(
+                        "  CHANGED since build: {} — run `dough image build`",
+                        bad.join(", ")
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            ok = false;
+            println!("  {e}");
+        }
+    }
+    println!("state: {}", host.state_dir.display());
+    println!(
+        "{}",
+        if ok {
+            "ready: `dough run -- CMD` will work"
+        } else {
+            "not ready: see above"
+        }
+    );
+    Ok(if ok { 0 } else { 1 })
+}

@@ -1,0 +1,14 @@
+pub mod bench;
+pub mod doctor;
+pub mod gc;
+pub mod image;
+pub mod run;
+
+use dough_core::HostConfig;
+use dough_vmm::AccelChoice;
+
+use crate::Cli;
+
+pub fn host_config(cli: &Cli, accel: AccelChoice) -> HostConfig {
+    HostConfig::new(cli.state_dir.clone(), cli.image_dir.clone(), accel)
+}

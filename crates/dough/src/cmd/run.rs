@@ -1,0 +1,144 @@
+//! `dough run -- CMD`.
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use dough_core::{run_task, Event, Outcome, RunError, TaskSpec};
+use dough_proto::Stream;
+use dough_vmm::AccelChoice;
+
+use crate::{Cli, EXIT_DOUGH};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=262144))]
+    pub memory: u32,
+    /// Kill the task after SECS seconds and exit 124.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
+    /// Give up if the guest has not said Hello after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub boot_timeout: u64,
+    /// Set an environment variable for the task (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Run as root in the guest instead of the unprivileged `dough` user.
+    #[arg(long)]
+    pub root: bool,
+    /// Working directory in the guest (default: the user's home).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Scratch disk size (the guest's writable layer) in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(64..=1048576))]
+    pub disk: u64,
+    /// Accelerator: auto picks KVM only where it boots a guest, else TCG.
+    #[arg(long, default_value = "auto")]
+    pub accel: AccelChoice,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not K=V"))?;
+    if k.is_empty() || k.contains('\0') || v.contains('\0') {
+        return Err(format!(
+            "`{s}`: the name must be non-empty and neither part may hold NUL"
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Resolves to a signal number on SIGINT or SIGTERM.
+async fn interrupted() -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => libc_sig(nix::sys::signal::Signal::SIGINT),
+        _ = term.recv() => libc_sig(nix::sys::signal::Signal::SIGTERM),
+    }
+}
+
+fn libc_sig(s: nix::sys::signal::Signal) -> i32 {
+    s as i32
+}
+
+pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
+    let host = super::host_config(cli, a.accel);
+    let spec = TaskSpec {
+        task_id: String::new(),
+        command: a.command.clone(),
+        env: a.env.clone(),
+        root: a.root,
+        workdir: a.workdir.clone(),
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        scratch_mib: a.disk,
+        timeout: a.timeout.map(Duration::from_secs),
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+        ..TaskSpec::default()
+    };
+    let mut write_err: Option<std::io::Error> = None;
+    let mut on_event = |ev: Event<'_>| {
+        if let Event::Output(stream, data) = ev {
+            let res = match stream {
+                Stream::Stdout => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(data).and_then(|_| o.flush())
+                }
+                Stream::Stderr => {
+                    let mut o = std::io::stderr().lock();
+                    o.write_all(data).and_then(|_| o.flush())
+                }
+            };
+            if let Err(e) = res {
+                write_err.get_or_insert(e);
+            }
+        }
+    };
+    let rep = run_task(&host, &spec, &mut on_event, interrupted()).await;
+    for e in &rep.teardown_errors {
+        eprintln!("dough: warning: teardown: {e}");
+    }
+    if let Some(e) = write_err {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("dough: warning: could not write the task's output: {e}");
+        }
+    }
+    match rep.result {
+        Ok(Outcome::Exited(st)) => Ok(st.shell_code().clamp(0, 255) as u8),
+        Ok(Outcome::SpawnFailed(msg)) => {
+            eprintln!("dough: {msg}");
+            Ok(127)
+        }
+        Ok(Outcome::TimedOut(d)) => {
+            eprintln!(
+                "dough: timed out after {} s; the task was killed and the vm torn down",
+                d.as_secs()
+            );
+            Ok(124)
+        }
+        Ok(Outcome::Cancelled(sig)) => {
+            eprintln!("dough: interrupted; the vm was torn down");
+            Ok((128 + sig).clamp(0, 255) as u8)
+        }
+        Err(e @ RunError::Image(_)) => Err(e).context("the guest image is not usable"),
+        Err(e) => Err(anyhow::Error::new(e)).context(format!("vm {} failed", rep.vm_id)),
+    }
+    .or_else(|e| {
+        crate::print_error(&e);
+        Ok(EXIT_DOUGH)
+    })
+}

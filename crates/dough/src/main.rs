@@ -1,0 +1,107 @@
+//! `dough`: the command line. Thin: parsing, printing and exit codes; the
+//! work is in `dough-core` (supervisor), `dough-vmm` and `dough-image`.
+mod cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for Dough's own failures (the VM, not the task), as `docker run`.
+pub const EXIT_DOUGH: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dough",
+    version,
+    about = "Run AI coding-agent tasks in ephemeral microVMs"
+)]
+pub struct Cli {
+    /// Where Dough keeps images, VM run directories and caches.
+    #[arg(long, global = true, env = "DOUGH_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The guest image directory (default: STATE_DIR/images/default).
+    #[arg(long, global = true, env = "DOUGH_IMAGE_DIR", value_name = "DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// More logging on stderr (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command in a fresh microVM; its output streams back and its exit code is ours.
+    Run(cmd::run::RunArgs),
+    /// Build or inspect the guest image.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCmd),
+    /// Tell what works on this host and why.
+    Doctor(cmd::doctor::DoctorArgs),
+    /// Remove what crashed Dough processes left behind (VM processes, run directories).
+    Gc,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCmd),
+}
+
+fn init_logging(cli: &Cli) {
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOUGH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Print an error with its whole chain of causes.
+pub fn print_error(e: &anyhow::Error) {
+    eprintln!("dough: error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dough: error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_DOUGH);
+        }
+    };
+    let res = rt.block_on(async {
+        match &cli.command {
+            Command::Run(a) => cmd::run::run(&cli, a).await,
+            Command::Image(c) => cmd::image::run(&cli, c),
+            Command::Doctor(a) => cmd::doctor::run(&cli, a),
+            Command::Gc => cmd::gc::run(&cli),
+            Command::Bench(c) => cmd::bench::run(&cli, c).await,
+        }
+    });
+    match res {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            print_error(&e);
+            ExitCode::from(EXIT_DOUGH)
+        }
+    }
+}
