@@ -290,8 +290,16 @@ async fn run_vm(
     rep
 }
 
+/// The serial console's last lines; a kernel panic line, the most useful
+/// line of a crash, is kept even when the backtrace after it is long.
 fn serial_tail(paths: &VmPaths) -> String {
-    dough_vmm::process::log_tail(&paths.serial_log(), 20)
+    let tail = dough_vmm::process::log_tail(&paths.serial_log(), 20);
+    let all = std::fs::read(paths.serial_log()).unwrap_or_default();
+    let all = String::from_utf8_lossy(&all);
+    match all.lines().find(|l| l.contains("Kernel panic")) {
+        Some(p) if !tail.contains(p) => format!("{p}\n[...]\n{tail}"),
+        _ => tail,
+    }
 }
 
 fn vmm_exited(paths: &VmPaths, status: std::io::Result<std::process::ExitStatus>) -> RunError {

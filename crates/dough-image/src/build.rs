@@ -437,7 +437,7 @@ fn build_rootfs(opts: &BuildOptions, out: &Path, progress: &Progress) -> Result<
         }
         s
     });
-    let mut last = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for line in BufReader::new(child.stdout.take().expect("piped"))
         .lines()
         .map_while(Result::ok)
@@ -446,9 +446,8 @@ fn build_rootfs(opts: &BuildOptions, out: &Path, progress: &Progress) -> Result<
         // lines are its progress; show the stage changes, not every package.
         if let Some(rest) = line.strip_prefix("I: ") {
             let stage = rest.split_whitespace().next().unwrap_or("").to_string();
-            if last.last() != Some(&stage) {
+            if seen.insert(stage) {
                 progress.say(&format!("      debootstrap: {rest}"));
-                last.push(stage);
             }
         }
         if line.starts_with("E: ") || line.starts_with("W: ") {

@@ -80,8 +80,10 @@ impl VmProcess {
     /// guest was asked to power off), then QMP `quit`, then SIGKILL; then the
     /// helpers (SIGTERM, then SIGKILL). Safe to call more than once.
     pub async fn stop(&mut self, grace: Duration) -> StopReport {
-        let mut r = StopReport::default();
-        r.vmm_ended_by = "exited";
+        let mut r = StopReport {
+            vmm_ended_by: "exited",
+            ..StopReport::default()
+        };
         if !wait_for(&mut self.vmm, grace).await {
             r.vmm_ended_by = "qmp quit";
             if let Err(e) = qmp::quit(&self.paths.qmp(), Duration::from_millis(300)).await {

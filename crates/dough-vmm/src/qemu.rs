@@ -40,6 +40,8 @@ impl Qemu {
             "console=ttyS0".to_string(),
             "panic=-1".into(),
             "quiet".into(),
+            // Skip the crypto self-tests: ~0.7 s of every TCG boot (docs/boot.md).
+            "cryptomgr.notests".into(),
             "reboot=t".into(),
             "i8042.noaux".into(),
             "i8042.nomux".into(),

@@ -1,0 +1,123 @@
+//! Tier 0/1: bad input and missing pieces give clear errors and create
+//! nothing (no VM is booted by these tests).
+mod common;
+
+use common::*;
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .args(["run", "--frobnicate", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--frobnicate"));
+    assert!(!h.runs_dir().exists());
+}
+
+#[test]
+fn run_without_a_command_is_a_usage_error() {
+    let h = Harness::new();
+    let out = h.cmd().args(["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("<CMD>"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bad_resources_and_env_are_rejected_before_anything_starts() {
+    let h = Harness::new();
+    for (args, needle) in [
+        (vec!["--vcpus", "0"], "--vcpus"),
+        (vec!["--memory", "16"], "--memory"),
+        (vec!["--env", "NOEQUALS"], "is not K=V"),
+        (vec!["--env", "=v"], "name must be non-empty"),
+        (vec!["--accel", "hvf"], "unknown accelerator"),
+        (vec!["--timeout", "0"], "--timeout"),
+    ] {
+        let mut full = args.clone();
+        full.extend(["--", "true"]);
+        let out = h.cmd().arg("run").args(&full).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert!(!h.runs_dir().exists());
+}
+
+#[test]
+fn missing_image_says_to_build_it() {
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .env("DOUGH_IMAGE_DIR", h.state.path().join("no-image"))
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("run `dough image build`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!h.runs_dir().exists(), "nothing created");
+}
+
+#[test]
+fn missing_vmm_tools_are_named_with_a_hint() {
+    let h = Harness::new();
+    for (var, tool) in [
+        ("DOUGH_QEMU_SYSTEM_X86_64", "qemu-system-x86_64"),
+        ("DOUGH_VHOST_DEVICE_VSOCK", "vhost-device-vsock"),
+    ] {
+        let out = h
+            .cmd()
+            .env(var, "/nonexistent/tool")
+            .args(["run", "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("`{tool}` not found")), "{err}");
+        assert!(err.contains("scripts/setup.sh"), "{err}");
+    }
+    assert!(!h.runs_dir().exists());
+}
+
+#[test]
+fn kvm_on_a_host_without_usable_kvm_is_refused_with_the_reason() {
+    let facts = dough_vmm::HostFacts::probe();
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .args(["run", "--accel", "kvm", "--", "true"])
+        .output()
+        .unwrap();
+    if let Some(why) = facts.kvm_problem() {
+        assert_eq!(out.status.code(), Some(125));
+        let err = text(&out.stderr);
+        assert!(err.contains("accelerator") && err.contains(&why), "{err}");
+        assert!(!h.runs_dir().exists());
+    } else {
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "kvm usable here: the run must work"
+        );
+    }
+}
+
+#[test]
+fn doctor_explains_the_choice() {
+    let h = Harness::new();
+    let out = h.cmd().arg("doctor").output().unwrap();
+    let s = text(&out.stdout);
+    assert!(s.contains("auto → "), "{s}");
+    assert!(s.contains("kvm: "), "{s}");
+    assert!(s.contains("image"), "{s}");
+    assert_eq!(out.status.code(), Some(0), "this machine is set up: {s}");
+}

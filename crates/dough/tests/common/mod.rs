@@ -1,0 +1,123 @@
+//! Shared harness for tests that run the real `dough` binary.
+//!
+//! Each test gets its own state directory (so its run directories and
+//! processes can be told apart) and shares the guest image built by
+//! `scripts/setup.sh` (`DOUGH_IMAGE_DIR`, default
+//! `/var/lib/dough/images/default`). A missing image fails the test loudly.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Harness {
+    pub state: tempfile::TempDir,
+}
+
+pub fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("DOUGH_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/dough/images/default"));
+    assert!(
+        dir.join("manifest.json").exists(),
+        "guest image missing at {}: run scripts/setup.sh (tier-2 tests need a real image)",
+        dir.display()
+    );
+    dir
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        image_dir();
+        Harness {
+            state: tempfile::Builder::new()
+                .prefix("dough-t")
+                .tempdir_in("/tmp")
+                .unwrap(),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dough"));
+        c.env("DOUGH_STATE_DIR", self.state.path())
+            .env("DOUGH_IMAGE_DIR", image_dir())
+            .env_remove("DOUGH_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `dough run ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().arg("run").args(args).output().unwrap()
+    }
+
+    pub fn runs_dir(&self) -> PathBuf {
+        self.state.path().join("vms")
+    }
+
+    /// Nothing of this test's VMs may remain: no run directory (so no
+    /// socket, scratch disk or log) and no process naming the state dir.
+    pub fn assert_clean(&self) {
+        // Processes get a moment to be reaped by the kernel after SIGKILL.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let procs = processes_mentioning(self.state.path());
+            if procs.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "leftover processes: {procs:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let left: Vec<_> = std::fs::read_dir(self.runs_dir())
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "leftover run directories: {left:?}");
+    }
+}
+
+/// (pid, cmdline) of every process whose command line mentions `dir`.
+pub fn processes_mentioning(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().to_string();
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| p != me)
+        .filter_map(|p| {
+            let c = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            // Exclude zombies being reaped and the dough CLI itself (its args
+            // do not name the state dir; it is found through env).
+            (c.contains(&needle)).then_some((p, c))
+        })
+        .collect()
+}
+
+/// PIDs of QEMU processes of this harness's VMs.
+pub fn qemu_pids(h: &Harness) -> Vec<u32> {
+    processes_mentioning(h.state.path())
+        .into_iter()
+        .filter(|(_, c)| c.starts_with("qemu-system") || c.contains("/qemu-system"))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Wait until `f` is true or panic after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,287 @@
+//! Tier 2: `dough run` against real microVMs (QEMU, TCG on CI machines).
+//! Each test boots one VM (two at once at most: the default test threads
+//! on these 2-core machines) and checks that nothing is left afterwards.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+#[test]
+fn exit_code_and_separate_streams_as_the_task_user_in_the_guest_kernel() {
+    let h = Harness::new();
+    let out = h.run(&[
+        "--",
+        "sh",
+        "-c",
+        "uname -r; id -u; hostname; echo to-stderr >&2; exit 7",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "to-stderr\n");
+    let lines: Vec<&str> = stdout.lines().collect();
+    // The guest is a VM: its kernel is the image's, not the host's.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image_dir().join("manifest.json")).unwrap()).unwrap();
+    let host_kernel = text(
+        &std::process::Command::new("uname")
+            .arg("-r")
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert_eq!(lines[0], manifest["kernel_version"].as_str().unwrap());
+    assert_ne!(lines[0], host_kernel.trim());
+    assert_eq!(lines[1], "1000", "unprivileged by default");
+    assert!(lines[2].starts_with("dough-"), "hostname {}", lines[2]);
+    h.assert_clean();
+}
+
+#[test]
+fn root_env_and_death_by_signal() {
+    let h = Harness::new();
+    let out = h.run(&[
+        "--root",
+        "--env",
+        "GREETING=hello world",
+        "--",
+        "sh",
+        "-c",
+        "id -u; echo \"$GREETING\"; kill -9 $$",
+    ]);
+    assert_eq!(text(&out.stdout), "0\nhello world\n");
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 9),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    h.assert_clean();
+}
+
+/// 30 MB through vsock arrives intact and in order (checksum of a sequence
+/// generated in the guest against the same sequence generated here).
+#[test]
+fn thirty_megabytes_of_output_arrive_intact_and_in_order() {
+    let h = Harness::new();
+    const N: u32 = 4_200_000;
+    let out = h.run(&["--", "seq", "1", &N.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let mut expected = String::with_capacity(31 << 20);
+    for i in 1..=N {
+        expected.push_str(&i.to_string());
+        expected.push('\n');
+    }
+    assert!(expected.len() > 30_000_000);
+    assert_eq!(out.stdout.len(), expected.len());
+    assert_eq!(
+        hex::encode(Sha256::digest(&out.stdout)),
+        hex::encode(Sha256::digest(expected.as_bytes()))
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn timeout_kills_the_task_and_says_so() {
+    let h = Harness::new();
+    let start = Instant::now();
+    let out = h.run(&["--timeout", "5", "--", "sleep", "100"]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(124));
+    let err = text(&out.stderr);
+    assert!(err.contains("timed out after 5 s"), "{err}");
+    // Boot (a few s under TCG) + 5 s + teardown, far from the 100 s sleep.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(took >= Duration::from_secs(5), "took {took:?}");
+    h.assert_clean();
+}
+
+#[test]
+fn missing_command_in_the_guest_is_a_clear_127() {
+    let h = Harness::new();
+    let out = h.run(&["--", "no-such-command-xyz", "arg"]);
+    assert_eq!(out.status.code(), Some(127));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no-such-command-xyz: command not found in the guest"),
+        "{err}"
+    );
+    h.assert_clean();
+}
+
+/// QEMU killed from outside mid-task: a clear error, and full cleanup.
+#[test]
+fn vmm_killed_mid_task_is_reported_and_cleaned_up() {
+    let h = Harness::new();
+    let mut child = h
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    let pids = qemu_pids(&h);
+    assert_eq!(pids.len(), 1, "one qemu: {pids:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.contains("the vmm exited unexpectedly"), "{err}");
+    assert!(err.contains("signal: 9"), "{err}");
+    h.assert_clean();
+}
+
+/// The agent is PID 1, which no signal from inside the guest can kill; the
+/// way it dies is with its kernel. A guest kernel crash mid-task ends the
+/// VMM, and the run says so with the serial console's tail.
+#[test]
+fn guest_crash_mid_task_is_reported_with_the_console_tail() {
+    let h = Harness::new();
+    let out = h.run(&[
+        "--root",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 1; echo c > /proc/sysrq-trigger; sleep 60",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(text(&out.stdout), "started\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("the vmm exited unexpectedly"), "{err}");
+    assert!(
+        err.contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "{err}"
+    );
+    h.assert_clean();
+}
+
+/// A frozen VM (QEMU stopped from outside) stops heartbeating: the run fails
+/// with "no heartbeat" after the 5 s limit and tears the VM down.
+#[test]
+fn frozen_guest_is_declared_lost_by_heartbeat() {
+    let h = Harness::new();
+    let mut child = h
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pids = qemu_pids(&h);
+    assert_eq!(pids.len(), 1);
+    let frozen_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = frozen_at.elapsed();
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.contains("no heartbeat for 5 s"), "{err}");
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn ctrl_c_tears_the_vm_down_before_exiting() {
+    let h = Harness::new();
+    let mut child = h
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(qemu_pids(&h).len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(text(&out.stderr).contains("interrupted; the vm was torn down"));
+    // Torn down *before* exiting: nothing to wait for.
+    assert!(processes_mentioning(h.state.path()).is_empty());
+    h.assert_clean();
+}
+
+/// `kill -9` of `dough run` itself: its VMM and vsock helper die with it
+/// (PR_SET_PDEATHSIG), and `dough gc` removes the orphaned run directory.
+#[test]
+fn gc_reclaims_after_dough_run_is_killed() {
+    let h = Harness::new();
+    let mut child = h
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until(
+        "vm processes to die with their owner",
+        Duration::from_secs(5),
+        || processes_mentioning(h.state.path()).is_empty(),
+    );
+    let left: Vec<_> = std::fs::read_dir(h.runs_dir()).unwrap().flatten().collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "the crashed run's directory remains until gc"
+    );
+    let out = h.cmd().arg("gc").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("removed vm"),
+        "{}",
+        text(&out.stdout)
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn boot_timeout_reports_the_serial_tail_and_cleans_up() {
+    let h = Harness::new();
+    let start = Instant::now();
+    let out = h.run(&["--boot-timeout", "1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("did not say Hello within 1 s (boot timeout)"),
+        "{err}"
+    );
+    assert!(err.contains("serial console ends"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    h.assert_clean();
+}
