@@ -13,9 +13,11 @@ use nix::unistd::{chdir, chroot, sethostname};
 use crate::cmdline::BootConfig;
 
 /// Where the initramfs lists the modules to load, in order (one file name a
-/// line, relative to `/lib/dough/modules/`). Absent or empty for a kernel
-/// with the drivers built in.
-const MODULE_ORDER: &str = "/lib/dough/modules.order";
+/// line, relative to `/lib/dough/modules/`): `modules.early` holds what the
+/// vsock dial needs, `modules.late` the rest (disks, overlay, network).
+/// Absent or empty for a kernel with the drivers built in.
+pub const MODULES_EARLY: &str = "/lib/dough/modules.early";
+pub const MODULES_LATE: &str = "/lib/dough/modules.late";
 const MODULE_DIR: &str = "/lib/dough/modules";
 
 type Result<T> = std::result::Result<T, String>;
@@ -41,10 +43,10 @@ pub fn early_mounts() -> Result<()> {
     Ok(())
 }
 
-/// Load the initramfs's modules in their listed order. A module that is
-/// already present (built in, or loaded) is fine.
-pub fn load_modules() -> Result<usize> {
-    let Ok(order) = fs::read_to_string(MODULE_ORDER) else {
+/// Load the modules listed in `list`, in order. A module that is already
+/// present (built in, or loaded) is fine.
+pub fn load_modules(list: &str) -> Result<usize> {
+    let Ok(order) = fs::read_to_string(list) else {
         return Ok(0);
     };
     let params = CString::default();

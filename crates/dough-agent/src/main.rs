@@ -1,7 +1,7 @@
 //! `dough-agent`: PID 1 inside every Dough microVM.
 //!
 //! Boot: mount proc/sys/dev, load modules, assemble the root (read-only base
-//! + overlay on the scratch disk), set the hostname, dial the host over vsock
+//! under an overlay on the scratch disk), set the hostname, dial the host over vsock
 //! (CID 2, [`dough_proto::CONTROL_PORT`]) and say Hello. Then: take one
 //! Assign, run it, stream output, heartbeat every second, report Exit, and
 //! power off on Shutdown or when the host goes away.
@@ -46,17 +46,30 @@ fn main() {
     if cfg.bench_poweroff {
         init::power_off();
     }
-    if let Err(e) = init::load_modules() {
-        fatal(&e);
+    // Only what the vsock dial needs first; the root filesystem is put
+    // together on another thread while Hello goes out. A task waits for it.
+    match init::load_modules(init::MODULES_EARLY) {
+        Ok(n) => log(&format!("{n} vsock modules at {} ms", boot_ms())),
+        Err(e) => fatal(&e),
     }
-    if let Err(e) = init::switch_root(&cfg) {
-        fatal(&e);
-    }
-    if let Err(e) = init::set_identity(&cfg) {
-        log(&e);
-    }
-    if let Err(e) = init::loopback_up() {
-        log(&e);
+    let root = RootReady::default();
+    {
+        let root = root.clone();
+        let cfg = cfg.clone();
+        std::thread::spawn(move || {
+            let res = init::load_modules(init::MODULES_LATE)
+                .and_then(|_| init::switch_root(&cfg))
+                .map(|()| {
+                    if let Err(e) = init::set_identity(&cfg) {
+                        log(&e);
+                    }
+                    if let Err(e) = init::loopback_up() {
+                        log(&e);
+                    }
+                    log(&format!("root ready at {} ms", boot_ms()));
+                });
+            root.set(res);
+        });
     }
     let reaper = task::Reaper::default();
     {
@@ -64,8 +77,32 @@ fn main() {
         std::thread::spawn(move || r.run());
     }
     let conn = dial(cfg.port);
-    serve(conn, reaper);
+    log(&format!("connected to the host at {} ms", boot_ms()));
+    serve(conn, reaper, root);
     init::power_off();
+}
+
+/// Set once by the root-assembly thread; waited on before a task starts.
+#[derive(Clone, Default)]
+struct RootReady(Arc<(Mutex<Option<RootResult>>, std::sync::Condvar)>);
+
+type RootResult = Result<(), String>;
+
+impl RootReady {
+    fn set(&self, r: RootResult) {
+        let (m, cv) = &*self.0;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        cv.notify_all();
+    }
+
+    fn wait(&self) -> RootResult {
+        let (m, cv) = &*self.0;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        while g.is_none() {
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.clone().unwrap_or(Ok(()))
+    }
 }
 
 /// Dial the host until it answers; the host listens before the VM starts, so
@@ -105,7 +142,7 @@ fn boot_ms() -> u64 {
 }
 
 /// Speak the protocol on `conn` until Shutdown or the host goes away.
-fn serve(conn: File, reaper: task::Reaper) {
+fn serve(conn: File, reaper: task::Reaper, root: RootReady) {
     let Ok(mut writer) = conn.try_clone() else {
         fatal("cannot clone the control connection");
     };
@@ -157,8 +194,16 @@ fn serve(conn: File, reaper: task::Reaper) {
             HostMsg::Welcome { version } => log(&format!("protocol version {version}")),
             HostMsg::Assign(a) if !assigned => {
                 assigned = true;
-                let (r, tx, pg) = (reaper.clone(), tx.clone(), pgid.clone());
-                std::thread::spawn(move || task::run(&r, a, tx, pg));
+                let (r, tx, pg, root) = (reaper.clone(), tx.clone(), pgid.clone(), root.clone());
+                std::thread::spawn(move || match root.wait() {
+                    Ok(()) => task::run(&r, a, tx, pg),
+                    Err(e) => {
+                        log(&format!("root filesystem failed: {e}"));
+                        let _ = tx.send(GuestMsg::SpawnFailed {
+                            message: format!("the guest's root filesystem failed: {e}"),
+                        });
+                    }
+                });
             }
             HostMsg::Assign(_) => {
                 let _ = tx.send(GuestMsg::Log {

@@ -16,20 +16,30 @@ pub const ROOTFS: &str = "rootfs.ext4";
 /// Debian's cloud kernel meta package; its dependency names the real one.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 
-/// Modules the guest needs, in load order (paths under `kernel/`).
-pub const MODULES: &[&str] = &[
+/// Modules the agent loads before it dials the host (paths under `kernel/`),
+/// in load order.
+pub const MODULES_EARLY: &[&str] = &[
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
-    "drivers/block/virtio_blk.ko",
-    "net/core/failover.ko",
-    "drivers/net/net_failover.ko",
-    "drivers/net/virtio_net.ko",
     "net/vmw_vsock/vsock.ko",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
     "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
-    "fs/overlayfs/overlay.ko",
 ];
+
+/// Modules loaded while the host is already being greeted: disks, overlay,
+/// network.
+pub const MODULES_LATE: &[&str] = &[
+    "drivers/block/virtio_blk.ko",
+    "fs/overlayfs/overlay.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+];
+
+fn all_modules() -> impl Iterator<Item = &'static &'static str> {
+    MODULES_EARLY.iter().chain(MODULES_LATE)
+}
 
 /// Packages of the base rootfs (on top of debootstrap's minbase).
 pub const ROOTFS_PACKAGES: &[&str] = &[
@@ -156,8 +166,8 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
 
     // 2. Initramfs: agent + modules.
     let mod_root = kernel_tree.join("lib/modules").join(&kver).join("kernel");
-    let mut initramfs_src = format!("initramfs/1\nagent {}\n", sha256_hex(&agent));
-    for module in MODULES {
+    let mut initramfs_src = format!("initramfs/2\nagent {}\n", sha256_hex(&agent));
+    for module in all_modules() {
         initramfs_src.push_str(&format!(
             "{module} {}\n",
             sha256_file(&mod_root.join(module))?
@@ -175,8 +185,8 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
             initramfs_inputs,
             format!(
                 "dough-agent {} + {} modules of {kver}",
-                sha256_hex(&agent)[..12].to_owned(),
-                MODULES.len()
+                &sha256_hex(&agent)[..12],
+                all_modules().count()
             ),
         )?;
     }
@@ -376,7 +386,6 @@ fn write_initramfs(out: &Path, agent: &[u8], mod_root: &Path) -> Result<(), Imag
     let f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let mut w = CpioWriter::new(std::io::BufWriter::new(f));
     let e = io_err(&tmp);
-    let mut order = String::new();
     (|| -> std::io::Result<()> {
         for d in [
             "dev",
@@ -391,17 +400,23 @@ fn write_initramfs(out: &Path, agent: &[u8], mod_root: &Path) -> Result<(), Imag
             w.dir(d, 0o755)?;
         }
         w.file("init", 0o755, agent)?;
-        for module in MODULES {
-            let name = Path::new(module)
-                .file_name()
-                .expect("module path")
-                .to_string_lossy();
-            let data = std::fs::read(mod_root.join(module))?;
-            w.file(&format!("lib/dough/modules/{name}"), 0o644, &data)?;
-            order.push_str(&name);
-            order.push('\n');
+        for (list, modules) in [
+            ("modules.early", MODULES_EARLY),
+            ("modules.late", MODULES_LATE),
+        ] {
+            let mut order = String::new();
+            for module in modules {
+                let name = Path::new(module)
+                    .file_name()
+                    .expect("module path")
+                    .to_string_lossy();
+                let data = std::fs::read(mod_root.join(module))?;
+                w.file(&format!("lib/dough/modules/{name}"), 0o644, &data)?;
+                order.push_str(&name);
+                order.push('\n');
+            }
+            w.file(&format!("lib/dough/{list}"), 0o644, order.as_bytes())?;
         }
-        w.file("lib/dough/modules.order", 0o644, order.as_bytes())?;
         w.finish()?;
         Ok(())
     })()
