@@ -2,8 +2,8 @@
 //!
 //! Each test gets its own state directory (so its run directories and
 //! processes can be told apart) and shares the guest image built by
-//! `scripts/setup.sh` (`DOUGH_IMAGE_DIR`, default
-//! `/var/lib/dough/images/default`). A missing image fails the test loudly.
+//! `scripts/setup.sh` (`DOUGH_IMAGE_DIR`, else `$DOUGH_STATE_DIR/images/default`,
+//! else `/var/lib/dough/images/default`). A missing image fails the test loudly.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -15,9 +15,12 @@ pub struct Harness {
 }
 
 pub fn image_dir() -> PathBuf {
+    let state = std::env::var_os("DOUGH_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/dough"));
     let dir = std::env::var_os("DOUGH_IMAGE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/dough/images/default"));
+        .unwrap_or_else(|| state.join("images/default"));
     assert!(
         dir.join("manifest.json").exists(),
         "guest image missing at {}: run scripts/setup.sh (tier-2 tests need a real image)",
