@@ -1,7 +1,7 @@
 //! Where Dough keeps things on the host, and host-wide choices.
 use std::path::PathBuf;
 
-use dough_vmm::{AccelChoice, HostFacts};
+use dough_vmm::{AccelChoice, BackendChoice, HostFacts};
 
 /// Host-side configuration shared by every VM.
 #[derive(Debug, Clone)]
@@ -11,6 +11,7 @@ pub struct HostConfig {
     /// The guest image (`<state>/images/default` by default).
     pub image_dir: PathBuf,
     pub accel: AccelChoice,
+    pub backend: BackendChoice,
     pub facts: HostFacts,
 }
 
@@ -24,6 +25,7 @@ impl HostConfig {
             state_dir,
             image_dir,
             accel,
+            backend: BackendChoice::Auto,
             facts: HostFacts::probe(),
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use dough_image::{Image, ImageError};
 use dough_proto::{Assign, ExitStatus, GuestMsg, Hello, HostMsg, ProtoError, Stream};
-use dough_vmm::{qemu::Qemu, vsock, Accel, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
+use dough_vmm::{vsock, Accel, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
 use tokio::net::unix::OwnedWriteHalf;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -105,8 +105,6 @@ pub enum RunError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
-    #[error("accelerator: {0}")]
-    Accel(String),
     #[error("cannot prepare the vm's run directory")]
     RunDir(#[source] std::io::Error),
     #[error("the guest did not say Hello within {secs} s (boot timeout); serial console ends:\n{serial_tail}")]
@@ -235,13 +233,13 @@ async fn run_vm(
     };
     // Checks that create nothing come first: a bad image or a missing tool
     // leaves nothing behind.
-    let prepared = (|| -> Result<(Image, Qemu, Accel), RunError> {
+    let prepared = (|| -> Result<(Image, Box<dyn Vmm>, Accel), RunError> {
         let image = Image::load(&host.image_dir)?;
-        let qemu = Qemu::locate(host.facts.tsc_khz)?;
-        let accel = host.facts.choose(host.accel).map_err(RunError::Accel)?;
-        Ok((image, qemu, accel))
+        let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
+        debug!(backend = %sel.vmm.backend(), accel = %sel.accel, why = %sel.why, "vmm selected");
+        Ok((image, sel.vmm, sel.accel))
     })();
-    let (image, qemu, accel) = match prepared {
+    let (image, vmm, accel) = match prepared {
         Ok(p) => p,
         Err(e) => {
             rep.result = Err(e);
@@ -275,7 +273,7 @@ async fn run_vm(
         guest_port: dough_proto::CONTROL_PORT,
     };
     let mut live = Live::default();
-    rep.result = drive(&qemu, &vmspec, spec, &mut live, &mut ctx, cancel)
+    rep.result = drive(vmm.as_ref(), &vmspec, spec, &mut live, &mut ctx, cancel)
         .instrument(span.clone())
         .await;
     if let Err(e) = &rep.result {

@@ -11,6 +11,7 @@
 
 pub mod accel;
 pub mod disk;
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 mod qmp;
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 pub use accel::{Accel, AccelChoice, HostFacts};
-pub use process::{StopReport, VmProcess};
+pub use process::{Control, StopReport, VmProcess};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,8 @@ pub enum VmmError {
     },
     #[error("qmp: {0}")]
     Qmp(String),
+    #[error("firecracker api: {0}")]
+    Api(String),
     #[error("invalid vm spec: {0}")]
     Spec(String),
 }
@@ -72,13 +75,105 @@ pub(crate) fn io_err(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> V
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Qemu,
+    Firecracker,
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Backend::Qemu => "qemu",
+            Backend::Firecracker => "firecracker",
         })
+    }
+}
+
+/// What the user asked for: `auto` picks Firecracker where KVM boots a
+/// guest and a firecracker binary is found, else QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Qemu,
+    Firecracker,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "qemu" => Ok(BackendChoice::Qemu),
+            "firecracker" => Ok(BackendChoice::Firecracker),
+            _ => Err(format!(
+                "unknown backend `{s}` (expected auto, qemu or firecracker)"
+            )),
+        }
+    }
+}
+
+/// A chosen, located backend and the accelerator it will use.
+pub struct Selected {
+    pub vmm: Box<dyn Vmm>,
+    pub accel: Accel,
+    /// Why this backend (for `dough doctor` and debug logs).
+    pub why: String,
+}
+
+/// Resolve backend and accelerator choices on this host.
+pub fn select(
+    facts: &HostFacts,
+    backend: BackendChoice,
+    accel: AccelChoice,
+) -> Result<Selected, VmmError> {
+    select_with(facts, backend, accel, tools::find(tools::FIRECRACKER))
+}
+
+fn select_with(
+    facts: &HostFacts,
+    backend: BackendChoice,
+    accel: AccelChoice,
+    fc_binary: Option<PathBuf>,
+) -> Result<Selected, VmmError> {
+    let kvm = facts.kvm_problem();
+    let qemu = |why: String| -> Result<Selected, VmmError> {
+        let accel = facts.choose(accel).map_err(VmmError::KvmUnusable)?;
+        Ok(Selected {
+            vmm: Box::new(qemu::Qemu::locate(facts.tsc_khz)?),
+            accel,
+            why,
+        })
+    };
+    match backend {
+        BackendChoice::Qemu => qemu("qemu was asked for".into()),
+        BackendChoice::Firecracker => {
+            if let Some(why) = kvm {
+                return Err(VmmError::KvmUnusable(format!(
+                    "firecracker needs KVM: {why}"
+                )));
+            }
+            if accel == AccelChoice::Tcg {
+                return Err(VmmError::Spec(
+                    "firecracker runs only on kvm, not tcg".into(),
+                ));
+            }
+            Ok(Selected {
+                vmm: Box::new(firecracker::Firecracker::locate()?),
+                accel: Accel::Kvm,
+                why: "firecracker was asked for".into(),
+            })
+        }
+        BackendChoice::Auto => match (kvm, fc_binary, accel) {
+            (None, Some(binary), AccelChoice::Auto | AccelChoice::Kvm) => Ok(Selected {
+                vmm: Box::new(firecracker::Firecracker { binary }),
+                accel: Accel::Kvm,
+                why: "KVM boots guests here and a firecracker binary is on PATH".into(),
+            }),
+            (Some(why), _, _) => qemu(format!(
+                "qemu, because KVM is not usable for firecracker: {why}"
+            )),
+            (None, None, _) => qemu("qemu, because no firecracker binary is on PATH".into()),
+            (None, Some(_), AccelChoice::Tcg) => qemu("qemu, because tcg was asked for".into()),
+        },
     }
 }
 
@@ -183,4 +278,83 @@ pub trait Vmm: Send + Sync {
     /// starting; readiness is the agent's Hello, which the caller awaits.
     /// On error nothing the call started is left running.
     fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>>;
+}
+
+#[cfg(test)]
+mod select_tests {
+    use super::*;
+
+    fn kvm_host() -> HostFacts {
+        HostFacts {
+            kvm_device: true,
+            kvm_openable: true,
+            cpu_virt_flag: true,
+            hw_kvm_module: true,
+            pvm_module: false,
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    fn pvm_host() -> HostFacts {
+        HostFacts {
+            cpu_virt_flag: false,
+            hw_kvm_module: false,
+            pvm_module: true,
+            ..kvm_host()
+        }
+    }
+
+    fn pick(
+        f: &HostFacts,
+        b: BackendChoice,
+        a: AccelChoice,
+        fc: bool,
+    ) -> Result<(Backend, Accel), String> {
+        select_with(
+            f,
+            b,
+            a,
+            fc.then(|| PathBuf::from("/usr/local/bin/firecracker")),
+        )
+        .map(|s| (s.vmm.backend(), s.accel))
+        .map_err(|e| e.to_string())
+    }
+
+    /// (QEMU must be installed for the qemu cases, as scripts/setup.sh does.)
+    #[test]
+    fn auto_prefers_firecracker_only_with_kvm_and_a_binary() {
+        use AccelChoice as A;
+        use BackendChoice as B;
+        let kvm = kvm_host();
+        let pvm = pvm_host();
+        assert_eq!(
+            pick(&kvm, B::Auto, A::Auto, true),
+            Ok((Backend::Firecracker, Accel::Kvm))
+        );
+        assert_eq!(
+            pick(&kvm, B::Auto, A::Auto, false),
+            Ok((Backend::Qemu, Accel::Kvm))
+        );
+        assert_eq!(
+            pick(&kvm, B::Auto, A::Tcg, true),
+            Ok((Backend::Qemu, Accel::Tcg))
+        );
+        assert_eq!(
+            pick(&pvm, B::Auto, A::Auto, true),
+            Ok((Backend::Qemu, Accel::Tcg))
+        );
+        assert_eq!(
+            pick(&kvm, B::Qemu, A::Auto, true),
+            Ok((Backend::Qemu, Accel::Kvm))
+        );
+        assert!(pick(&pvm, B::Firecracker, A::Auto, true)
+            .unwrap_err()
+            .contains("firecracker needs KVM"));
+        assert!(pick(&kvm, B::Firecracker, A::Tcg, true)
+            .unwrap_err()
+            .contains("only on kvm"));
+        assert!(pick(&pvm, B::Qemu, A::Kvm, false)
+            .unwrap_err()
+            .contains("kvm_pvm"));
+    }
 }

@@ -10,9 +10,27 @@ use crate::{io_err, qmp, Backend, VmPaths, VmmError};
 /// Spawn a helper or VMM process: own process group (a terminal's Ctrl-C
 /// goes to Dough, which then tears down in order), killed if Dough dies
 /// (PR_SET_PDEATHSIG), output to `log`.
-pub fn spawn(what: &str, mut cmd: Command, log: &std::path::Path) -> Result<Child, VmmError> {
-    let out = std::fs::File::create(log).map_err(io_err(log))?;
-    let err = out.try_clone().map_err(io_err(log))?;
+pub fn spawn(what: &str, cmd: Command, log: &std::path::Path) -> Result<Child, VmmError> {
+    spawn_split(what, cmd, log, log)
+}
+
+/// As [`spawn`], with stdout and stderr to different files (appending when
+/// both are the same file).
+pub fn spawn_split(
+    what: &str,
+    mut cmd: Command,
+    stdout: &std::path::Path,
+    stderr: &std::path::Path,
+) -> Result<Child, VmmError> {
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(io_err(p))
+    };
+    let out = open(stdout)?;
+    let err = open(stderr)?;
     cmd.stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -41,11 +59,21 @@ pub fn log_tail(path: &std::path::Path, n: usize) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
+/// How to ask a VMM to stop before killing it.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// QEMU's QMP socket: `quit`.
+    Qmp(PathBuf),
+    /// Firecracker's API socket: `SendCtrlAltDel`.
+    FirecrackerApi(PathBuf),
+}
+
 /// One started VM.
 #[derive(Debug)]
 pub struct VmProcess {
     pub backend: Backend,
     pub paths: VmPaths,
+    pub control: Control,
     pub vmm: Child,
     /// Helpers stopped after the VMM (vhost-device-vsock for QEMU).
     pub helpers: Vec<(String, Child)>,
@@ -77,17 +105,33 @@ impl VmProcess {
     }
 
     /// Stop everything: wait `grace` for the VMM to exit by itself (the
-    /// guest was asked to power off), then QMP `quit`, then SIGKILL; then the
-    /// helpers (SIGTERM, then SIGKILL). Safe to call more than once.
+    /// guest was asked to power off), then QMP `quit` (QEMU) or
+    /// `SendCtrlAltDel` (Firecracker), then SIGKILL; then the helpers
+    /// (SIGTERM, then SIGKILL). Safe to call more than once.
     pub async fn stop(&mut self, grace: Duration) -> StopReport {
         let mut r = StopReport {
             vmm_ended_by: "exited",
             ..StopReport::default()
         };
         if !wait_for(&mut self.vmm, grace).await {
-            r.vmm_ended_by = "qmp quit";
-            if let Err(e) = qmp::quit(&self.paths.qmp(), Duration::from_millis(300)).await {
-                r.errors.push(format!("qmp quit: {e}"));
+            let limit = Duration::from_millis(300);
+            let asked = match &self.control {
+                Control::Qmp(sock) => {
+                    r.vmm_ended_by = "qmp quit";
+                    qmp::quit(sock, limit).await
+                }
+                Control::FirecrackerApi(sock) => {
+                    r.vmm_ended_by = "ctrl-alt-del";
+                    crate::firecracker::call(
+                        sock,
+                        &crate::firecracker::Firecracker::ctrl_alt_del(),
+                        limit,
+                    )
+                    .await
+                }
+            };
+            if let Err(e) = asked {
+                r.errors.push(format!("graceful stop: {e}"));
             }
             if !wait_for(&mut self.vmm, Duration::from_millis(500)).await {
                 r.vmm_ended_by = "killed";

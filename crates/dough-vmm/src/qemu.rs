@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::process::{spawn, wait_for_socket, VmProcess};
+use crate::process::{spawn, wait_for_socket, Control, VmProcess};
 use crate::{tools, Accel, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
 /// The QEMU backend with the tools it found.
@@ -165,6 +165,7 @@ impl Vmm for Qemu {
             Ok(VmProcess {
                 backend: Backend::Qemu,
                 paths: p.clone(),
+                control: Control::Qmp(p.qmp()),
                 vmm,
                 helpers: vec![("vhost-device-vsock".into(), vsock)],
                 pids,

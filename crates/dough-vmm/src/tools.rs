@@ -22,6 +22,7 @@ pub fn find(name: &str) -> Option<PathBuf> {
 
 pub const QEMU: &str = "qemu-system-x86_64";
 pub const VHOST_VSOCK: &str = "vhost-device-vsock";
+pub const FIRECRACKER: &str = "firecracker";
 
 pub fn hint(name: &str) -> &'static str {
     match name {
@@ -30,6 +31,7 @@ pub fn hint(name: &str) -> &'static str {
             "cargo install vhost-device-vsock --version 0.3.0 --locked, or run scripts/setup.sh"
         }
         "mkfs.ext4" => "apt-get install e2fsprogs",
+        FIRECRACKER => "put a firecracker release binary on PATH; see docs/firecracker.md",
         _ => "see docs/install.md",
     }
 }

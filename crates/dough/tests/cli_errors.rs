@@ -100,7 +100,10 @@ fn kvm_on_a_host_without_usable_kvm_is_refused_with_the_reason() {
     if let Some(why) = facts.kvm_problem() {
         assert_eq!(out.status.code(), Some(125));
         let err = text(&out.stderr);
-        assert!(err.contains("accelerator") && err.contains(&why), "{err}");
+        assert!(
+            err.contains("KVM was requested but is not usable here") && err.contains(&why),
+            "{err}"
+        );
         assert!(!h.runs_dir().exists());
     } else {
         assert_eq!(
@@ -112,11 +115,49 @@ fn kvm_on_a_host_without_usable_kvm_is_refused_with_the_reason() {
 }
 
 #[test]
+fn firecracker_without_kvm_or_binary_is_refused_clearly() {
+    let facts = dough_vmm::HostFacts::probe();
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .args(["run", "--backend", "firecracker", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    match facts.kvm_problem() {
+        Some(why) => assert!(
+            err.contains("firecracker needs KVM") && err.contains(&why),
+            "{err}"
+        ),
+        None => assert!(
+            err.contains("`firecracker` not found") || out.status.success(),
+            "{err}"
+        ),
+    }
+    assert!(!h.runs_dir().exists());
+    let out = h
+        .cmd()
+        .args(["run", "--backend", "xen", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown backend `xen`"));
+}
+
+#[test]
 fn doctor_explains_the_choice() {
     let h = Harness::new();
     let out = h.cmd().arg("doctor").output().unwrap();
     let s = text(&out.stdout);
     assert!(s.contains("auto → "), "{s}");
+    assert!(s.contains("firecracker: "), "{s}");
+    if dough_vmm::HostFacts::probe().kvm_problem().is_some() {
+        assert!(
+            s.contains("auto → qemu with tcg: qemu, because KVM is not usable"),
+            "{s}"
+        );
+    }
     assert!(s.contains("kvm: "), "{s}");
     assert!(s.contains("image"), "{s}");
     assert_eq!(out.status.code(), Some(0), "this machine is set up: {s}");

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use dough_core::supervisor::{bare_boot, Phase};
 use dough_core::{run_task, Outcome, TaskSpec};
-use dough_vmm::AccelChoice;
+use dough_vmm::{AccelChoice, BackendChoice};
 
 use crate::Cli;
 
@@ -22,6 +22,8 @@ pub struct BootArgs {
     pub n: u32,
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -43,7 +45,7 @@ fn ms(d: Duration) -> String {
 
 pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
     let BenchCmd::Boot(a) = c;
-    let host = super::host_config(cli, a.accel);
+    let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {
         command: vec!["true".into()],
         ..TaskSpec::default()

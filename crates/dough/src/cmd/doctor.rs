@@ -1,7 +1,7 @@
 //! `dough doctor`: what works here, and why.
 use clap::Args;
 use dough_image::Image;
-use dough_vmm::{tools, Accel, AccelChoice};
+use dough_vmm::{tools, Accel, AccelChoice, BackendChoice};
 
 use crate::Cli;
 
@@ -29,7 +29,7 @@ fn version_of(bin: &std::path::Path, arg: &str) -> String {
 }
 
 pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
-    let host = super::host_config(cli, AccelChoice::Auto);
+    let host = super::host_config(cli, AccelChoice::Auto, BackendChoice::Auto);
     let mut ok = true;
     println!("accelerator");
     match host.facts.kvm_problem() {
@@ -61,8 +61,34 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
             println!("  qemu: NOT usable");
         }
     }
-    println!("  firecracker: not implemented yet in this build (issue: Firecracker backend)");
-    println!("  → runs use qemu with {auto}");
+    match (tools::find(tools::FIRECRACKER), host.facts.kvm_problem()) {
+        (Some(f), None) => println!(
+            "  firecracker: usable — {} ({})",
+            f.display(),
+            version_of(&f, "--version")
+        ),
+        (Some(f), Some(why)) => println!(
+            "  firecracker: found at {} but not usable: needs KVM ({why})",
+            f.display()
+        ),
+        (None, _) => println!(
+            "  firecracker: not installed ({}); supported: {}",
+            tools::hint(tools::FIRECRACKER),
+            dough_vmm::firecracker::SUPPORTED_VERSIONS
+        ),
+    }
+    match dough_vmm::select(&host.facts, BackendChoice::Auto, AccelChoice::Auto) {
+        Ok(sel) => println!(
+            "  auto → {} with {}: {}",
+            sel.vmm.backend(),
+            sel.accel,
+            sel.why
+        ),
+        Err(e) => {
+            ok = false;
+            println!("  auto → nothing usable: {e}");
+        }
+    }
 
     println!("tools");
     for (t, needed_for) in [

@@ -2,7 +2,7 @@
 use crate::Cli;
 
 pub fn run(cli: &Cli) -> anyhow::Result<u8> {
-    let host = super::host_config(cli, Default::default());
+    let host = super::host_config(cli, Default::default(), Default::default());
     let r = dough_core::rundir::gc(&host.runs_dir());
     for id in &r.removed {
         println!("removed vm {id}");

@@ -58,7 +58,7 @@ fn default_agent() -> PathBuf {
 }
 
 pub fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
-    let host = super::host_config(cli, Default::default());
+    let host = super::host_config(cli, Default::default(), Default::default());
     match c {
         ImageCmd::Build(a) => {
             let opts = BuildOptions {

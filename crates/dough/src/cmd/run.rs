@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use dough_core::{run_task, Event, Outcome, RunError, TaskSpec};
 use dough_proto::Stream;
-use dough_vmm::AccelChoice;
+use dough_vmm::{AccelChoice, BackendChoice};
 
 use crate::{Cli, EXIT_DOUGH};
 
@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// Accelerator: auto picks KVM only where it boots a guest, else TCG.
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
+    /// VMM: auto picks firecracker where KVM works and it is installed, else qemu.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -76,7 +79,7 @@ fn libc_sig(s: nix::sys::signal::Signal) -> i32 {
 }
 
 pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
-    let host = super::host_config(cli, a.accel);
+    let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {
         task_id: String::new(),
         command: a.command.clone(),

@@ -1,0 +1,353 @@
+//! Firecracker backend: spawn `firecracker --api-sock`, configure it over
+//! its HTTP API on that Unix socket, `InstanceStart`.
+//!
+//! Every request the backend sends comes from [`Firecracker::plan`], a pure
+//! function; `tests/firecracker_spec.rs` checks each planned request, for
+//! every configuration the backend produces, against Firecracker's own API
+//! spec (`spec/`), and checks the bytes the HTTP client writes for them.
+//! No Firecracker binary runs on Dough's CI machines (no usable KVM); see
+//! docs/firecracker.md for running it on a KVM host.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Command;
+
+use crate::process::{spawn_split, wait_for_socket, Control, VmProcess};
+use crate::{tools, Backend, BoxFuture, VmSpec, Vmm, VmmError};
+
+/// Versions this backend is written and checked against.
+pub const SUPPORTED_VERSIONS: &str = "1.8 – 1.17 (API spec 1.17.0-dev checked in tests)";
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct BootSource {
+    pub kernel_image_path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    pub boot_args: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Drive {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    pub is_read_only: bool,
+    pub cache_type: &'static str,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct MachineConfig {
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub smt: bool,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Vsock {
+    pub guest_cid: u32,
+    pub uds_path: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Logger {
+    pub log_path: String,
+    pub level: &'static str,
+    pub show_level: bool,
+    pub show_log_origin: bool,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Metrics {
+    pub metrics_path: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Action {
+    pub action_type: &'static str,
+}
+
+/// One API request: method, path, JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRequest {
+    pub method: &'static str,
+    pub path: String,
+    pub body: serde_json::Value,
+}
+
+impl ApiRequest {
+    fn put<T: Serialize>(path: impl Into<String>, body: &T) -> ApiRequest {
+        ApiRequest {
+            method: "PUT",
+            path: path.into(),
+            body: serde_json::to_value(body).expect("api bodies serialize"),
+        }
+    }
+
+    /// The HTTP/1.1 request bytes.
+    pub fn to_http(&self) -> Vec<u8> {
+        let body = self.body.to_string();
+        format!(
+            "{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            self.method,
+            self.path,
+            body.len(),
+            body
+        )
+        .into_bytes()
+    }
+}
+
+/// The Firecracker backend with the binary it found.
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    pub binary: PathBuf,
+}
+
+pub fn api_socket(spec: &VmSpec) -> PathBuf {
+    spec.paths.run_dir.join("firecracker.sock")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Firecracker {
+    pub fn locate() -> Result<Firecracker, VmmError> {
+        tools::find(tools::FIRECRACKER)
+            .map(|binary| Firecracker { binary })
+            .ok_or_else(|| VmmError::MissingTool {
+                tool: tools::FIRECRACKER.into(),
+                hint: tools::hint(tools::FIRECRACKER).into(),
+            })
+    }
+
+    /// What Firecracker accepts beyond the schema: 1 or an even number of
+    /// vCPUs, at most 32.
+    pub fn check_spec(spec: &VmSpec) -> Result<(), VmmError> {
+        spec.validate()?;
+        if spec.vcpus > 32 || (spec.vcpus > 1 && spec.vcpus % 2 == 1) {
+            return Err(VmmError::Spec(format!(
+                "firecracker takes 1 or an even number of vcpus up to 32, not {}",
+                spec.vcpus
+            )));
+        }
+        Ok(())
+    }
+
+    /// Firecracker's recommended guest arguments plus Dough's.
+    pub fn kernel_cmdline(spec: &VmSpec) -> String {
+        let mut args: Vec<String> = [
+            "console=ttyS0",
+            "reboot=k",
+            "panic=1",
+            "pci=off",
+            "quiet",
+            "cryptomgr.notests",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!("dough.vm={}", spec.id));
+        args.extend(spec.kernel_args.iter().cloned());
+        args.join(" ")
+    }
+
+    /// Every request, in order, that configures and starts `spec`.
+    pub fn plan(spec: &VmSpec) -> Vec<ApiRequest> {
+        let p = &spec.paths;
+        let mut r = vec![
+            ApiRequest::put(
+                "/logger",
+                &Logger {
+                    log_path: s(&p.vmm_log()),
+                    level: "Warning",
+                    show_level: true,
+                    show_log_origin: false,
+                },
+            ),
+            ApiRequest::put(
+                "/metrics",
+                &Metrics {
+                    metrics_path: s(&p.run_dir.join("metrics.json")),
+                },
+            ),
+            ApiRequest::put(
+                "/machine-config",
+                &MachineConfig {
+                    vcpu_count: spec.vcpus,
+                    mem_size_mib: spec.memory_mib,
+                    smt: false,
+                },
+            ),
+            ApiRequest::put(
+                "/boot-source",
+                &BootSource {
+                    kernel_image_path: s(&spec.kernel),
+                    initrd_path: spec.initramfs.as_deref().map(s),
+                    boot_args: Self::kernel_cmdline(spec),
+                },
+            ),
+            ApiRequest::put(
+                "/drives/base",
+                &Drive {
+                    drive_id: "base".into(),
+                    path_on_host: s(&spec.rootfs),
+                    is_root_device: false,
+                    is_read_only: true,
+                    cache_type: "Unsafe",
+                },
+            ),
+            ApiRequest::put(
+                "/drives/scratch",
+                &Drive {
+                    drive_id: "scratch".into(),
+                    path_on_host: s(&spec.scratch),
+                    is_root_device: false,
+                    is_read_only: false,
+                    cache_type: "Unsafe",
+                },
+            ),
+        ];
+        if let Some(tap) = &spec.tap {
+            r.push(ApiRequest::put(
+                "/network-interfaces/eth0",
+                &NetworkInterface {
+                    iface_id: "eth0".into(),
+                    host_dev_name: tap.clone(),
+                    guest_mac: "02:00:00:00:00:02".into(),
+                },
+            ));
+        }
+        r.push(ApiRequest::put(
+            "/vsock",
+            &Vsock {
+                guest_cid: spec.guest_cid,
+                uds_path: s(&p.vsock_uds()),
+            },
+        ));
+        r.push(ApiRequest::put(
+            "/actions",
+            &Action {
+                action_type: "InstanceStart",
+            },
+        ));
+        r
+    }
+
+    /// The graceful-stop request (x86: the guest sees Ctrl-Alt-Del).
+    pub fn ctrl_alt_del() -> ApiRequest {
+        ApiRequest::put(
+            "/actions",
+            &Action {
+                action_type: "SendCtrlAltDel",
+            },
+        )
+    }
+}
+
+/// Send one request on a fresh connection; Ok on 2xx, else the error
+/// Firecracker gave (`fault_message`).
+pub async fn call(sock: &Path, req: &ApiRequest, limit: Duration) -> Result<(), VmmError> {
+    let fail = |m: String| VmmError::Api(format!("{} {}: {m}", req.method, req.path));
+    tokio::time::timeout(limit, async {
+        let mut st = UnixStream::connect(sock)
+            .await
+            .map_err(|e| fail(format!("connect {}: {e}", sock.display())))?;
+        st.write_all(&req.to_http())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut r = BufReader::new(st);
+        let mut status = String::new();
+        r.read_line(&mut status)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let code: u16 = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| fail(format!("bad status line {status:?}")))?;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).await.map_err(|e| fail(e.to_string()))? == 0 || h == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; len.min(64 * 1024)];
+        r.read_exact(&mut body)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if (200..300).contains(&code) {
+            return Ok(());
+        }
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["fault_message"].as_str().map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        Err(fail(format!("HTTP {code}: {msg}")))
+    })
+    .await
+    .map_err(|_| fail(format!("no answer within {limit:?}")))?
+}
+
+impl Vmm for Firecracker {
+    fn backend(&self) -> Backend {
+        Backend::Firecracker
+    }
+
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
+        Box::pin(async move {
+            Self::check_spec(spec)?;
+            let p = &spec.paths;
+            let sock = api_socket(spec);
+            for f in [p.vmm_log(), p.run_dir.join("metrics.json")] {
+                std::fs::File::create(&f).map_err(crate::io_err(&f))?;
+            }
+            let mut cmd = Command::new(&self.binary);
+            cmd.arg("--api-sock").arg(&sock).arg("--id").arg(&spec.id);
+            // The guest console (ttyS0) is Firecracker's stdout.
+            let mut vmm = spawn_split("firecracker", cmd, &p.serial_log(), &p.vmm_log())?;
+            if let Err(e) = wait_for_socket(
+                "firecracker",
+                &mut vmm,
+                &sock,
+                &p.vmm_log(),
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                let _ = vmm.kill().await;
+                return Err(e);
+            }
+            for req in Self::plan(spec) {
+                if let Err(e) = call(&sock, &req, Duration::from_secs(5)).await {
+                    let _ = vmm.kill().await;
+                    return Err(e);
+                }
+            }
+            let pids = vmm.id().into_iter().collect();
+            Ok(VmProcess {
+                backend: Backend::Firecracker,
+                paths: p.clone(),
+                control: Control::FirecrackerApi(sock),
+                vmm,
+                helpers: vec![],
+                pids,
+            })
+        })
+    }
+}
