@@ -13,4 +13,9 @@ printf '\n== cargo clippy\n' >&2
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 printf '\n== cargo test\n' >&2
 # Two test threads: at most two VMs at once on these 2-core machines.
-RUST_TEST_THREADS=2 cargo test --workspace --release --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+RUST_TEST_THREADS=2 cargo test --workspace --release --locked 2>&1 | tee "$log"
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

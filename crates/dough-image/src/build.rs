@@ -144,34 +144,36 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
     let mut m = old.clone();
     m.format = 1;
 
-    // 1. Kernel.
+    // 1. Kernel. The unpacked package (cache) is fetched only when a part
+    // that needs it is rebuilt.
     let (pkg, version) = kernel_package()?;
     let kernel_inputs = sha256_hex(format!("kernel/1\n{pkg}\n{version}\n").as_bytes());
     let kernel_tree = opts.cache_dir.join(format!("{pkg}_{version}"));
+    let fetch = || -> Result<String, ImageError> {
+        fetch_kernel(&pkg, &version, &opts.cache_dir, &kernel_tree)?;
+        kernel_release(&kernel_tree)
+    };
     let kpath = opts.dir.join(KERNEL);
-    let kernel_fresh = part_fresh(&old.kernel, &kernel_inputs, &kpath);
-    if kernel_fresh && kernel_tree.exists() {
+    let mut kver = None;
+    if part_fresh(&old.kernel, &kernel_inputs, &kpath) && !old.kernel_version.is_empty() {
         progress.say(&format!("[1/3] kernel {pkg} {version}: unchanged, skipped"));
     } else {
         progress.say(&format!("[1/3] kernel: fetching {pkg} {version}"));
-        fetch_kernel(&pkg, &version, &opts.cache_dir, &kernel_tree)?;
-        if !kernel_fresh {
-            extract_vmlinux(&kernel_tree, &kpath)?;
-            m.kernel = part_info(&kpath, kernel_inputs, format!("{pkg} {version}"))?;
-        }
+        kver = Some(fetch()?);
+        extract_vmlinux(&kernel_tree, &kpath)?;
+        m.kernel = part_info(&kpath, kernel_inputs.clone(), format!("{pkg} {version}"))?;
         progress.say(&format!("[1/3] kernel: vmlinux {} MB", m.kernel.size >> 20));
     }
-    let kver = kernel_release(&kernel_tree)?;
-    m.kernel_version = kver.clone();
 
-    // 2. Initramfs: agent + modules.
-    let mod_root = kernel_tree.join("lib/modules").join(&kver).join("kernel");
-    let mut initramfs_src = format!("initramfs/2\nagent {}\n", sha256_hex(&agent));
+    // 2. Initramfs: agent + modules. The modules' contents are fixed by the
+    // kernel package version, which `kernel_inputs` names.
+    let mut initramfs_src = format!(
+        "initramfs/3\nagent {}\nkernel {kernel_inputs}\n",
+        sha256_hex(&agent)
+    );
     for module in all_modules() {
-        initramfs_src.push_str(&format!(
-            "{module} {}\n",
-            sha256_file(&mod_root.join(module))?
-        ));
+        initramfs_src.push_str(module);
+        initramfs_src.push('\n');
     }
     let initramfs_inputs = sha256_hex(initramfs_src.as_bytes());
     let ipath = opts.dir.join(INITRAMFS);
@@ -179,16 +181,28 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
         progress.say("[2/3] initramfs: unchanged, skipped");
     } else {
         progress.say("[2/3] initramfs: agent + modules");
+        let release = match kver.clone() {
+            Some(k) => k,
+            None => fetch()?,
+        };
+        kver = Some(release.clone());
+        let mod_root = kernel_tree
+            .join("lib/modules")
+            .join(&release)
+            .join("kernel");
         write_initramfs(&ipath, &agent, &mod_root)?;
         m.initramfs = part_info(
             &ipath,
             initramfs_inputs,
             format!(
-                "dough-agent {} + {} modules of {kver}",
+                "dough-agent {} + {} modules of {release}",
                 &sha256_hex(&agent)[..12],
                 all_modules().count()
             ),
         )?;
+    }
+    if let Some(k) = kver {
+        m.kernel_version = k;
     }
 
     // 3. Rootfs.
@@ -453,6 +467,7 @@ fn build_rootfs(opts: &BuildOptions, out: &Path, progress: &Progress) -> Result<
         s
     });
     let mut seen = std::collections::HashSet::new();
+    let mut fetched = 0u32;
     for line in BufReader::new(child.stdout.take().expect("piped"))
         .lines()
         .map_while(Result::ok)
@@ -461,6 +476,12 @@ fn build_rootfs(opts: &BuildOptions, out: &Path, progress: &Progress) -> Result<
         // lines are its progress; show the stage changes, not every package.
         if let Some(rest) = line.strip_prefix("I: ") {
             let stage = rest.split_whitespace().next().unwrap_or("").to_string();
+            if stage == "Retrieving" {
+                fetched += 1;
+                if fetched.is_multiple_of(25) {
+                    progress.say(&format!("      debootstrap: {fetched} packages downloaded"));
+                }
+            }
             if seen.insert(stage) {
                 progress.say(&format!("      debootstrap: {rest}"));
             }

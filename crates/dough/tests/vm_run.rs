@@ -17,7 +17,8 @@ fn exit_code_and_separate_streams_as_the_task_user_in_the_guest_kernel() {
         "--",
         "sh",
         "-c",
-        "uname -r; id -u; hostname; echo to-stderr >&2; exit 7",
+        // Orphans are reaped by the agent (PID 1): no zombie remains.
+        "uname -r; id -u; hostname; (sleep 0.2 &); sleep 1; ps -eo stat= | grep -c '^Z'; echo to-stderr >&2; exit 7",
     ]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
@@ -37,6 +38,7 @@ fn exit_code_and_separate_streams_as_the_task_user_in_the_guest_kernel() {
     assert_ne!(lines[0], host_kernel.trim());
     assert_eq!(lines[1], "1000", "unprivileged by default");
     assert!(lines[2].starts_with("dough-"), "hostname {}", lines[2]);
+    assert_eq!(lines[3], "0", "zombies in the guest");
     h.assert_clean();
 }
 

@@ -1,0 +1,50 @@
+//! Tier 1: `dough image build` on the image `scripts/setup.sh` built. With
+//! unchanged inputs every part is skipped and the manifest stays the same.
+mod common;
+
+use common::*;
+
+#[test]
+fn unchanged_rebuild_is_skipped_and_the_manifest_kept() {
+    let h = Harness::new();
+    let manifest = image_dir().join("manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let out = h.cmd().args(["image", "build"]).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    for part in ["[1/3] kernel", "[2/3] initramfs", "[3/3] rootfs"] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(part))
+            .unwrap_or_else(|| panic!("{part}: {err}"));
+        assert!(
+            line.ends_with("unchanged, skipped"),
+            "{line}\n(is the image stale? run scripts/setup.sh)"
+        );
+    }
+    assert_eq!(std::fs::read(&manifest).unwrap(), before);
+    let show = h.cmd().args(["image", "show"]).output().unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(m["kernel"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(m["kernel_version"]
+        .as_str()
+        .unwrap()
+        .contains("cloud-amd64"));
+}
+
+#[test]
+fn a_dynamic_agent_is_refused_with_a_hint() {
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .env("DOUGH_IMAGE_DIR", h.state.path().join("img"))
+        .args(["image", "build", "--agent", env!("CARGO_BIN_EXE_dough")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("dynamically linked") && err.contains("scripts/build-agent.sh"),
+        "{err}"
+    );
+}
