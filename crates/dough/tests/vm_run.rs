@@ -3,8 +3,6 @@
 //! on these 2-core machines) and checks that nothing is left afterwards.
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -118,18 +116,7 @@ fn missing_command_in_the_guest_is_a_clear_127() {
 #[test]
 fn vmm_killed_mid_task_is_reported_and_cleaned_up() {
     let h = Harness::new();
-    let mut child = h
-        .cmd()
-        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, "ready\n");
+    let child = h.spawn_running_task();
     let pids = qemu_pids(&h);
     assert_eq!(pids.len(), 1, "one qemu: {pids:?}");
     nix::sys::signal::kill(
@@ -174,17 +161,7 @@ fn guest_crash_mid_task_is_reported_with_the_console_tail() {
 #[test]
 fn frozen_guest_is_declared_lost_by_heartbeat() {
     let h = Harness::new();
-    let mut child = h
-        .cmd()
-        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let child = h.spawn_running_task();
     let pids = qemu_pids(&h);
     assert_eq!(pids.len(), 1);
     let frozen_at = Instant::now();
@@ -208,17 +185,7 @@ fn frozen_guest_is_declared_lost_by_heartbeat() {
 #[test]
 fn ctrl_c_tears_the_vm_down_before_exiting() {
     let h = Harness::new();
-    let mut child = h
-        .cmd()
-        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let child = h.spawn_running_task();
     assert_eq!(qemu_pids(&h).len(), 1);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -238,17 +205,7 @@ fn ctrl_c_tears_the_vm_down_before_exiting() {
 #[test]
 fn gc_reclaims_after_dough_run_is_killed() {
     let h = Harness::new();
-    let mut child = h
-        .cmd()
-        .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut child = h.spawn_running_task();
     child.kill().unwrap();
     child.wait().unwrap();
     wait_until(

@@ -60,6 +60,25 @@ impl Harness {
         self.cmd().arg("run").args(args).output().unwrap()
     }
 
+    /// Start `dough run -- sh -c 'echo ready; sleep 60'` and return once the
+    /// task is running in its VM (its first line has arrived).
+    pub fn spawn_running_task(&self) -> std::process::Child {
+        use std::io::{BufRead, BufReader};
+        let mut child = self
+            .cmd()
+            .args(["run", "--", "sh", "-c", "echo ready; sleep 60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n", "the task is running");
+        child
+    }
+
     pub fn runs_dir(&self) -> PathBuf {
         self.state.path().join("vms")
     }
