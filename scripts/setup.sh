@@ -15,7 +15,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "scripts/setup.sh must run as root (it installs packages and builds a rootfs)" >&2
   exit 1
 fi
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 
 PKGS=(qemu-system-x86 qemu-system-data seabios debootstrap cpio e2fsprogs lz4 nftables iproute2 kmod git curl ca-certificates)
 missing=()

@@ -3,7 +3,7 @@
 # Tier 0 (unit), tier 1 (root/processes), tier 2 (real VMs under QEMU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 
 ./scripts/setup.sh
 
