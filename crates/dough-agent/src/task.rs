@@ -143,6 +143,7 @@ pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mute
             return;
         }
     };
+    let oom_before = oom_kills();
     let pid = child.id();
     *pgid.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid as i32);
     let _ = out.send(GuestMsg::Started { pid });
@@ -205,5 +206,18 @@ pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mute
         let _ = r.join();
     }
     *pgid.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let _ = out.send(GuestMsg::Exit { status });
+    let oom = oom_kills() > oom_before;
+    let _ = out.send(GuestMsg::Exit { status, oom });
+}
+
+/// The kernel's count of OOM kills (`oom_kill` in /proc/vmstat).
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -13,6 +13,9 @@ pub struct HostConfig {
     pub accel: AccelChoice,
     pub backend: BackendChoice,
     pub facts: HostFacts,
+    /// Run each VMM jailed (own uid, mount namespace, cgroup). Needs root;
+    /// on by default when Dough runs as root.
+    pub confine: bool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dough";
@@ -27,6 +30,7 @@ impl HostConfig {
             accel,
             backend: BackendChoice::Auto,
             facts: HostFacts::probe(),
+            confine: nix::unistd::geteuid().is_root(),
         }
     }
 
@@ -37,5 +41,15 @@ impl HostConfig {
 
     pub fn cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache")
+    }
+
+    /// uid leases of running VMs.
+    pub fn uids_dir(&self) -> PathBuf {
+        self.state_dir.join("uids")
+    }
+
+    /// The private roots of jailed VMMs.
+    pub fn jails_dir(&self) -> PathBuf {
+        self.state_dir.join("jails")
     }
 }

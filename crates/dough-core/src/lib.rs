@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod leases;
 pub mod rundir;
 pub mod supervisor;
 

@@ -106,6 +106,9 @@ pub fn processes_using(dir: &Path) -> Vec<u32> {
 pub struct GcReport {
     pub removed: Vec<String>,
     pub killed: Vec<u32>,
+    pub released_uids: Vec<u32>,
+    pub removed_jails: Vec<String>,
+    pub removed_cgroups: Vec<String>,
     pub kept_live: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -184,4 +187,90 @@ mod tests {
         assert!(proc_start_time(std::process::id()).is_some());
         assert!(proc_start_time(u32::MAX).is_none());
     }
+}
+
+/// `gc` of everything a VM can leave on the host: run directories of dead
+/// owners (and their processes), then uid leases, jail roots and cgroups of
+/// VMs that no longer have a run directory.
+pub fn gc_host(host: &crate::HostConfig) -> GcReport {
+    let runs = host.runs_dir();
+    let mut r = gc(&runs);
+    let gone = |vm: &str| !runs.join(vm).exists();
+    // VMs this state directory has records of: only their cgroups are ours
+    // to reclaim (cgroups are host-wide; another Dough may own the rest).
+    let mut known: std::collections::HashSet<String> = crate::leases::list(&host.uids_dir())
+        .into_iter()
+        .map(|(_, vm, _)| vm.trim().to_string())
+        .collect();
+    if let Ok(rd) = std::fs::read_dir(host.jails_dir()) {
+        known.extend(
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned()),
+        );
+    }
+    for (uid, vm, path) in crate::leases::list(&host.uids_dir()) {
+        if gone(vm.trim()) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => r.released_uids.push(uid),
+                Err(e) => r
+                    .errors
+                    .push(format!("remove lease {}: {e}", path.display())),
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(host.jails_dir()) {
+        for e in rd.flatten() {
+            let vm = e.file_name().to_string_lossy().into_owned();
+            if gone(&vm) {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => r.removed_jails.push(vm),
+                    Err(err) => r
+                        .errors
+                        .push(format!("remove jail {}: {err}", e.path().display())),
+                }
+            }
+        }
+    }
+    if let Ok(layout) = dough_vmm::cgroup::Layout::detect() {
+        let parents = dough_vmm::cgroup::Cgroup::dirs_for(&layout, "x");
+        for parent in parents.iter().filter_map(|d| d.parent()) {
+            let Ok(rd) = std::fs::read_dir(parent) else {
+                continue;
+            };
+            for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                let vm = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&vm) || !gone(&vm) {
+                    continue;
+                }
+                let procs =
+                    std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    r.killed.push(pid as u32);
+                }
+                // A killed process leaves its cgroup a moment later.
+                let mut last = None;
+                for _ in 0..50 {
+                    match std::fs::remove_dir(e.path()) {
+                        Ok(()) => {
+                            last = None;
+                            break;
+                        }
+                        Err(err) => last = Some(err),
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                match last {
+                    None => r.removed_cgroups.push(e.path().display().to_string()),
+                    Some(err) => r
+                        .errors
+                        .push(format!("remove cgroup {}: {err}", e.path().display())),
+                }
+            }
+        }
+    }
+    r
 }

@@ -18,8 +18,10 @@ use tokio::net::unix::OwnedWriteHalf;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::conn::{self, Incoming};
+use crate::leases::UidLease;
 use crate::rundir::RunDir;
 use crate::HostConfig;
+use dough_vmm::jail::JailSpec;
 
 /// The guest CID every VM gets (each VM has its own vsock device, so the
 /// CID need not be unique on the host).
@@ -91,6 +93,9 @@ pub enum Event<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Exited(ExitStatus),
+    /// The guest ran out of memory and its OOM killer killed the task (or
+    /// part of it); the status is how the task ended.
+    OutOfMemory(ExitStatus),
     /// The command could not be started in the guest.
     SpawnFailed(String),
     TimedOut(Duration),
@@ -254,6 +259,31 @@ async fn run_vm(
             return rep;
         }
     };
+    // The uid lease is the record of the jail (its root and cgroup are
+    // named by the VM id), taken before either exists.
+    let lease = if host.confine {
+        match UidLease::acquire(&host.uids_dir(), &vm_id) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                rep.result = Err(RunError::RunDir(e));
+                let _ = rd.remove();
+                return rep;
+            }
+        }
+    } else {
+        None
+    };
+    let jail = lease.as_ref().map(|l| JailSpec {
+        uid: l.uid,
+        gid: l.uid,
+        groups: if accel == Accel::Kvm {
+            kvm_gid().into_iter().collect()
+        } else {
+            vec![]
+        },
+        root: host.jails_dir().join(&vm_id),
+        limits: dough_vmm::cgroup::limits_for(spec.vcpus, spec.memory_mib, accel == Accel::Tcg),
+    });
     let paths = VmPaths::new(&rd.path);
     let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
     kernel_args.extend(extra_args.iter().cloned());
@@ -271,6 +301,7 @@ async fn run_vm(
         tap: None,
         guest_cid: GUEST_CID,
         guest_port: dough_proto::CONTROL_PORT,
+        jail,
     };
     let mut live = Live::default();
     rep.result = drive(vmm.as_ref(), &vmspec, spec, &mut live, &mut ctx, cancel)
@@ -280,7 +311,12 @@ async fn run_vm(
         debug!(parent: &span, error = %e, "vm failed");
     }
     // Teardown, on every path.
-    let (errors, ended_by) = teardown(&mut live, &rd).instrument(span).await;
+    let (mut errors, ended_by) = teardown(&mut live, &rd).instrument(span).await;
+    if let Some(l) = lease {
+        if let Err(e) = l.release() {
+            errors.push(format!("release uid lease: {e}"));
+        }
+    }
     rep.teardown_errors = errors;
     rep.vmm_ended_by = ended_by;
     ctx.phase(Phase::TornDown);
@@ -417,7 +453,10 @@ async fn drive(
                     GuestMsg::Heartbeat { .. } => {}
                     GuestMsg::Started { pid } => { debug!(pid, "task started"); ctx.phase(Phase::Started) }
                     GuestMsg::Output { stream, data } => (ctx.on_event)(Event::Output(stream, &data)),
-                    GuestMsg::Exit { status } => { ctx.phase(Phase::Done); return Ok(Outcome::Exited(status)) }
+                    GuestMsg::Exit { status, oom } => {
+                        ctx.phase(Phase::Done);
+                        return Ok(if oom { Outcome::OutOfMemory(status) } else { Outcome::Exited(status) });
+                    }
                     GuestMsg::SpawnFailed { message } => { ctx.phase(Phase::Done); return Ok(Outcome::SpawnFailed(message)) }
                     GuestMsg::Log { message } => debug!(%message, "agent"),
                     GuestMsg::Hello(_) => warn!("second Hello ignored"),
@@ -444,6 +483,18 @@ async fn drive(
             }
         }
     }
+}
+
+/// The `kvm` group, so a jailed VMM can open /dev/kvm.
+fn kvm_gid() -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups
+        .lines()
+        .find(|l| l.starts_with("kvm:"))?
+        .split(':')
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 fn libc_sigkill() -> i32 {

@@ -44,6 +44,7 @@ async fn agent_powers_off_when_the_host_goes_away() {
         tap: None,
         guest_cid: 3,
         guest_port: dough_proto::CONTROL_PORT,
+        jail: None,
     };
     let mut vm = sel.vmm.start(&spec).await.unwrap();
     let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())

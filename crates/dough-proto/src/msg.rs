@@ -30,8 +30,9 @@ pub enum GuestMsg {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// The task ended; sent after all of its output.
-    Exit { status: ExitStatus },
+    /// The task ended; sent after all of its output. `oom`: the guest's
+    /// OOM killer killed a process while the task ran.
+    Exit { status: ExitStatus, oom: bool },
     /// The task could not be started (no such command, bad user, ...).
     SpawnFailed { message: String },
     /// A diagnostic from the agent itself (not task output).

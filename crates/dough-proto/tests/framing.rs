@@ -22,6 +22,7 @@ fn sample_messages() -> Vec<GuestMsg> {
         },
         GuestMsg::Exit {
             status: ExitStatus::Signal(9),
+            oom: true,
         },
         GuestMsg::SpawnFailed {
             message: "no such file".into(),

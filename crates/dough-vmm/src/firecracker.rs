@@ -347,6 +347,7 @@ impl Vmm for Firecracker {
                 vmm,
                 helpers: vec![],
                 pids,
+                jail: None,
             })
         })
     }

@@ -10,8 +10,10 @@
 //! decides what to run and when to stop.
 
 pub mod accel;
+pub mod cgroup;
 pub mod disk;
 pub mod firecracker;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 mod qmp;
@@ -62,6 +64,8 @@ pub enum VmmError {
     Qmp(String),
     #[error("firecracker api: {0}")]
     Api(String),
+    #[error("cannot confine the vmm: {0}")]
+    Confine(String),
     #[error("invalid vm spec: {0}")]
     Spec(String),
 }
@@ -244,6 +248,8 @@ pub struct VmSpec {
     pub guest_cid: u32,
     /// vsock port the agent dials, for the socket path check.
     pub guest_port: u32,
+    /// Confine the VMM and its helpers (None: run them as Dough's user).
+    pub jail: Option<jail::JailSpec>,
 }
 
 impl VmSpec {

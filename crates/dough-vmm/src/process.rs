@@ -78,6 +78,8 @@ pub struct VmProcess {
     /// Helpers stopped after the VMM (vhost-device-vsock for QEMU).
     pub helpers: Vec<(String, Child)>,
     pub pids: Vec<u32>,
+    /// The jail the processes run in, destroyed once they are gone.
+    pub jail: Option<crate::jail::Jail>,
 }
 
 /// What happened during a stop; errors are collected, never fatal midway.
@@ -155,6 +157,9 @@ impl VmProcess {
                     r.errors.push(format!("kill {name}: {e}"));
                 }
             }
+        }
+        if let Some(jail) = self.jail.take() {
+            r.errors.extend(jail.destroy());
         }
         r
     }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use crate::cgroup;
+use crate::jail::{hand_over, Bind, Jail, JailSpec};
 use crate::process::{spawn, wait_for_socket, Control, VmProcess};
 use crate::{tools, Accel, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
@@ -66,6 +68,12 @@ impl Qemu {
             Accel::Tcg => push(&["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]),
         }
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        // QEMU's own seccomp filter: no obsolete syscalls, no privilege
+        // changes, no spawning, no resource-control calls.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         push(&["-m", &mem, "-smp", &spec.vcpus.to_string()]);
         // vhost-user needs guest RAM it can map: a shared memfd.
         push(&[
@@ -123,6 +131,44 @@ impl Qemu {
     }
 }
 
+impl Qemu {
+    /// The jail for `spec`: its run directory (writable), the image files
+    /// and the two binaries (read-only); the VM's uid gets the run
+    /// directory, the scratch disk and the guest-connection socket.
+    fn build_jail(&self, spec: &VmSpec, js: &JailSpec) -> Result<Jail, VmmError> {
+        let layout = cgroup::Layout::detect().map_err(VmmError::Confine)?;
+        let p = &spec.paths;
+        let ro = |path: &std::path::Path| Bind {
+            path: path.to_path_buf(),
+            writable: false,
+        };
+        let mut binds = vec![
+            Bind {
+                path: p.run_dir.clone(),
+                writable: true,
+            },
+            ro(&spec.kernel),
+            ro(&spec.rootfs),
+            ro(&self.qemu),
+            ro(&self.vhost_vsock),
+        ];
+        if let Some(i) = &spec.initramfs {
+            binds.push(ro(i));
+        }
+        let jail = Jail::create(js.clone(), &layout, &spec.id, binds)?;
+        let owned = [
+            p.run_dir.clone(),
+            spec.scratch.clone(),
+            crate::vsock::guest_listener_path(&p.vsock_uds(), spec.guest_port),
+        ];
+        if let Err(e) = hand_over(&owned, js.uid, js.gid) {
+            jail.destroy();
+            return Err(e);
+        }
+        Ok(jail)
+    }
+}
+
 impl Vmm for Qemu {
     fn backend(&self) -> Backend {
         Backend::Qemu
@@ -132,6 +178,15 @@ impl Vmm for Qemu {
         Box::pin(async move {
             spec.validate()?;
             let p = &spec.paths;
+            let jail = match &spec.jail {
+                Some(js) => Some(self.build_jail(spec, js)?),
+                None => None,
+            };
+            let fail = |jail: &Option<Jail>| {
+                if let Some(j) = jail {
+                    j.destroy();
+                }
+            };
             let mut vh = Command::new(&self.vhost_vsock);
             vh.arg("--guest-cid")
                 .arg(spec.guest_cid.to_string())
@@ -139,7 +194,16 @@ impl Vmm for Qemu {
                 .arg(p.vhost_user())
                 .arg("--uds-path")
                 .arg(p.vsock_uds());
-            let mut vsock = spawn("vhost-device-vsock", vh, &p.vsock_log())?;
+            if let Some(j) = &jail {
+                j.apply(&mut vh);
+            }
+            let mut vsock = match spawn("vhost-device-vsock", vh, &p.vsock_log()) {
+                Ok(c) => c,
+                Err(e) => {
+                    fail(&jail);
+                    return Err(e);
+                }
+            };
             if let Err(e) = wait_for_socket(
                 "vhost-device-vsock",
                 &mut vsock,
@@ -150,14 +214,19 @@ impl Vmm for Qemu {
             .await
             {
                 let _ = vsock.kill().await;
+                fail(&jail);
                 return Err(e);
             }
             let mut q = Command::new(&self.qemu);
             q.args(self.args(spec));
+            if let Some(j) = &jail {
+                j.apply(&mut q);
+            }
             let vmm = match spawn("qemu", q, &p.vmm_log()) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = vsock.kill().await;
+                    fail(&jail);
                     return Err(e);
                 }
             };
@@ -169,6 +238,7 @@ impl Vmm for Qemu {
                 vmm,
                 helpers: vec![("vhost-device-vsock".into(), vsock)],
                 pids,
+                jail,
             })
         })
     }
@@ -194,6 +264,7 @@ mod tests {
             tap: None,
             guest_cid: 3,
             guest_port: 1024,
+            jail: None,
         }
     }
 

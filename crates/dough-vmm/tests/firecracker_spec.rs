@@ -168,6 +168,7 @@ fn configurations() -> Vec<VmSpec> {
                         tap: tap.clone(),
                         guest_cid: 3,
                         guest_port: 1024,
+                        jail: None,
                     });
                 }
             }

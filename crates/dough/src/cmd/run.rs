@@ -122,6 +122,13 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
     }
     match rep.result {
         Ok(Outcome::Exited(st)) => Ok(st.shell_code().clamp(0, 255) as u8),
+        Ok(Outcome::OutOfMemory(st)) => {
+            eprintln!(
+                "dough: the task ran out of memory (oom): the guest has {} MiB; try a larger --memory",
+                a.memory
+            );
+            Ok(st.shell_code().clamp(0, 255) as u8)
+        }
         Ok(Outcome::SpawnFailed(msg)) => {
             eprintln!("dough: {msg}");
             Ok(127)

@@ -84,7 +84,8 @@ impl Harness {
     }
 
     /// Nothing of this test's VMs may remain: no run directory (so no
-    /// socket, scratch disk or log) and no process naming the state dir.
+    /// socket, scratch disk or log), no process naming the state dir, no uid
+    /// lease, no jail root.
     pub fn assert_clean(&self) {
         // Processes get a moment to be reaped by the kernel after SIGKILL.
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -100,6 +101,12 @@ impl Harness {
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "leftover run directories: {left:?}");
+        for d in ["uids", "jails"] {
+            let left: Vec<_> = std::fs::read_dir(self.state.path().join(d))
+                .map(|rd| rd.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "leftover {d}: {left:?}");
+        }
     }
 }
 
