@@ -152,43 +152,6 @@ pub fn gc(runs: &Path) -> GcReport {
     r
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gc_keeps_live_owners_and_reclaims_dead_ones() {
-        let runs = tempfile::tempdir().unwrap();
-        let live = RunDir::create(runs.path(), "live000000aa").unwrap();
-        let dead = RunDir::create(runs.path(), "dead000000bb").unwrap();
-        // Pretend the owner of `dead` was another, now gone, process.
-        let mut rec: OwnerRecord =
-            serde_json::from_slice(&std::fs::read(dead.path.join(OWNER)).unwrap()).unwrap();
-        rec.owner_start += 1;
-        std::fs::write(dead.path.join(OWNER), serde_json::to_vec(&rec).unwrap()).unwrap();
-        // A process of the dead VM, named by its directory.
-        // `sh -c 'read x' PATH`: blocks on stdin with PATH as its $0.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "read x"])
-            .arg(format!("{}/marker", dead.path.display()))
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let r = gc(runs.path());
-        assert_eq!(r.kept_live, vec!["live000000aa".to_string()]);
-        assert_eq!(r.removed, vec!["dead000000bb".to_string()]);
-        assert_eq!(r.killed, vec![child.id()]);
-        assert!(!child.wait().unwrap().success());
-        assert!(live.path.exists() && !dead.path.exists());
-    }
-
-    #[test]
-    fn start_time_of_self_is_readable() {
-        assert!(proc_start_time(std::process::id()).is_some());
-        assert!(proc_start_time(u32::MAX).is_none());
-    }
-}
-
 /// `gc` of everything a VM can leave on the host: run directories of dead
 /// owners (and their processes), then uid leases, jail roots and cgroups of
 /// VMs that no longer have a run directory.
@@ -273,4 +236,41 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_keeps_live_owners_and_reclaims_dead_ones() {
+        let runs = tempfile::tempdir().unwrap();
+        let live = RunDir::create(runs.path(), "live000000aa").unwrap();
+        let dead = RunDir::create(runs.path(), "dead000000bb").unwrap();
+        // Pretend the owner of `dead` was another, now gone, process.
+        let mut rec: OwnerRecord =
+            serde_json::from_slice(&std::fs::read(dead.path.join(OWNER)).unwrap()).unwrap();
+        rec.owner_start += 1;
+        std::fs::write(dead.path.join(OWNER), serde_json::to_vec(&rec).unwrap()).unwrap();
+        // A process of the dead VM, named by its directory.
+        // `sh -c 'read x' PATH`: blocks on stdin with PATH as its $0.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x"])
+            .arg(format!("{}/marker", dead.path.display()))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let r = gc(runs.path());
+        assert_eq!(r.kept_live, vec!["live000000aa".to_string()]);
+        assert_eq!(r.removed, vec!["dead000000bb".to_string()]);
+        assert_eq!(r.killed, vec![child.id()]);
+        assert!(!child.wait().unwrap().success());
+        assert!(live.path.exists() && !dead.path.exists());
+    }
+
+    #[test]
+    fn start_time_of_self_is_readable() {
+        assert!(proc_start_time(std::process::id()).is_some());
+        assert!(proc_start_time(u32::MAX).is_none());
+    }
 }
