@@ -15,7 +15,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use crate::process::{spawn_split, wait_for_socket, Control, VmProcess};
+use crate::jail::{Jail, JailSpec};
+use crate::process::{spawn_split, wait_for_socket, Control, VmProcess, VmmHandle};
 use crate::{tools, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
 /// Versions this backend is written and checked against.
@@ -254,6 +255,238 @@ impl Firecracker {
     }
 }
 
+/// How one VM is started through Firecracker's `jailer`.
+#[derive(Debug, Clone)]
+pub struct JailerPlan {
+    /// The jailer's arguments.
+    pub args: Vec<String>,
+    /// `<base>/firecracker/<id>/root`: the jailed Firecracker's `/`.
+    pub chroot: PathBuf,
+    /// (file on the host, name inside the chroot): hard-linked (or copied)
+    /// in before the jailer runs. Only this VM's files are in its jail.
+    pub links: Vec<(PathBuf, String)>,
+    /// The VM as Firecracker sees it from inside the chroot; its API plan
+    /// uses only in-jail paths.
+    pub inner: VmSpec,
+    /// The API socket as seen from the host.
+    pub api_sock: PathBuf,
+    /// Where the jailer writes Firecracker's PID (new PID namespace).
+    pub pid_file: PathBuf,
+}
+
+/// Name of the binary inside the jail (the jailer requires "firecracker"
+/// in it and names the chroot and pid file after it).
+const JAILED_EXEC: &str = "firecracker";
+
+impl Firecracker {
+    /// The jailer invocation and chroot layout for `spec` under `js`.
+    /// `cgroup_version` is 1 or 2 (see [`crate::cgroup::Layout`]); `netns`
+    /// is the VM's network namespace handle, when it has one.
+    pub fn jailer_plan(
+        &self,
+        spec: &VmSpec,
+        js: &JailSpec,
+        cgroup_version: u32,
+        netns: Option<&Path>,
+    ) -> JailerPlan {
+        let base = &js.root;
+        let chroot = base.join(JAILED_EXEC).join(&spec.id).join("root");
+        let mut links = vec![
+            (spec.kernel.clone(), "vmlinux".to_string()),
+            (spec.rootfs.clone(), "rootfs.ext4".to_string()),
+            (spec.scratch.clone(), "scratch.ext4".to_string()),
+            (
+                crate::vsock::guest_listener_path(&spec.paths.vsock_uds(), spec.guest_port),
+                format!("vsock.sock_{}", spec.guest_port),
+            ),
+        ];
+        let mut inner = spec.clone();
+        inner.paths = crate::VmPaths::new("/");
+        inner.kernel = "/vmlinux".into();
+        inner.rootfs = "/rootfs.ext4".into();
+        inner.scratch = "/scratch.ext4".into();
+        inner.jail = None;
+        if spec.initramfs.is_some() {
+            links.push((
+                spec.initramfs.clone().unwrap_or_default(),
+                "initramfs.cpio".into(),
+            ));
+            inner.initramfs = Some("/initramfs.cpio".into());
+        }
+        let l = js.limits;
+        let cgroups: Vec<String> = if cgroup_version == 2 {
+            vec![
+                format!(
+                    "cpu.max={} {}",
+                    l.cpu_quota_us,
+                    crate::cgroup::CPU_PERIOD_US
+                ),
+                format!("memory.max={}", l.memory_bytes),
+                format!("pids.max={}", l.pids),
+            ]
+        } else {
+            vec![
+                format!("cpu.cfs_period_us={}", crate::cgroup::CPU_PERIOD_US),
+                format!("cpu.cfs_quota_us={}", l.cpu_quota_us),
+                format!("memory.limit_in_bytes={}", l.memory_bytes),
+                format!("pids.max={}", l.pids),
+            ]
+        };
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            spec.id.clone(),
+            "--exec-file".into(),
+            s(&self.binary),
+            "--uid".into(),
+            js.uid.to_string(),
+            "--gid".into(),
+            js.gid.to_string(),
+            "--chroot-base-dir".into(),
+            s(base),
+            "--cgroup-version".into(),
+            cgroup_version.to_string(),
+            "--parent-cgroup".into(),
+            "dough".into(),
+        ];
+        for c in cgroups {
+            args.push("--cgroup".into());
+            args.push(c);
+        }
+        if let Some(ns) = netns {
+            args.push("--netns".into());
+            args.push(s(ns));
+        }
+        args.push("--new-pid-ns".into());
+        args.extend([
+            "--".into(),
+            "--api-sock".into(),
+            "/run/firecracker.socket".into(),
+        ]);
+        JailerPlan {
+            api_sock: chroot.join("run/firecracker.socket"),
+            pid_file: chroot.join(format!("{JAILED_EXEC}.pid")),
+            args,
+            chroot,
+            links,
+            inner,
+        }
+    }
+
+    /// Lay out the chroot: this VM's files hard-linked in (copied across
+    /// file systems), log files, ownership for the VM's uid.
+    fn prepare_chroot(plan: &JailerPlan, js: &JailSpec) -> Result<(), VmmError> {
+        let c = &plan.chroot;
+        std::fs::create_dir_all(c.join("run")).map_err(crate::io_err(c))?;
+        for (src, name) in &plan.links {
+            let dst = c.join(name);
+            if std::fs::hard_link(src, &dst).is_err() {
+                std::fs::copy(src, &dst).map_err(crate::io_err(&dst))?;
+            }
+        }
+        for f in ["vmm.log", "metrics.json"] {
+            let p = c.join(f);
+            std::fs::File::create(&p).map_err(crate::io_err(&p))?;
+        }
+        let owned: Vec<PathBuf> = ["run", "vmm.log", "metrics.json", "scratch.ext4"]
+            .iter()
+            .map(|n| c.join(n))
+            .chain([c.join(format!("vsock.sock_{}", plan.inner.guest_port))])
+            .collect();
+        crate::jail::hand_over(&owned, js.uid, js.gid)
+    }
+
+    /// Start through the jailer: Firecracker runs chrooted, as the VM's uid,
+    /// in the VM's cgroup and a new PID namespace.
+    async fn start_jailed(
+        &self,
+        spec: &VmSpec,
+        js: &JailSpec,
+        jailer: &Path,
+    ) -> Result<VmProcess, VmmError> {
+        let layout = crate::cgroup::Layout::detect().map_err(VmmError::Confine)?;
+        let plan = self.jailer_plan(spec, js, layout.version(), None);
+        let cleanup = Jail::adopt(
+            js.clone(),
+            crate::cgroup::Cgroup {
+                dirs: crate::cgroup::Cgroup::dirs_for(&layout, &spec.id),
+            },
+        );
+        let res = async {
+            Self::prepare_chroot(&plan, js)?;
+            let mut cmd = Command::new(jailer);
+            cmd.args(&plan.args);
+            let p = &spec.paths;
+            // The jailer keeps fds 0-2: the guest console still reaches serial.log.
+            let mut j = spawn_split("jailer", cmd, &p.serial_log(), &p.vmm_log())?;
+            wait_for_socket(
+                "jailer",
+                &mut j,
+                &plan.pid_file,
+                &p.vmm_log(),
+                Duration::from_secs(5),
+            )
+            .await
+            .or_else(|e| {
+                if plan.pid_file.exists() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+            let pid: i32 = std::fs::read_to_string(&plan.pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or_else(|| {
+                    VmmError::Confine(format!("no pid in {}", plan.pid_file.display()))
+                })?;
+            let mut vmm = VmmHandle::watch(pid)
+                .map_err(|e| VmmError::Confine(format!("watch firecracker {pid}: {e}")))?;
+            let start = std::time::Instant::now();
+            while !plan.api_sock.exists() {
+                if vmm.try_wait().is_some() || start.elapsed() > Duration::from_secs(5) {
+                    return Err(VmmError::SocketTimeout {
+                        what: "jailed firecracker".into(),
+                        path: plan.api_sock.clone(),
+                        secs: 5,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            for req in Self::plan(&plan.inner) {
+                call(&plan.api_sock, &req, Duration::from_secs(5)).await?;
+            }
+            Ok((vmm, j))
+        }
+        .await;
+        match res {
+            Ok((vmm, jailer_child)) => Ok(VmProcess {
+                backend: Backend::Firecracker,
+                paths: spec.paths.clone(),
+                control: Control::FirecrackerApi(plan.api_sock.clone()),
+                pids: vmm.id().into_iter().collect(),
+                vmm,
+                helpers: vec![("jailer".into(), jailer_child)],
+                jail: Some(cleanup),
+            }),
+            Err(e) => {
+                // Kill whatever the jailer started (it is in the VM's cgroup).
+                for d in &cleanup.cgroup.dirs {
+                    let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                cleanup.destroy();
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Send one request on a fresh connection; Ok on 2xx, else the error
 /// Firecracker gave (`fault_message`).
 pub async fn call(sock: &Path, req: &ApiRequest, limit: Duration) -> Result<(), VmmError> {
@@ -312,6 +545,13 @@ impl Vmm for Firecracker {
     fn start<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
         Box::pin(async move {
             Self::check_spec(spec)?;
+            if let Some(js) = &spec.jail {
+                let jailer = tools::find(tools::JAILER).ok_or_else(|| VmmError::MissingTool {
+                    tool: tools::JAILER.into(),
+                    hint: tools::hint(tools::JAILER).into(),
+                })?;
+                return self.start_jailed(spec, js, &jailer).await;
+            }
             let p = &spec.paths;
             let sock = api_socket(spec);
             for f in [p.vmm_log(), p.run_dir.join("metrics.json")] {
@@ -344,7 +584,7 @@ impl Vmm for Firecracker {
                 backend: Backend::Firecracker,
                 paths: p.clone(),
                 control: Control::FirecrackerApi(sock),
-                vmm,
+                vmm: VmmHandle::Child(vmm),
                 helpers: vec![],
                 pids,
                 jail: None,

@@ -209,6 +209,16 @@ impl Jail {
         }
     }
 
+    /// A jail built by someone else (Firecracker's jailer), kept for its
+    /// clean-up: the cgroup and `spec.root` are removed by [`Jail::destroy`].
+    pub fn adopt(spec: JailSpec, cgroup: Cgroup) -> Jail {
+        Jail {
+            spec,
+            cgroup,
+            binds: vec![],
+        }
+    }
+
     /// Remove the cgroup and the skeleton (after every jailed process has
     /// exited; the mounts went with their namespace).
     pub fn destroy(&self) -> Vec<String> {

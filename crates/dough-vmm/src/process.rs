@@ -68,13 +68,100 @@ pub enum Control {
     FirecrackerApi(PathBuf),
 }
 
+/// The VMM process: our child, or (jailed Firecracker, started by the
+/// jailer in a new PID namespace) a process we watch through a pidfd.
+#[derive(Debug)]
+pub enum VmmHandle {
+    Child(Child),
+    Pid {
+        pid: i32,
+        fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+        exited: bool,
+    },
+}
+
+impl VmmHandle {
+    /// Watch `pid` (not our child) through a pidfd.
+    pub fn watch(pid: i32) -> std::io::Result<VmmHandle> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd owned by nobody else.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: the AsyncFd owns `fd`, which stays open (and the same
+        // description) for the AsyncFd's whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }?;
+        Ok(VmmHandle::Pid {
+            pid,
+            fd,
+            exited: false,
+        })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        match self {
+            VmmHandle::Child(c) => c.id(),
+            VmmHandle::Pid { pid, exited, .. } => (!*exited).then_some(*pid as u32),
+        }
+    }
+
+    /// Wait for exit. A watched pid reports a plain success status (its real
+    /// status belongs to its own parent).
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            VmmHandle::Child(c) => c.wait().await,
+            VmmHandle::Pid { fd, exited, .. } => {
+                if !*exited {
+                    let mut g = fd.readable().await?;
+                    g.retain_ready();
+                    *exited = true;
+                }
+                Ok(std::process::ExitStatus::from_raw(0))
+            }
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            VmmHandle::Child(c) => c.try_wait().ok().flatten(),
+            VmmHandle::Pid { pid, exited, .. } => {
+                if !*exited
+                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), None).is_err()
+                {
+                    *exited = true;
+                }
+                exited.then(|| std::process::ExitStatus::from_raw(0))
+            }
+        }
+    }
+
+    async fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            VmmHandle::Child(c) => kill_wait(c).await,
+            VmmHandle::Pid { pid, .. } => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                self.wait().await.map(|_| ())
+            }
+        }
+    }
+}
+
 /// One started VM.
 #[derive(Debug)]
 pub struct VmProcess {
     pub backend: Backend,
     pub paths: VmPaths,
     pub control: Control,
-    pub vmm: Child,
+    pub vmm: VmmHandle,
     /// Helpers stopped after the VMM (vhost-device-vsock for QEMU).
     pub helpers: Vec<(String, Child)>,
     pub pids: Vec<u32>,
@@ -98,7 +185,7 @@ impl VmProcess {
 
     /// Has the VMM exited? (non-blocking)
     pub fn vmm_exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.vmm.try_wait().ok().flatten()
+        self.vmm.try_wait()
     }
 
     /// Wait for the VMM to exit on its own.
@@ -115,7 +202,7 @@ impl VmProcess {
             vmm_ended_by: "exited",
             ..StopReport::default()
         };
-        if !wait_for(&mut self.vmm, grace).await {
+        if !wait_vmm_for(&mut self.vmm, grace).await {
             let limit = Duration::from_millis(300);
             let asked = match &self.control {
                 Control::Qmp(sock) => {
@@ -135,9 +222,9 @@ impl VmProcess {
             if let Err(e) = asked {
                 r.errors.push(format!("graceful stop: {e}"));
             }
-            if !wait_for(&mut self.vmm, Duration::from_millis(500)).await {
+            if !wait_vmm_for(&mut self.vmm, Duration::from_millis(500)).await {
                 r.vmm_ended_by = "killed";
-                if let Err(e) = kill_wait(&mut self.vmm).await {
+                if let Err(e) = self.vmm.kill().await {
                     r.errors.push(format!("kill vmm: {e}"));
                 }
             }
@@ -163,6 +250,16 @@ impl VmProcess {
         }
         r
     }
+}
+
+async fn wait_vmm_for(vmm: &mut VmmHandle, limit: Duration) -> bool {
+    if vmm.try_wait().is_some() {
+        return true;
+    }
+    if limit.is_zero() {
+        return false;
+    }
+    tokio::time::timeout(limit, vmm.wait()).await.is_ok()
 }
 
 async fn wait_for(child: &mut Child, limit: Duration) -> bool {
@@ -212,5 +309,37 @@ pub async fn wait_for_socket(
             });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pidfd-watched process is seen to exit (as a jailed Firecracker in
+    /// its own PID namespace is), and killing it works.
+    #[tokio::test]
+    async fn watched_pid_exit_and_kill() {
+        let mut short = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let mut h = VmmHandle::watch(short.id() as i32).unwrap();
+        assert!(h.try_wait().is_none());
+        tokio::time::timeout(Duration::from_secs(5), h.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        short.wait().unwrap();
+        let mut long = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut h = VmmHandle::watch(long.id() as i32).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), h.kill())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!long.wait().unwrap().success());
     }
 }

@@ -8,7 +8,7 @@ use tokio::process::Command;
 
 use crate::cgroup;
 use crate::jail::{hand_over, Bind, Jail, JailSpec};
-use crate::process::{spawn, wait_for_socket, Control, VmProcess};
+use crate::process::{spawn, wait_for_socket, Control, VmProcess, VmmHandle};
 use crate::{tools, Accel, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
 /// The QEMU backend with the tools it found.
@@ -235,7 +235,7 @@ impl Vmm for Qemu {
                 backend: Backend::Qemu,
                 paths: p.clone(),
                 control: Control::Qmp(p.qmp()),
-                vmm,
+                vmm: VmmHandle::Child(vmm),
                 helpers: vec![("vhost-device-vsock".into(), vsock)],
                 pids,
                 jail,

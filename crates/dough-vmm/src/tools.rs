@@ -23,6 +23,7 @@ pub fn find(name: &str) -> Option<PathBuf> {
 pub const QEMU: &str = "qemu-system-x86_64";
 pub const VHOST_VSOCK: &str = "vhost-device-vsock";
 pub const FIRECRACKER: &str = "firecracker";
+pub const JAILER: &str = "jailer";
 
 pub fn hint(name: &str) -> &'static str {
     match name {
@@ -32,6 +33,9 @@ pub fn hint(name: &str) -> &'static str {
         }
         "mkfs.ext4" => "apt-get install e2fsprogs",
         FIRECRACKER => "put a firecracker release binary on PATH; see docs/firecracker.md",
+        JAILER => {
+            "put the jailer binary of the same firecracker release on PATH; see docs/firecracker.md"
+        }
         _ => "see docs/install.md",
     }
 }

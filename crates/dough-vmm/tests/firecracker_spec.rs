@@ -376,3 +376,86 @@ async fn the_client_sends_exactly_the_plan_and_reports_api_errors() {
     );
     drop(server);
 }
+
+/// The jailer invocation follows the jailer's documented flags, and the API
+/// plan of a jailed VM uses only paths inside its chroot, every one of them
+/// a file that is linked in (no host path reaches the jailed Firecracker).
+#[test]
+fn jailed_plan_uses_only_in_jail_paths_and_documented_jailer_flags() {
+    use dough_vmm::cgroup::limits_for;
+    use dough_vmm::jail::JailSpec;
+    let spec_doc = spec();
+    let fc = Firecracker {
+        binary: "/usr/local/bin/firecracker".into(),
+    };
+    for cfg in configurations() {
+        let js = JailSpec {
+            uid: 900_123,
+            gid: 900_123,
+            groups: vec![],
+            root: "/var/lib/dough/jails/0123456789ab".into(),
+            limits: limits_for(cfg.vcpus, cfg.memory_mib, false),
+        };
+        for version in [1, 2] {
+            let plan = fc.jailer_plan(
+                &cfg,
+                &js,
+                version,
+                Some(std::path::Path::new("/run/netns/dough-x")),
+            );
+            let a = plan.args.join(" ");
+            for flag in [
+                "--id 0123456789ab",
+                "--exec-file /usr/local/bin/firecracker",
+                "--uid 900123",
+                "--gid 900123",
+                "--chroot-base-dir /var/lib/dough/jails/0123456789ab",
+                &format!("--cgroup-version {version}"),
+                "--parent-cgroup dough",
+                "--netns /run/netns/dough-x",
+                "--new-pid-ns",
+            ] {
+                assert!(a.contains(flag), "{flag} missing in {a}");
+            }
+            assert!(a.ends_with("-- --api-sock /run/firecracker.socket"), "{a}");
+            let mem = if version == 2 {
+                "memory.max="
+            } else {
+                "memory.limit_in_bytes="
+            };
+            assert!(
+                a.contains(&format!("--cgroup {mem}{}", js.limits.memory_bytes)),
+                "{a}"
+            );
+            assert!(a.contains("--cgroup pids.max="), "{a}");
+            assert_eq!(
+                plan.chroot,
+                PathBuf::from("/var/lib/dough/jails/0123456789ab/firecracker/0123456789ab/root")
+            );
+            assert_eq!(plan.api_sock, plan.chroot.join("run/firecracker.socket"));
+            let linked: Vec<String> = plan.links.iter().map(|(_, n)| format!("/{n}")).collect();
+            for req in Firecracker::plan(&plan.inner) {
+                spec_doc
+                    .check(&req)
+                    .unwrap_or_else(|e| panic!("{e}\n{req:?}"));
+                for key in ["kernel_image_path", "initrd_path", "path_on_host"] {
+                    if let Some(p) = req.body.get(key).and_then(|v| v.as_str()) {
+                        assert!(
+                            linked.contains(&p.to_string()),
+                            "{p} is not linked into the jail"
+                        );
+                    }
+                }
+                let body = req.body.to_string();
+                assert!(
+                    !body.contains("/var/lib/dough"),
+                    "host path in a jailed request: {body}"
+                );
+            }
+            assert!(
+                linked.contains(&format!("/vsock.sock_{}", cfg.guest_port)),
+                "guest listener linked"
+            );
+        }
+    }
+}
