@@ -90,6 +90,30 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
         }
     }
 
+    println!("confinement");
+    if !host.confine {
+        println!("  off: not running as root (VMMs run as this user, unconfined)");
+    } else {
+        match dough_vmm::cgroup::Layout::detect() {
+            Ok(l) => println!(
+                "  on: per-VM uid, private mount namespace, no capabilities, no_new_privs, cgroup v{} ({})",
+                l.version(),
+                match &l {
+                    dough_vmm::cgroup::Layout::V2(p) => p.display().to_string(),
+                    dough_vmm::cgroup::Layout::V1 { memory, .. } => format!("v1 hierarchies, e.g. {}", memory.display()),
+                }
+            ),
+            Err(e) => {
+                ok = false;
+                println!("  NOT possible: {e}; run with --no-confine or fix cgroups");
+            }
+        }
+        match tools::find(tools::JAILER) {
+            Some(j) => println!("  firecracker jailer: {}", j.display()),
+            None => println!("  firecracker jailer: not installed (needed to run firecracker confined)"),
+        }
+    }
+
     println!("tools");
     for (t, needed_for) in [
         (tools::QEMU, "running VMs"),

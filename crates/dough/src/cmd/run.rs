@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// VMM: auto picks firecracker where KVM works and it is installed, else qemu.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
+    /// Run the VMM unconfined (as Dough's own user, in Dough's mount
+    /// namespace, no cgroup). Confinement is on by default when run as root.
+    #[arg(long)]
+    pub no_confine: bool,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -79,7 +83,10 @@ fn libc_sig(s: nix::sys::signal::Signal) -> i32 {
 }
 
 pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
-    let host = super::host_config(cli, a.accel, a.backend);
+    let mut host = super::host_config(cli, a.accel, a.backend);
+    if a.no_confine {
+        host.confine = false;
+    }
     let spec = TaskSpec {
         task_id: String::new(),
         command: a.command.clone(),
