@@ -110,7 +110,9 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
         }
         match tools::find(tools::JAILER) {
             Some(j) => println!("  firecracker jailer: {}", j.display()),
-            None => println!("  firecracker jailer: not installed (needed to run firecracker confined)"),
+            None => {
+                println!("  firecracker jailer: not installed (needed to run firecracker confined)")
+            }
         }
     }
 
