@@ -16,7 +16,9 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use crate::jail::{Jail, JailSpec};
-use crate::process::{spawn_split, wait_for_socket, Control, VmProcess, VmmHandle};
+use crate::process::{
+    spawn_console, wait_for_socket, Control, VmProcess, VmmHandle, CONSOLE_LOG_CAP,
+};
 use crate::{tools, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
 /// Versions this backend is written and checked against.
@@ -417,7 +419,13 @@ impl Firecracker {
             cmd.args(&plan.args);
             let p = &spec.paths;
             // The jailer keeps fds 0-2: the guest console still reaches serial.log.
-            let mut j = spawn_split("jailer", cmd, &p.serial_log(), &p.vmm_log())?;
+            let (mut j, console) = spawn_console(
+                "jailer",
+                cmd,
+                &p.serial_log(),
+                CONSOLE_LOG_CAP,
+                &p.vmm_log(),
+            )?;
             wait_for_socket(
                 "jailer",
                 &mut j,
@@ -455,11 +463,11 @@ impl Firecracker {
             for req in Self::plan(&plan.inner) {
                 call(&plan.api_sock, &req, Duration::from_secs(5)).await?;
             }
-            Ok((vmm, j))
+            Ok((vmm, j, console))
         }
         .await;
         match res {
-            Ok((vmm, jailer_child)) => Ok(VmProcess {
+            Ok((vmm, jailer_child, console)) => Ok(VmProcess {
                 backend: Backend::Firecracker,
                 paths: spec.paths.clone(),
                 control: Control::FirecrackerApi(plan.api_sock.clone()),
@@ -467,6 +475,7 @@ impl Firecracker {
                 vmm,
                 helpers: vec![("jailer".into(), jailer_child)],
                 jail: Some(cleanup),
+                console,
             }),
             Err(e) => {
                 // Kill whatever the jailer started (it is in the VM's cgroup).
@@ -560,7 +569,13 @@ impl Vmm for Firecracker {
             let mut cmd = Command::new(&self.binary);
             cmd.arg("--api-sock").arg(&sock).arg("--id").arg(&spec.id);
             // The guest console (ttyS0) is Firecracker's stdout.
-            let mut vmm = spawn_split("firecracker", cmd, &p.serial_log(), &p.vmm_log())?;
+            let (mut vmm, console) = spawn_console(
+                "firecracker",
+                cmd,
+                &p.serial_log(),
+                CONSOLE_LOG_CAP,
+                &p.vmm_log(),
+            )?;
             if let Err(e) = wait_for_socket(
                 "firecracker",
                 &mut vmm,
@@ -588,6 +603,7 @@ impl Vmm for Firecracker {
                 helpers: vec![],
                 pids,
                 jail: None,
+                console,
             })
         })
     }

@@ -18,7 +18,7 @@ pub fn spawn(what: &str, cmd: Command, log: &std::path::Path) -> Result<Child, V
 /// both are the same file).
 pub fn spawn_split(
     what: &str,
-    mut cmd: Command,
+    cmd: Command,
     stdout: &std::path::Path,
     stderr: &std::path::Path,
 ) -> Result<Child, VmmError> {
@@ -31,8 +31,19 @@ pub fn spawn_split(
     };
     let out = open(stdout)?;
     let err = open(stderr)?;
+    spawn_with(what, cmd, Some(out), err)
+}
+
+fn spawn_with(
+    what: &str,
+    mut cmd: Command,
+    out: Option<std::fs::File>,
+    err: std::fs::File,
+) -> Result<Child, VmmError> {
+    if let Some(out) = out {
+        cmd.stdout(out);
+    }
     cmd.stdin(Stdio::null())
-        .stdout(out)
         .stderr(err)
         .process_group(0)
         .kill_on_drop(true);
@@ -49,6 +60,92 @@ pub fn spawn_split(
         what: what.into(),
         source,
     })
+}
+
+/// Largest size of a VM's console log. A guest can write to its console
+/// without end; past this size the file starts over (with a marker), so it
+/// stays bounded and always holds the latest output.
+pub const CONSOLE_LOG_CAP: u64 = 4 << 20;
+
+/// As [`spawn_split`], but stdout (the guest console for QEMU's stdio
+/// chardev and for Firecracker) goes through a pipe into `console`, kept
+/// under `cap` bytes by a task of Dough's.
+pub fn spawn_console(
+    what: &str,
+    mut cmd: Command,
+    console: &std::path::Path,
+    cap: u64,
+    stderr: &std::path::Path,
+) -> Result<(Child, Option<ConsoleCopy>), VmmError> {
+    cmd.stdout(Stdio::piped());
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr)
+        .map_err(io_err(stderr))?;
+    let mut child = spawn_with(what, cmd, None, err)?;
+    let copy = match child.stdout.take() {
+        Some(out) => {
+            let file = std::fs::File::create(console).map_err(io_err(console))?;
+            Some(tokio::spawn(capped_copy(
+                out,
+                tokio::fs::File::from_std(file),
+                cap,
+            )))
+        }
+        None => None,
+    };
+    Ok((child, copy))
+}
+
+/// The task copying a VMM's console into its log.
+pub type ConsoleCopy = tokio::task::JoinHandle<std::io::Result<u64>>;
+
+/// Copy `r` into `w`, starting `w` over whenever it would pass `cap`.
+pub async fn capped_copy<R, W>(mut r: R, mut w: W, cap: u64) -> std::io::Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + tokio::io::AsyncSeek + Unpin + SetLen,
+{
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    const MARK: &[u8] = b"[dough: earlier console output dropped]\n";
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut size, mut total) = (0u64, 0u64);
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.flush().await?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let mut chunk = &buf[..n];
+        if size + n as u64 > cap {
+            w.flush().await?;
+            w.set_len_async(0).await?;
+            w.seek(std::io::SeekFrom::Start(0)).await?;
+            w.write_all(MARK).await?;
+            size = MARK.len() as u64;
+            // Keep the newest bytes of a chunk too big for what is left.
+            let room = cap.saturating_sub(size) as usize;
+            chunk = &chunk[chunk.len().saturating_sub(room)..];
+        }
+        w.write_all(chunk).await?;
+        size += chunk.len() as u64;
+    }
+}
+
+/// Truncation for [`capped_copy`]'s writer.
+pub trait SetLen {
+    fn set_len_async(
+        &mut self,
+        len: u64,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl SetLen for tokio::fs::File {
+    async fn set_len_async(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len).await
+    }
 }
 
 /// Last `n` lines of a log file (for error messages).
@@ -167,6 +264,8 @@ pub struct VmProcess {
     pub pids: Vec<u32>,
     /// The jail the processes run in, destroyed once they are gone.
     pub jail: Option<crate::jail::Jail>,
+    /// Copies the console into `serial.log`; done soon after the VMM exits.
+    pub console: Option<ConsoleCopy>,
 }
 
 /// What happened during a stop; errors are collected, never fatal midway.
@@ -188,9 +287,20 @@ impl VmProcess {
         self.vmm.try_wait()
     }
 
-    /// Wait for the VMM to exit on its own.
+    /// Wait for the VMM to exit on its own, and for its last console
+    /// output to reach `serial.log` (error messages quote its tail).
+    /// Cancel-safe.
     pub async fn wait_vmm(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.vmm.wait().await
+        let status = self.vmm.wait().await?;
+        if let Some(copy) = self.console.as_mut() {
+            if tokio::time::timeout(Duration::from_secs(1), copy)
+                .await
+                .is_ok()
+            {
+                self.console = None;
+            }
+        }
+        Ok(status)
     }
 
     /// Stop everything: wait `grace` for the VMM to exit by itself (the
@@ -315,6 +425,29 @@ pub async fn wait_for_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest flooding its console: the log stays under the cap, starts
+    /// over with a marker, and ends with the latest output.
+    #[tokio::test]
+    async fn console_log_stays_bounded_and_keeps_the_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("serial.log");
+        let mut input = Vec::new();
+        for i in 0..20_000 {
+            input.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        let file = tokio::fs::File::create(&path).await.unwrap();
+        let total = capped_copy(&input[..], file, 4096).await.unwrap();
+        assert_eq!(total, input.len() as u64);
+        let log = std::fs::read_to_string(&path).unwrap();
+        assert!(log.len() as u64 <= 4096, "{}", log.len());
+        assert!(log.starts_with("[dough: earlier console output dropped]"));
+        assert!(log.ends_with("line 19999\n"), "{}", &log[log.len() - 40..]);
+        let small = d.path().join("small.log");
+        let f = tokio::fs::File::create(&small).await.unwrap();
+        capped_copy(&b"boot ok\n"[..], f, 4096).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&small).unwrap(), "boot ok\n");
+    }
 
     /// A pidfd-watched process is seen to exit (as a jailed Firecracker in
     /// its own PID namespace is), and killing it works.

@@ -8,7 +8,9 @@ use tokio::process::Command;
 
 use crate::cgroup;
 use crate::jail::{hand_over, Bind, Jail, JailSpec};
-use crate::process::{spawn, wait_for_socket, Control, VmProcess, VmmHandle};
+use crate::process::{
+    spawn, spawn_console, wait_for_socket, Control, VmProcess, VmmHandle, CONSOLE_LOG_CAP,
+};
 use crate::{tools, Accel, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
 /// The QEMU backend with the tools it found.
@@ -82,9 +84,10 @@ impl Qemu {
             "-M",
             "microvm,memory-backend=mem,rtc=on",
         ]);
+        // The console is QEMU's stdout, kept bounded by Dough (process::spawn_console).
         push(&[
             "-chardev",
-            &format!("file,id=ser,path={}", p.serial_log().display()),
+            "stdio,id=ser,signal=off",
             "-serial",
             "chardev:ser",
         ]);
@@ -222,14 +225,15 @@ impl Vmm for Qemu {
             if let Some(j) = &jail {
                 j.apply(&mut q);
             }
-            let vmm = match spawn("qemu", q, &p.vmm_log()) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = vsock.kill().await;
-                    fail(&jail);
-                    return Err(e);
-                }
-            };
+            let (vmm, console) =
+                match spawn_console("qemu", q, &p.serial_log(), CONSOLE_LOG_CAP, &p.vmm_log()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = vsock.kill().await;
+                        fail(&jail);
+                        return Err(e);
+                    }
+                };
             let pids = [vmm.id(), vsock.id()].into_iter().flatten().collect();
             Ok(VmProcess {
                 backend: Backend::Qemu,
@@ -239,6 +243,7 @@ impl Vmm for Qemu {
                 helpers: vec![("vhost-device-vsock".into(), vsock)],
                 pids,
                 jail,
+                console,
             })
         })
     }
@@ -295,6 +300,10 @@ mod tests {
         );
         assert!(a.contains("vhost-user-vsock-device,chardev=vsc"), "{a}");
         assert!(a.contains("unix:/r/qmp.sock,server=on,wait=off"), "{a}");
+        assert!(
+            a.contains("-chardev stdio,id=ser,signal=off -serial chardev:ser"),
+            "{a}"
+        );
         assert!(a.contains("-no-reboot"));
         assert!(!a.contains("virtio-net"), "no NIC without a TAP");
         let cmdline = q().kernel_cmdline(&spec(Accel::Tcg));
