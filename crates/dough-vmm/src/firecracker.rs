@@ -17,7 +17,8 @@ use tokio::process::Command;
 
 use crate::jail::{Jail, JailSpec};
 use crate::process::{
-    spawn_console, wait_for_socket, Control, VmProcess, VmmHandle, CONSOLE_LOG_CAP,
+    fifo_log, spawn_console, wait_for_socket, ConsoleCopy, Control, VmProcess, VmmHandle,
+    CONSOLE_LOG_CAP, FC_LOG_CAP,
 };
 use crate::{tools, Backend, BoxFuture, VmSpec, Vmm, VmmError};
 
@@ -171,7 +172,7 @@ impl Firecracker {
             ApiRequest::put(
                 "/logger",
                 &Logger {
-                    log_path: s(&p.vmm_log()),
+                    log_path: s(&p.fc_log_fifo()),
                     level: "Warning",
                     show_level: true,
                     show_log_origin: false,
@@ -180,7 +181,7 @@ impl Firecracker {
             ApiRequest::put(
                 "/metrics",
                 &Metrics {
-                    metrics_path: s(&p.run_dir.join("metrics.json")),
+                    metrics_path: s(&p.fc_metrics_fifo()),
                 },
             ),
             ApiRequest::put(
@@ -385,16 +386,30 @@ impl Firecracker {
                 std::fs::copy(src, &dst).map_err(crate::io_err(&dst))?;
             }
         }
-        for f in ["vmm.log", "metrics.json"] {
-            let p = c.join(f);
-            std::fs::File::create(&p).map_err(crate::io_err(&p))?;
-        }
-        let owned: Vec<PathBuf> = ["run", "vmm.log", "metrics.json", "scratch.ext4"]
+        let owned: Vec<PathBuf> = ["run", "scratch.ext4"]
             .iter()
             .map(|n| c.join(n))
             .chain([c.join(format!("vsock.sock_{}", plan.inner.guest_port))])
             .collect();
         crate::jail::hand_over(&owned, js.uid, js.gid)
+    }
+
+    /// Firecracker's logger and metrics go to named pipes that Dough drains
+    /// into capped files in the run directory. `fifo_dir` is where
+    /// Firecracker sees `/` (the chroot) or the run directory.
+    fn log_drains(
+        paths: &crate::VmPaths,
+        fifos: (PathBuf, PathBuf),
+        owner: Option<(u32, u32)>,
+    ) -> Result<Vec<ConsoleCopy>, VmmError> {
+        let log = fifo_log(&fifos.0, &paths.fc_log(), FC_LOG_CAP, owner)?;
+        match fifo_log(&fifos.1, &paths.fc_metrics(), FC_LOG_CAP, owner) {
+            Ok(m) => Ok(vec![log, m]),
+            Err(e) => {
+                log.abort();
+                Err(e)
+            }
+        }
     }
 
     /// Start through the jailer: Firecracker runs chrooted, as the VM's uid,
@@ -413,8 +428,19 @@ impl Firecracker {
                 dirs: crate::cgroup::Cgroup::dirs_for(&layout, &spec.id),
             },
         );
+        let mut drains = vec![];
         let res = async {
             Self::prepare_chroot(&plan, js)?;
+            let inner = &plan.inner.paths;
+            let in_chroot = |p: PathBuf| plan.chroot.join(p.strip_prefix("/").unwrap_or(&p));
+            drains = Self::log_drains(
+                &spec.paths,
+                (
+                    in_chroot(inner.fc_log_fifo()),
+                    in_chroot(inner.fc_metrics_fifo()),
+                ),
+                Some((js.uid, js.gid)),
+            )?;
             let mut cmd = Command::new(jailer);
             cmd.args(&plan.args);
             let p = &spec.paths;
@@ -476,8 +502,12 @@ impl Firecracker {
                 helpers: vec![("jailer".into(), jailer_child)],
                 jail: Some(cleanup),
                 console,
+                drains,
             }),
             Err(e) => {
+                for d in drains {
+                    d.abort();
+                }
                 // Kill whatever the jailer started (it is in the VM's cgroup).
                 for d in &cleanup.cgroup.dirs {
                     let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
@@ -563,9 +593,7 @@ impl Vmm for Firecracker {
             }
             let p = &spec.paths;
             let sock = api_socket(spec);
-            for f in [p.vmm_log(), p.run_dir.join("metrics.json")] {
-                std::fs::File::create(&f).map_err(crate::io_err(&f))?;
-            }
+            let drains = Self::log_drains(p, (p.fc_log_fifo(), p.fc_metrics_fifo()), None)?;
             let mut cmd = Command::new(&self.binary);
             cmd.arg("--api-sock").arg(&sock).arg("--id").arg(&spec.id);
             // The guest console (ttyS0) is Firecracker's stdout.
@@ -604,6 +632,7 @@ impl Vmm for Firecracker {
                 pids,
                 jail: None,
                 console,
+                drains,
             })
         })
     }

@@ -213,6 +213,20 @@ impl VmPaths {
     pub fn vsock_log(&self) -> PathBuf {
         self.run_dir.join("vsock.log")
     }
+    /// Firecracker's logger and metrics: named pipes Dough drains into
+    /// capped files ([`VmPaths::fc_log`], [`VmPaths::fc_metrics`]).
+    pub fn fc_log_fifo(&self) -> PathBuf {
+        self.run_dir.join("fc-log.fifo")
+    }
+    pub fn fc_metrics_fifo(&self) -> PathBuf {
+        self.run_dir.join("fc-metrics.fifo")
+    }
+    pub fn fc_log(&self) -> PathBuf {
+        self.run_dir.join("firecracker.log")
+    }
+    pub fn fc_metrics(&self) -> PathBuf {
+        self.run_dir.join("metrics.json")
+    }
     pub fn scratch(&self) -> PathBuf {
         self.run_dir.join("scratch.ext4")
     }

@@ -98,6 +98,40 @@ pub fn spawn_console(
     Ok((child, copy))
 }
 
+/// Largest size of Firecracker's log and metrics files.
+pub const FC_LOG_CAP: u64 = 1 << 20;
+
+/// Make a named pipe at `fifo` (owned by `owner`, if given) and drain it
+/// into `out`, kept under `cap` bytes. The reader holds the pipe open for
+/// writing too, so it never sees end-of-file; abort the task when done.
+pub fn fifo_log(
+    fifo: &std::path::Path,
+    out: &std::path::Path,
+    cap: u64,
+    owner: Option<(u32, u32)>,
+) -> Result<ConsoleCopy, VmmError> {
+    let _ = std::fs::remove_file(fifo);
+    nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
+        VmmError::Io {
+            path: fifo.into(),
+            source: e.into(),
+        }
+    })?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(fifo, Some(uid), Some(gid)).map_err(io_err(fifo))?;
+    }
+    let rx = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(fifo)
+        .map_err(io_err(fifo))?;
+    let file = std::fs::File::create(out).map_err(io_err(out))?;
+    Ok(tokio::spawn(capped_copy(
+        rx,
+        tokio::fs::File::from_std(file),
+        cap,
+    )))
+}
+
 /// The task copying a VMM's console into its log.
 pub type ConsoleCopy = tokio::task::JoinHandle<std::io::Result<u64>>;
 
@@ -266,6 +300,8 @@ pub struct VmProcess {
     pub jail: Option<crate::jail::Jail>,
     /// Copies the console into `serial.log`; done soon after the VMM exits.
     pub console: Option<ConsoleCopy>,
+    /// Other log drains (Firecracker's logger and metrics), aborted at stop.
+    pub drains: Vec<ConsoleCopy>,
 }
 
 /// What happened during a stop; errors are collected, never fatal midway.
@@ -354,6 +390,9 @@ impl VmProcess {
                     r.errors.push(format!("kill {name}: {e}"));
                 }
             }
+        }
+        for d in self.drains.drain(..) {
+            d.abort();
         }
         if let Some(jail) = self.jail.take() {
             r.errors.extend(jail.destroy());
@@ -447,6 +486,39 @@ mod tests {
         let f = tokio::fs::File::create(&small).await.unwrap();
         capped_copy(&b"boot ok\n"[..], f, 4096).await.unwrap();
         assert_eq!(std::fs::read_to_string(&small).unwrap(), "boot ok\n");
+    }
+
+    /// Firecracker's logger writing into the named pipe: the file Dough
+    /// drains it into stays capped.
+    #[tokio::test]
+    async fn fifo_log_is_drained_into_a_capped_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (fifo, out) = (d.path().join("log.fifo"), d.path().join("log"));
+        let drain = fifo_log(&fifo, &out, 1000, None).unwrap();
+        let fifo2 = fifo.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut w = std::fs::OpenOptions::new().write(true).open(fifo2).unwrap();
+            for i in 0..500 {
+                writeln!(w, "warning {i}").unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text.ends_with("warning 499\n") {
+                assert!(text.len() <= 1000, "{}", text.len());
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not drained: {text:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drain.abort();
     }
 
     /// A pidfd-watched process is seen to exit (as a jailed Firecracker in

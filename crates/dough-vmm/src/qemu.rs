@@ -244,6 +244,7 @@ impl Vmm for Qemu {
                 pids,
                 jail,
                 console,
+                drains: vec![],
             })
         })
     }
