@@ -106,6 +106,12 @@ fn two_vmms_run_jailed_under_distinct_uids_with_limits_and_leave_nothing() {
     for d in cgroups {
         assert!(!d.exists(), "cgroup {d:?} left");
     }
+    // The jail's mounts lived only in the VMMs' own namespaces.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&h.state.path().to_string_lossy().to_string()),
+        "a jail mount leaked"
+    );
 }
 
 /// A task that allocates past `--memory` is killed by the guest's OOM
