@@ -260,6 +260,12 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // Until it has exec'd, its command line is still this test's.
+        let start = std::time::Instant::now();
+        while !processes_using(&dead.path).contains(&child.id()) {
+            assert!(start.elapsed().as_secs() < 5, "child never showed up");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let r = gc(runs.path());
         assert_eq!(r.kept_live, vec!["live000000aa".to_string()]);
         assert_eq!(r.removed, vec!["dead000000bb".to_string()]);

@@ -112,6 +112,8 @@ pub enum RunError {
     Vmm(#[from] VmmError),
     #[error("cannot prepare the vm's run directory")]
     RunDir(#[source] std::io::Error),
+    #[error("cannot lease a uid for the vm's jail")]
+    Lease(#[source] std::io::Error),
     #[error("the guest did not say Hello within {secs} s (boot timeout); serial console ends:\n{serial_tail}")]
     BootTimeout { secs: u64, serial_tail: String },
     #[error("the vmm exited unexpectedly ({status}); serial console ends:\n{serial_tail}")]
@@ -265,7 +267,7 @@ async fn run_vm(
         match UidLease::acquire(&host.uids_dir(), &vm_id) {
             Ok(l) => Some(l),
             Err(e) => {
-                rep.result = Err(RunError::RunDir(e));
+                rep.result = Err(RunError::Lease(e));
                 let _ = rd.remove();
                 return rep;
             }
@@ -284,7 +286,17 @@ async fn run_vm(
         root: host.jails_dir().join(&vm_id),
         limits: dough_vmm::cgroup::limits_for(spec.vcpus, spec.memory_mib, accel == Accel::Tcg),
     });
-    let paths = VmPaths::new(&rd.path);
+    // The VM's own files live in `vm/`, which a jailed VMM's uid owns; the
+    // run directory itself and its owner record stay root's.
+    let paths = VmPaths::new(rd.path.join("vm"));
+    if let Err(e) = std::fs::create_dir(&paths.run_dir) {
+        rep.result = Err(RunError::RunDir(e));
+        let _ = rd.remove();
+        if let Some(l) = lease {
+            let _ = l.release();
+        }
+        return rep;
+    }
     let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
     kernel_args.extend(extra_args.iter().cloned());
     let vmspec = VmSpec {
