@@ -129,6 +129,14 @@ pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mute
         });
         return;
     }
+    if let Some(dir) = &a.workdir {
+        if !std::path::Path::new(dir).is_dir() {
+            let _ = out.send(GuestMsg::SpawnFailed {
+                message: format!("working directory {dir} does not exist in the guest"),
+            });
+            return;
+        }
+    }
     let mut cmd = command(&a);
     let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
         Ok(c) => c,

@@ -109,6 +109,14 @@ fn missing_command_in_the_guest_is_a_clear_127() {
         err.contains("no-such-command-xyz: command not found in the guest"),
         "{err}"
     );
+    // A missing working directory is named as such, not as a missing command.
+    let out = h.run(&["--workdir", "/no/such/dir", "--", "ls"]);
+    assert_eq!(out.status.code(), Some(127));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("working directory /no/such/dir does not exist in the guest"),
+        "{err}"
+    );
     h.assert_clean();
 }
 
