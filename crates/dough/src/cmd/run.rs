@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use dough_core::{run_task, Event, Outcome, RunError, TaskSpec};
+use dough_core::{run_task, Event, Outcome, Phase, RunError, TaskSpec};
 use dough_proto::Stream;
 use dough_vmm::{AccelChoice, BackendChoice};
 
@@ -101,7 +101,23 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         ..TaskSpec::default()
     };
     let mut write_err: Option<std::io::Error> = None;
+    // On a terminal, a transient status line while the VM boots.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut status_shown = false;
     let mut on_event = |ev: Event<'_>| {
+        if tty {
+            match ev {
+                Event::Phase(Phase::Spawned, _) => {
+                    eprint!("dough: booting a microVM…");
+                    status_shown = true;
+                }
+                Event::Phase(_, _) | Event::Output(..) if status_shown => {
+                    eprint!("\r\x1b[K");
+                    status_shown = false;
+                }
+                _ => {}
+            }
+        }
         if let Event::Output(stream, data) = ev {
             let res = match stream {
                 Stream::Stdout => {
