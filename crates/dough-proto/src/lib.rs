@@ -26,8 +26,7 @@ mod codec;
 mod msg;
 
 pub use codec::{
-    decode, encode, encode_into, frame_len, read_frame, write_frame, FrameDecoder, ProtoError,
-    HEADER_LEN,
+    decode, encode, encode_into, frame_len, read_frame, write_frame, ProtoError, HEADER_LEN,
 };
 pub use msg::*;
 

@@ -127,35 +127,6 @@ fn empty_frame_and_garbage_payload_are_errors() {
     ));
 }
 
-#[test]
-fn incremental_decoder_matches_blocking_reader() {
-    let mut wire = Vec::new();
-    for m in sample_messages() {
-        write_frame(&mut wire, &m).unwrap();
-    }
-    let mut d = FrameDecoder::new(MAX_FRAME);
-    let mut got = Vec::new();
-    for b in wire.chunks(3) {
-        d.push(b);
-        while let Some(p) = d.next_frame().unwrap() {
-            got.push(decode::<GuestMsg>(&p).unwrap());
-        }
-    }
-    d.finish().unwrap();
-    assert_eq!(got, sample_messages());
-
-    let mut d = FrameDecoder::new(MAX_FRAME);
-    d.push(&[0, 0, 0, 9, 1]);
-    assert!(d.next_frame().unwrap().is_none());
-    assert!(matches!(
-        d.finish(),
-        Err(ProtoError::Truncated {
-            expected: 13,
-            got: 5
-        })
-    ));
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
 

@@ -497,7 +497,6 @@ impl Firecracker {
                 backend: Backend::Firecracker,
                 paths: spec.paths.clone(),
                 control: Control::FirecrackerApi(plan.api_sock.clone()),
-                pids: vmm.id().into_iter().collect(),
                 vmm,
                 helpers: vec![("jailer".into(), jailer_child)],
                 jail: Some(cleanup),
@@ -622,14 +621,12 @@ impl Vmm for Firecracker {
                     return Err(e);
                 }
             }
-            let pids = vmm.id().into_iter().collect();
             Ok(VmProcess {
                 backend: Backend::Firecracker,
                 paths: p.clone(),
                 control: Control::FirecrackerApi(sock),
                 vmm: VmmHandle::Child(vmm),
                 helpers: vec![],
-                pids,
                 jail: None,
                 console,
                 drains,

@@ -295,7 +295,6 @@ pub struct VmProcess {
     pub vmm: VmmHandle,
     /// Helpers stopped after the VMM (vhost-device-vsock for QEMU).
     pub helpers: Vec<(String, Child)>,
-    pub pids: Vec<u32>,
     /// The jail the processes run in, destroyed once they are gone.
     pub jail: Option<crate::jail::Jail>,
     /// Copies the console into `serial.log`; done soon after the VMM exits.
@@ -313,16 +312,6 @@ pub struct StopReport {
 }
 
 impl VmProcess {
-    /// The VMM's PID (for recording and gc).
-    pub fn vmm_pid(&self) -> Option<u32> {
-        self.vmm.id()
-    }
-
-    /// Has the VMM exited? (non-blocking)
-    pub fn vmm_exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.vmm.try_wait()
-    }
-
     /// Wait for the VMM to exit on its own, and for its last console
     /// output to reach `serial.log` (error messages quote its tail).
     /// Cancel-safe.

@@ -234,14 +234,12 @@ impl Vmm for Qemu {
                         return Err(e);
                     }
                 };
-            let pids = [vmm.id(), vsock.id()].into_iter().flatten().collect();
             Ok(VmProcess {
                 backend: Backend::Qemu,
                 paths: p.clone(),
                 control: Control::Qmp(p.qmp()),
                 vmm: VmmHandle::Child(vmm),
                 helpers: vec![("vhost-device-vsock".into(), vsock)],
-                pids,
                 jail,
                 console,
                 drains: vec![],

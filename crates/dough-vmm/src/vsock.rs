@@ -4,12 +4,11 @@
 //! * guest → host (CID 2, port P): the VMM connects to the Unix socket
 //!   `<uds>_P`, on which the host listens;
 //! * host → guest port P: connect to `<uds>`, write `CONNECT P\n`, read
-//!   `OK <host port>\n`, then the stream is the guest's connection.
+//!   `OK <host port>\n`, then the stream is the guest's connection (Dough
+//!   does not use this direction: the agent always dials out).
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
 use crate::VmmError;
 
@@ -26,38 +25,6 @@ pub fn listen(uds: &Path, port: u32) -> Result<UnixListener, VmmError> {
     let path = guest_listener_path(uds, port);
     let _ = std::fs::remove_file(&path);
     UnixListener::bind(&path).map_err(crate::io_err(&path))
-}
-
-/// Open a host-initiated connection to guest port `port`.
-pub async fn connect(
-    uds: &Path,
-    port: u32,
-    limit: Duration,
-) -> Result<BufReader<UnixStream>, VmmError> {
-    tokio::time::timeout(limit, async {
-        let mut s = UnixStream::connect(uds).await.map_err(crate::io_err(uds))?;
-        s.write_all(format!("CONNECT {port}\n").as_bytes())
-            .await
-            .map_err(crate::io_err(uds))?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).await.map_err(crate::io_err(uds))?;
-        if !line.starts_with("OK ") {
-            return Err(VmmError::Io {
-                path: uds.into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::ConnectionRefused,
-                    format!("guest port {port} refused: {line:?}"),
-                ),
-            });
-        }
-        Ok(r)
-    })
-    .await
-    .map_err(|_| VmmError::Io {
-        path: uds.into(),
-        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "vsock connect timed out"),
-    })?
 }
 
 #[cfg(test)]

@@ -95,11 +95,7 @@ fn two_vmms_run_jailed_under_distinct_uids_with_limits_and_leave_nothing() {
     }
     assert_ne!(uids[0], uids[1], "two VMs never share a uid");
     for child in [a, b] {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
+        signal(child.id(), nix::sys::signal::Signal::SIGINT);
         assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
     }
     h.assert_clean();

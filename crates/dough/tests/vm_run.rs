@@ -127,11 +127,7 @@ fn vmm_killed_mid_task_is_reported_and_cleaned_up() {
     let child = h.spawn_running_task();
     let pids = qemu_pids(&h);
     assert_eq!(pids.len(), 1, "one qemu: {pids:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(pids[0], nix::sys::signal::Signal::SIGKILL);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
@@ -173,11 +169,7 @@ fn frozen_guest_is_declared_lost_by_heartbeat() {
     let pids = qemu_pids(&h);
     assert_eq!(pids.len(), 1);
     let frozen_at = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids[0] as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    signal(pids[0], nix::sys::signal::Signal::SIGSTOP);
     let out = child.wait_with_output().unwrap();
     let took = frozen_at.elapsed();
     assert_eq!(out.status.code(), Some(125));
@@ -195,11 +187,7 @@ fn ctrl_c_tears_the_vm_down_before_exiting() {
     let h = Harness::new();
     let child = h.spawn_running_task();
     assert_eq!(qemu_pids(&h).len(), 1);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    signal(child.id(), nix::sys::signal::Signal::SIGINT);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     assert!(text(&out.stderr).contains("interrupted; the vm was torn down"));

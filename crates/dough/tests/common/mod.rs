@@ -138,6 +138,11 @@ pub fn qemu_pids(h: &Harness) -> Vec<u32> {
         .collect()
 }
 
+/// Send `sig` to `pid` (a process this test started or its VM's QEMU).
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
