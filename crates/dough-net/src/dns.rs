@@ -1,0 +1,288 @@
+//! The VM's resolver: a DNS forwarder listening on the gateway address inside
+//! the VM's namespace and asking the upstream resolver from the host's
+//! namespace (so the upstream may sit in a range the guest cannot reach).
+//!
+//! In allowlist mode it answers only allowed names, and every IPv4 address
+//! it hands out is added to the namespace's `allow_dns4` set for the
+//! record's TTL *before* the answer reaches the guest. Editing /etc/hosts in
+//! the guest gains nothing: only addresses this forwarder answered pass.
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::nft::Nft;
+use crate::policy::{Cidr, Egress, VM_TABLE};
+
+/// An answered address stays allowed for at least this long, however short
+/// its TTL (the guest connects right after resolving).
+pub const MIN_ALLOW_SECS: u32 = 5;
+/// And at most this long.
+pub const MAX_ALLOW_SECS: u32 = 3600;
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The question of a DNS message: (lower-cased name, qtype), and where the
+/// question section ends.
+pub fn question(msg: &[u8]) -> Option<(String, u16, usize)> {
+    if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut name = String::new();
+    loop {
+        let l = *msg.get(i)? as usize;
+        i += 1;
+        if l == 0 {
+            break;
+        }
+        if l > 63 {
+            return None; // no compression in a question
+        }
+        let label = msg.get(i..i + l)?;
+        if !name.is_empty() {
+            name.push('.');
+        }
+        name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+        i += l;
+    }
+    let qtype = u16::from_be_bytes([*msg.get(i)?, *msg.get(i + 1)?]);
+    Some((name, qtype, i + 4))
+}
+
+/// Skip a (possibly compressed) name starting at `i`.
+fn skip_name(msg: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *msg.get(i)?;
+        if l == 0 {
+            return Some(i + 1);
+        }
+        if l & 0xc0 == 0xc0 {
+            return Some(i + 2);
+        }
+        i += 1 + l as usize;
+    }
+}
+
+/// The A records of a response's answer section: (address, TTL).
+pub fn answers_a(msg: &[u8]) -> Vec<(Ipv4Addr, u32)> {
+    let mut out = vec![];
+    let Some((_, _, mut i)) = question(msg) else {
+        return out;
+    };
+    let an = u16::from_be_bytes([msg[6], msg[7]]);
+    for _ in 0..an {
+        let Some(j) = skip_name(msg, i) else {
+            break;
+        };
+        let Some(h) = msg.get(j..j + 10) else {
+            break;
+        };
+        let rtype = u16::from_be_bytes([h[0], h[1]]);
+        let ttl = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let rdlen = u16::from_be_bytes([h[8], h[9]]) as usize;
+        let Some(rdata) = msg.get(j + 10..j + 10 + rdlen) else {
+            break;
+        };
+        if rtype == 1 && rdlen == 4 {
+            out.push((Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]), ttl));
+        }
+        i = j + 10 + rdlen;
+    }
+    out
+}
+
+/// A reply to `query` with no answers and response code `rcode`.
+pub fn reply_with(query: &[u8], q_end: usize, rcode: u8) -> Vec<u8> {
+    let mut r = query[..q_end.min(query.len())].to_vec();
+    r[2] = 0x80 | (query[2] & 0x79); // QR, keep opcode and RD
+    r[3] = 0x80 | (rcode & 0x0f); // RA
+    for b in &mut r[6..12] {
+        *b = 0; // no answer, authority or additional records
+    }
+    r
+}
+
+struct Pending {
+    guest: SocketAddr,
+    id: [u8; 2],
+    name: String,
+    sent: Instant,
+}
+
+/// Serve until `stop` becomes readable. `down` is the socket on the gateway
+/// inside the VM's namespace, `up` an unbound socket in the host's.
+pub(crate) fn serve(
+    down: UdpSocket,
+    up: UdpSocket,
+    upstream: SocketAddr,
+    egress: Egress,
+    mut nft: Option<Nft>,
+    stop: OwnedFd,
+) {
+    let mut pending: HashMap<u16, Pending> = HashMap::new();
+    let mut next_id: u16 = rand_u16();
+    let mut buf = vec![0u8; 4096];
+    let private: Vec<Cidr> = crate::policy::PRIVATE
+        .iter()
+        .chain(crate::policy::ALWAYS_DENIED)
+        .map(|c| c.parse().expect("constant cidr"))
+        .collect();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: down.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: up.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, 1000) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!("dns forwarder: poll failed; stopping");
+            return;
+        }
+        if fds[2].revents != 0 {
+            return;
+        }
+        pending.retain(|_, p| p.sent.elapsed() < UPSTREAM_TIMEOUT);
+        if fds[0].revents & libc::POLLIN != 0 {
+            if let Ok((len, guest)) = down.recv_from(&mut buf) {
+                let q = &buf[..len];
+                match question(q) {
+                    None => {}
+                    Some((name, qtype, end)) => {
+                        if !egress.allows_name(&name) {
+                            debug!(%name, "dns: refused (not on the allowlist)");
+                            let _ = down.send_to(&reply_with(q, end, 5), guest);
+                        } else {
+                            next_id = next_id.wrapping_add(1);
+                            let mut fwd = q.to_vec();
+                            fwd[0..2].copy_from_slice(&next_id.to_be_bytes());
+                            if up.send_to(&fwd, upstream).is_ok() {
+                                pending.insert(
+                                    next_id,
+                                    Pending {
+                                        guest,
+                                        id: [q[0], q[1]],
+                                        name,
+                                        sent: Instant::now(),
+                                    },
+                                );
+                            } else {
+                                let _ = down.send_to(&reply_with(q, end, 2), guest);
+                            }
+                            let _ = qtype;
+                        }
+                    }
+                }
+            }
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            if let Ok((len, from)) = up.recv_from(&mut buf) {
+                if from != upstream || len < 12 {
+                    continue;
+                }
+                let id = u16::from_be_bytes([buf[0], buf[1]]);
+                let Some(p) = pending.remove(&id) else {
+                    continue;
+                };
+                let resp = &mut buf[..len];
+                // The answer must be for the question asked.
+                if question(resp).map(|q| q.0) != Some(p.name.clone()) {
+                    continue;
+                }
+                if let (Egress::Allow { .. }, Some(nft)) = (&egress, nft.as_mut()) {
+                    let elems: Vec<String> = answers_a(resp)
+                        .into_iter()
+                        .filter(|(ip, _)| !private.iter().any(|c| c.contains(*ip)))
+                        .map(|(ip, ttl)| {
+                            format!(
+                                "{ip} timeout {}s",
+                                ttl.clamp(MIN_ALLOW_SECS, MAX_ALLOW_SECS)
+                            )
+                        })
+                        .collect();
+                    if !elems.is_empty() {
+                        let cmd = format!(
+                            "add element inet {VM_TABLE} allow_dns4 {{ {} }}",
+                            elems.join(", ")
+                        );
+                        if let Err(e) = nft.run(&cmd) {
+                            warn!(error = %e, "dns: cannot allow answered addresses; answer withheld");
+                            continue;
+                        }
+                        debug!(name = %p.name, addrs = %elems.join(", "), "dns: allowed");
+                    }
+                }
+                resp[0..2].copy_from_slice(&p.id);
+                let _ = down.send_to(resp, p.guest);
+            }
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    u16::from_ne_bytes(b) ^ (std::process::id() as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend([1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend(l.as_bytes());
+        }
+        q.extend([0, 0, 1, 0, 1]);
+        q
+    }
+
+    #[test]
+    fn parses_question_and_answers_with_compression() {
+        let q = query("Example.COM", 7);
+        let (name, qtype, end) = question(&q).unwrap();
+        assert_eq!((name.as_str(), qtype, end), ("example.com", 1, q.len()));
+        // Response: CNAME then A, names compressed to the question (0xc00c).
+        let mut r = q.clone();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 2;
+        r.extend([0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xc0, 0x0c]);
+        r.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 0, 0, 4, 198, 51, 100, 10]);
+        assert_eq!(answers_a(&r), vec![(Ipv4Addr::new(198, 51, 100, 10), 256)]);
+        // Truncated garbage yields nothing rather than a panic.
+        assert!(answers_a(&r[..r.len() - 3]).is_empty());
+        assert!(question(&[0u8; 5]).is_none());
+    }
+
+    #[test]
+    fn refusal_keeps_id_and_question() {
+        let q = query("evil.test", 0x1234);
+        let (_, _, end) = question(&q).unwrap();
+        let r = reply_with(&q, end, 5);
+        assert_eq!(&r[..2], &[0x12, 0x34]);
+        assert_eq!(r[3] & 0x0f, 5);
+        assert_eq!(r[2] & 0x80, 0x80);
+        assert_eq!(question(&r).unwrap().0, "evil.test");
+    }
+}

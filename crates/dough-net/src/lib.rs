@@ -1,0 +1,607 @@
+//! **Where a VM's network namespace is made, and unmade.**
+//!
+//! ```text
+//! host namespace                      namespace dough-<vm>
+//!   dh<vm> 10.213.S.1/30  <─veth─>   veth0 10.213.S.2/30 (default route)
+//!   table inet dough:                 tap0  172.16.0.1/30  <─ VMM ─ guest eth0 172.16.0.2
+//!     masquerade the pool out          table inet dough_vm: forward tap0→veth0 by the
+//!     no dh*→dh*, no dh*→host            egress policy, snat guest→slot, input: DNS only
+//!                                     DNS forwarder on 172.16.0.1:53 (a thread of Dough)
+//! ```
+//! Every VM has the same guest address; the slot (a /30 from the pool) is
+//! what tells VMs apart outside their namespace. [`VmNet::setup`] builds it
+//! all on one thread, with netlink (`rtnl`), the TUN ioctl (`tun`) and one
+//! nftables batch (`nft`); [`VmNet::teardown`] removes it; [`gc`] removes
+//! what a crashed owner left.
+pub mod dns;
+pub mod nft;
+pub mod policy;
+pub mod rtnl;
+pub mod tun;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use policy::{Cidr, Egress};
+
+/// The gateway as the guest sees it (tap0 in the VM's namespace).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
+/// The guest's own address (the same in every VM).
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
+pub const GUEST_PREFIX: u8 = 30;
+/// The guest NIC's MAC address.
+pub const GUEST_MAC: &str = "06:00:ac:10:00:02";
+/// The TAP device in the VM's namespace.
+pub const TAP: &str = "tap0";
+/// The namespace's end of the veth pair.
+pub const VETH_NS: &str = "veth0";
+/// Where named namespaces live (as `ip netns` keeps them).
+pub const NETNS_DIR: &str = "/run/netns";
+/// Named namespaces of Dough's VMs are called this plus the VM id.
+pub const NETNS_PREFIX: &str = "dough-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    #[error("the slot pool {0} is exhausted (every /30 is in use)")]
+    PoolExhausted(Cidr),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Io { what, source }
+}
+
+/// Host-wide network settings.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// /30 slots for the veth pairs, one per VM. Must not overlap anything
+    /// the host routes to.
+    pub pool: Cidr,
+    /// The resolver the DNS forwarders ask (from the host's namespace).
+    pub dns_upstream: SocketAddr,
+    /// Masquerade the pool behind the host's address (off when the pool is
+    /// routed to this host by the network).
+    pub host_nat: bool,
+    /// Slot leases live in `<run_root>/slots` (tmpfs: namespaces and slots
+    /// both end at reboot).
+    pub run_root: PathBuf,
+}
+
+pub const DEFAULT_POOL: &str = "10.213.0.0/16";
+
+impl NetConfig {
+    /// Defaults: pool 10.213.0.0/16, the first IPv4 nameserver of
+    /// /etc/resolv.conf, host NAT on, /run/dough.
+    pub fn from_host() -> Result<NetConfig, NetError> {
+        Ok(NetConfig {
+            pool: DEFAULT_POOL.parse().expect("default pool"),
+            dns_upstream: resolv_conf_upstream(Path::new("/etc/resolv.conf"))?,
+            host_nat: true,
+            run_root: PathBuf::from("/run/dough"),
+        })
+    }
+
+    pub fn slots_dir(&self) -> PathBuf {
+        self.run_root.join("slots")
+    }
+
+    /// Number of /30 slots in the pool.
+    pub fn slot_count(&self) -> u32 {
+        if self.pool.len > 30 {
+            0
+        } else {
+            1u32 << (30 - self.pool.len)
+        }
+    }
+
+    /// (host end, namespace end) of slot `n`.
+    pub fn slot_addrs(&self, n: u32) -> (Ipv4Addr, Ipv4Addr) {
+        let base = u32::from(self.pool.network()) + n * 4;
+        (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+    }
+}
+
+/// The first IPv4 `nameserver` of a resolv.conf, port 53.
+pub fn resolv_conf_upstream(path: &Path) -> Result<SocketAddr, NetError> {
+    let text = std::fs::read_to_string(path).map_err(io(format!("read {}", path.display())))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .map(|a| SocketAddr::new(IpAddr::V4(a), 53))
+        .next()
+        .ok_or_else(|| {
+            NetError::Config(format!(
+                "no IPv4 nameserver in {}; give one with --dns",
+                path.display()
+            ))
+        })
+}
+
+/// Kernel command line for the guest agent to configure eth0.
+pub fn guest_kernel_args(egress: &Egress) -> Vec<String> {
+    let mut v = vec![
+        format!("dough.ip={GUEST}/{GUEST_PREFIX}"),
+        format!("dough.gw={GATEWAY}"),
+    ];
+    if !matches!(egress, Egress::None) {
+        v.push(format!("dough.dns={GATEWAY}"));
+    }
+    v
+}
+
+/// The process that owns a resource, with its start time so a recycled PID
+/// is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Owner {
+    pub fn me() -> Owner {
+        let pid = std::process::id();
+        Owner {
+            pid,
+            start: proc_start_time(pid).unwrap_or(0),
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        proc_start_time(self.pid).is_some_and(|t| t == self.start)
+    }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A slot lease: `<slots>/<n>`, created O_EXCL before the veth exists.
+#[derive(Debug, Serialize, Deserialize)]
+struct SlotRecord {
+    vm_id: String,
+    owner: Owner,
+}
+
+fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
+    use std::io::Write;
+    let dir = cfg.slots_dir();
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let rec = serde_json::to_vec(&SlotRecord {
+        vm_id: vm_id.into(),
+        owner: Owner::me(),
+    })
+    .expect("record serializes");
+    for n in 0..cfg.slot_count() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(n.to_string()))
+        {
+            Ok(mut f) => {
+                f.write_all(&rec)
+                    .map_err(io(format!("write slot lease {n}")))?;
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(format!("lease slot {n}"))(e)),
+        }
+    }
+    Err(NetError::PoolExhausted(cfg.pool))
+}
+
+fn slot_leases(cfg: &NetConfig) -> Vec<(u32, Option<SlotRecord>)> {
+    let Ok(rd) = std::fs::read_dir(cfg.slots_dir()) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse().ok()?;
+            let rec = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            Some((n, rec))
+        })
+        .collect()
+}
+
+pub fn netns_path(vm_id: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(format!("{NETNS_PREFIX}{vm_id}"))
+}
+
+pub fn host_veth(vm_id: &str) -> String {
+    format!("{}{vm_id}", policy::VETH_PREFIX)
+}
+
+/// Make /run/netns a shared mount of its own, as `ip netns` does, so a
+/// namespace mounted there is seen (and unmounted) in every mount namespace.
+fn ensure_netns_dir() -> Result<(), NetError> {
+    use nix::mount::{mount, MsFlags};
+    std::fs::create_dir_all(NETNS_DIR).map_err(io(format!("create {NETNS_DIR}")))?;
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(
+                Some(NETNS_DIR),
+                NETNS_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| io(format!("bind {NETNS_DIR}"))(e.into()))?;
+            shared().map_err(|e| io(format!("share {NETNS_DIR}"))(e.into()))
+        }
+        Err(e) => Err(io(format!("share {NETNS_DIR}"))(e.into())),
+    }
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
+    std::fs::write(path, value).map_err(io(format!("write {path}")))
+}
+
+/// Make the host namespace (the calling thread's) ready for VMs: Dough's
+/// own `inet dough` table, replaced atomically, and IPv4 forwarding on.
+/// Touches no other table. Call once per process before [`VmNet::setup`].
+pub fn prepare_host(cfg: &NetConfig) -> Result<(), NetError> {
+    if cfg.slot_count() == 0 {
+        return Err(NetError::Config(format!(
+            "slot pool {} is too small (needs at least a /30)",
+            cfg.pool
+        )));
+    }
+    ensure_netns_dir()?;
+    let mut n = nft::Nft::new()?;
+    n.run(&policy::host_ruleset(cfg.pool, cfg.host_nat))?;
+    let fwd = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(fwd)
+        .map(|s| s.trim() != "1")
+        .unwrap_or(true)
+    {
+        write_sysctl(fwd, "1")?;
+    }
+    Ok(())
+}
+
+/// A VM's network, live.
+pub struct VmNet {
+    pub vm_id: String,
+    pub slot: u32,
+    /// The slot address the guest's traffic leaves the namespace with.
+    pub slot_addr: Ipv4Addr,
+    pub netns: PathBuf,
+    pub egress: Egress,
+    stop: Option<OwnedFd>,
+    dns: Option<JoinHandle<()>>,
+    slots_dir: PathBuf,
+}
+
+struct Built {
+    slot_addr: Ipv4Addr,
+}
+
+impl VmNet {
+    /// Build the VM's namespace: tap0 (owned by `tap_owner` so an
+    /// unprivileged VMM can attach), the veth pair, addresses and routes,
+    /// the egress policy as one nftables batch, and the DNS forwarder.
+    /// On error everything made so far is removed again.
+    pub fn setup(
+        cfg: &NetConfig,
+        vm_id: &str,
+        egress: &Egress,
+        tap_owner: Option<u32>,
+    ) -> Result<VmNet, NetError> {
+        if vm_id.is_empty()
+            || vm_id.len() > 13
+            || !vm_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(NetError::Config(format!(
+                "vm id '{vm_id}' cannot name a veth (1-13 of [a-z0-9-])"
+            )));
+        }
+        let slot = lease_slot(cfg, vm_id)?;
+        let mut net = VmNet {
+            vm_id: vm_id.into(),
+            slot,
+            slot_addr: cfg.slot_addrs(slot).1,
+            netns: netns_path(vm_id),
+            egress: egress.clone(),
+            stop: None,
+            dns: None,
+            slots_dir: cfg.slots_dir(),
+        };
+        let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| io("pipe")(e.into()))?;
+        net.stop = Some(stop_w);
+        let (tx, rx) = mpsc::channel::<Result<Built, NetError>>();
+        let cfg2 = cfg.clone();
+        let id = vm_id.to_string();
+        let eg = egress.clone();
+        let th = std::thread::Builder::new()
+            .name(format!("net-{vm_id}"))
+            .spawn(move || match build(&cfg2, &id, slot, &eg, tap_owner) {
+                Ok((built, dns)) => {
+                    let _ = tx.send(Ok(built));
+                    if let Some((down, up, nft)) = dns {
+                        dns::serve(down, up, cfg2.dns_upstream, eg, nft, stop_r);
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(io("spawn the network thread"))?;
+        net.dns = Some(th);
+        match rx.recv() {
+            Ok(Ok(b)) => {
+                net.slot_addr = b.slot_addr;
+                Ok(net)
+            }
+            Ok(Err(e)) => {
+                let _ = net.teardown_inner();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = net.teardown_inner();
+                Err(NetError::Config("the network thread died".into()))
+            }
+        }
+    }
+
+    /// Remove the namespace (and with it tap0 and the VM's rules), the host
+    /// veth and the slot lease. Keeps going past errors and returns them.
+    pub fn teardown(mut self) -> Vec<String> {
+        self.teardown_inner()
+    }
+
+    fn teardown_inner(&mut self) -> Vec<String> {
+        let mut errors = vec![];
+        // The forwarder's sockets and nft context hold the namespace.
+        drop(self.stop.take());
+        if let Some(th) = self.dns.take() {
+            let _ = th.join();
+        }
+        let veth = host_veth(&self.vm_id);
+        match rtnl::Rtnl::open().and_then(|mut r| {
+            let idx = r.index(&veth)?;
+            r.del_link(idx)
+        }) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+            Err(e) => errors.push(format!("delete {veth}: {e}")),
+        }
+        if let Err(e) = remove_netns(&self.netns) {
+            errors.push(e);
+        }
+        let lease = self.slots_dir.join(self.slot.to_string());
+        if let Err(e) = std::fs::remove_file(&lease) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errors.push(format!("release slot {}: {e}", self.slot));
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for VmNet {
+    fn drop(&mut self) {
+        if self.dns.is_some() || self.stop.is_some() {
+            let _ = self.teardown_inner();
+        }
+    }
+}
+
+fn remove_netns(path: &Path) -> Result<(), String> {
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(format!("unmount {}: {e}", path.display())),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("remove {}: {e}", path.display())),
+    }
+}
+
+type DnsParts = (UdpSocket, UdpSocket, Option<nft::Nft>);
+
+/// Runs on the VM's network thread: starts in the host namespace, ends in
+/// the VM's.
+fn build(
+    cfg: &NetConfig,
+    vm_id: &str,
+    slot: u32,
+    egress: &Egress,
+    tap_owner: Option<u32>,
+) -> Result<(Built, Option<DnsParts>), NetError> {
+    use nix::sched::{unshare, CloneFlags};
+    let (host_end, ns_end) = cfg.slot_addrs(slot);
+    // Host side first: its netlink socket and the upstream DNS socket stay
+    // in the host namespace after this thread leaves it.
+    let mut host = rtnl::Rtnl::open().map_err(io("netlink socket (host)"))?;
+    let host_addrs: Vec<Ipv4Addr> = host
+        .addresses()
+        .map_err(io("list host addresses"))?
+        .into_iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v) => Some(v),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let up = if matches!(egress, Egress::None) {
+        None
+    } else {
+        Some(UdpSocket::bind("0.0.0.0:0").map_err(io("dns upstream socket"))?)
+    };
+
+    // The namespace: this thread moves into a new one, which is then named.
+    let path = netns_path(vm_id);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io(format!("create {}", path.display())))?;
+    unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io("unshare the network namespace")(e.into()))?;
+    nix::mount::mount(
+        Some("/proc/thread-self/ns/net"),
+        &path,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| io(format!("mount {}", path.display()))(e.into()))?;
+    let ns_fd =
+        std::fs::File::open("/proc/thread-self/ns/net").map_err(io("open the namespace"))?;
+    // No IPv6 in the namespace: the guest gets no v6 path anywhere.
+    write_sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1")?;
+    write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")?;
+    write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+
+    let veth = host_veth(vm_id);
+    host.add_veth(&veth, vm_id, VETH_NS, ns_fd.as_raw_fd())
+        .map_err(io(format!("create veth {veth}")))?;
+    let hidx = host.index(&veth).map_err(io("find the host veth"))?;
+    host.add_addr(hidx, host_end, 30)
+        .map_err(io(format!("address {host_end} on {veth}")))?;
+    host.set_up(hidx).map_err(io(format!("bring {veth} up")))?;
+
+    let mut ns = rtnl::Rtnl::open().map_err(io("netlink socket (vm namespace)"))?;
+    let lo = ns.index("lo").map_err(io("find lo"))?;
+    ns.set_up(lo).map_err(io("bring lo up"))?;
+    tun::create_persistent_tap(TAP, tap_owner).map_err(io(format!("create {TAP}")))?;
+    let tidx = ns.index(TAP).map_err(io("find tap0"))?;
+    ns.add_addr(tidx, GATEWAY, GUEST_PREFIX)
+        .map_err(io("address tap0"))?;
+    ns.set_up(tidx).map_err(io("bring tap0 up"))?;
+    let vidx = ns.index(VETH_NS).map_err(io("find veth0"))?;
+    ns.add_addr(vidx, ns_end, 30).map_err(io("address veth0"))?;
+    ns.set_up(vidx).map_err(io("bring veth0 up"))?;
+    ns.add_default_route(host_end)
+        .map_err(io("default route"))?;
+
+    let mut nft = nft::Nft::new()?;
+    nft.run(&policy::vm_ruleset(egress, ns_end, &host_addrs, cfg.pool))?;
+
+    let dns = match up {
+        None => None,
+        Some(up) => {
+            let down = UdpSocket::bind(SocketAddr::new(GATEWAY.into(), 53))
+                .map_err(io("dns listener on the gateway"))?;
+            let nft = matches!(egress, Egress::Allow { .. }).then_some(nft);
+            Some((down, up, nft))
+        }
+    };
+    Ok((Built { slot_addr: ns_end }, dns))
+}
+
+/// What [`gc`] reclaimed.
+#[derive(Debug, Default)]
+pub struct NetGc {
+    pub removed_netns: Vec<String>,
+    pub removed_veths: Vec<String>,
+    pub released_slots: Vec<u32>,
+    pub kept_live: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Remove every `dough-*` namespace, `dh*` veth (in the calling thread's
+/// namespace) and slot lease whose owning process is gone. A namespace
+/// without a lease is an orphan (leases are written before namespaces).
+pub fn gc(cfg: &NetConfig) -> NetGc {
+    let mut r = NetGc::default();
+    let leases = slot_leases(cfg);
+    let live: std::collections::HashSet<String> = leases
+        .iter()
+        .filter_map(|(_, rec)| rec.as_ref())
+        .filter(|rec| rec.owner.alive())
+        .map(|rec| rec.vm_id.clone())
+        .collect();
+    if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(vm) = name.strip_prefix(NETNS_PREFIX) else {
+                continue;
+            };
+            if live.contains(vm) {
+                r.kept_live.push(vm.to_string());
+                continue;
+            }
+            match remove_netns(&e.path()) {
+                Ok(()) => r.removed_netns.push(name),
+                Err(err) => r.errors.push(err),
+            }
+        }
+    }
+    if let Ok(mut rt) = rtnl::Rtnl::open() {
+        for (idx, name, alias) in rt.links().unwrap_or_default() {
+            // Only links that name themselves Dough's: `dh<vm>` with alias <vm>.
+            let Some(vm) = name.strip_prefix(policy::VETH_PREFIX) else {
+                continue;
+            };
+            if alias.as_deref() != Some(vm) || live.contains(vm) {
+                continue;
+            }
+            match rt.del_link(idx) {
+                Ok(()) => r.removed_veths.push(name),
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                Err(e) => r.errors.push(format!("delete {name}: {e}")),
+            }
+        }
+    }
+    for (n, rec) in leases {
+        if rec.as_ref().is_some_and(|rec| live.contains(&rec.vm_id)) {
+            continue;
+        }
+        match std::fs::remove_file(cfg.slots_dir().join(n.to_string())) {
+            Ok(()) => r.released_slots.push(n),
+            Err(e) => r.errors.push(format!("release slot {n}: {e}")),
+        }
+    }
+    r
+}
+
+/// What of a VM's network exists now (for checks that nothing leaked).
+pub fn leftovers(vm_id: &str) -> Vec<String> {
+    let mut v = vec![];
+    if netns_path(vm_id).exists() {
+        v.push(netns_path(vm_id).display().to_string());
+    }
+    if let Ok(mut rt) = rtnl::Rtnl::open() {
+        if rt.index(&host_veth(vm_id)).is_ok() {
+            v.push(format!("link {}", host_veth(vm_id)));
+        }
+    }
+    v
+}
+
+/// How long a namespace's devices may take to vanish after it is unmounted
+/// (the kernel destroys namespaces asynchronously).
+pub const NETNS_CLEANUP: Duration = Duration::from_secs(2);

@@ -1,0 +1,174 @@
+//! The per-VM network against real namespaces and real nftables, with a
+//! stand-in guest: a namespace whose `eth0` is a veth named `tap0` on the
+//! VM's side (in place of the VMM's TAP; the VM's rules match `tap0` by
+//! name). `crates/dough/tests/vm_net.rs` runs the matrix once with real VMs.
+mod world;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use dough_net::{Egress, VmNet, GATEWAY};
+use world::*;
+
+fn web(a: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(a.into(), port)
+}
+
+fn setup(w: &World, cfg: &dough_net::NetConfig, id: &str, egress: Egress) -> VmNet {
+    let cfg = cfg.clone();
+    let id = id.to_string();
+    in_ns(&w.host, move || {
+        dough_net::prepare_host(&cfg).expect("prepare host");
+        VmNet::setup(&cfg, &id, &egress, None).expect("setup")
+    })
+}
+
+fn teardown(w: &World, n: VmNet) -> Vec<String> {
+    in_ns(&w.host, move || n.teardown())
+}
+
+/// Blocked: the connection fails (refused or unreachable), and fast.
+fn assert_blocked(g: &str, a: SocketAddr, what: &str) {
+    let t = Instant::now();
+    let r = fetch(g, a);
+    assert!(r.is_err(), "{what} ({a}) was reachable: {r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "{what} ({a}) took {:?} to fail",
+        t.elapsed()
+    );
+}
+
+fn test_id(tag: &str) -> String {
+    format!("t{:05}{tag}", std::process::id() % 100000)
+}
+
+#[test]
+fn open_egress_reaches_the_internet_and_nothing_private() {
+    let mut w = World::new("o");
+    let cfg = w.config(false);
+    let (ida, idb) = (test_id("oa"), test_id("ob"));
+    let a = setup(&w, &cfg, &ida, Egress::Open);
+    let b = setup(&w, &cfg, &idb, Egress::Open);
+    let ga = w.stand_in_guest(&ida);
+    let _gb = w.stand_in_guest(&idb);
+
+    // Out through NAT: the server sees the slot address, not the guest's.
+    let seen = fetch(&ga, web(ALLOWED_WEB, WEB_PORT)).expect("internet reachable");
+    assert_eq!(seen, a.slot_addr.to_string());
+    assert_ne!(a.slot_addr, b.slot_addr);
+    // DNS through the gateway, to an upstream in a private range.
+    assert_eq!(resolve(&ga, GATEWAY, ALLOWED_NAME), Ok(vec![ALLOWED_WEB]));
+
+    // Each blocked target really serves: checked from the host namespace.
+    let (host_end_a, _) = cfg.slot_addrs(a.slot);
+    let (host_end_b, _) = cfg.slot_addrs(b.slot);
+    for p in PRIVATE_SERVERS.iter().chain([&METADATA]) {
+        assert!(
+            fetch(&w.host, web(*p, WEB_PORT)).is_ok(),
+            "control: {p} serves"
+        );
+    }
+    assert!(
+        fetch(&w.inet, web(HOST_UPLINK, HOST_PORT)).is_ok(),
+        "control: host service"
+    );
+
+    assert_blocked(
+        &ga,
+        web(HOST_UPLINK, HOST_PORT),
+        "the host's uplink address",
+    );
+    assert_blocked(
+        &ga,
+        web(host_end_a, HOST_PORT),
+        "the host's end of the veth",
+    );
+    assert_blocked(&ga, web(host_end_b, HOST_PORT), "another VM's host veth");
+    assert_blocked(&ga, web(b.slot_addr, WEB_PORT), "another VM's slot address");
+    assert_blocked(&ga, web(GATEWAY, HOST_PORT), "the gateway");
+    assert_blocked(&ga, web(METADATA, WEB_PORT), "the metadata service");
+    for p in PRIVATE_SERVERS {
+        assert_blocked(&ga, web(*p, WEB_PORT), "a private range");
+    }
+
+    for n in [a, b] {
+        let errs = teardown(&w, n);
+        assert!(errs.is_empty(), "{errs:?}");
+    }
+    for id in [&ida, &idb] {
+        let left = in_ns(&w.host, {
+            let id = id.to_string();
+            move || dough_net::leftovers(&id)
+        });
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+#[test]
+fn allowlist_passes_only_what_the_forwarder_answered() {
+    let mut w = World::new("a");
+    let cfg = w.config(false);
+    let id = test_id("al");
+    let egress = Egress::Allow {
+        hosts: vec![ALLOWED_NAME.into()],
+        cidrs: vec![],
+    };
+    let n = setup(&w, &cfg, &id, egress);
+    let g = w.stand_in_guest(&id);
+    // Before resolving, even the allowed server's address is closed.
+    assert_blocked(
+        &g,
+        web(ALLOWED_WEB, WEB_PORT),
+        "an address not yet answered",
+    );
+    assert_eq!(resolve(&g, GATEWAY, ALLOWED_NAME), Ok(vec![ALLOWED_WEB]));
+    assert_eq!(
+        fetch(&g, web(ALLOWED_WEB, WEB_PORT)).as_deref(),
+        Ok(n.slot_addr.to_string().as_str())
+    );
+    // The other name on the same server: refused by DNS, and its address
+    // stays closed even when the guest knows it (its own /etc/hosts).
+    assert_eq!(resolve(&g, GATEWAY, OTHER_NAME), Err("rcode 5".into()));
+    assert_blocked(&g, web(OTHER_WEB, WEB_PORT), "a name not on the allowlist");
+    assert!(teardown(&w, n).is_empty());
+}
+
+#[test]
+fn egress_none_blocks_even_dns() {
+    let mut w = World::new("n");
+    let cfg = w.config(true);
+    let id = test_id("no");
+    let n = setup(&w, &cfg, &id, Egress::None);
+    let g = w.stand_in_guest(&id);
+    assert_blocked(&g, web(ALLOWED_WEB, WEB_PORT), "the internet");
+    assert!(resolve(&g, GATEWAY, ALLOWED_NAME).is_err());
+    assert!(teardown(&w, n).is_empty());
+}
+
+#[test]
+fn gc_reclaims_the_network_of_a_dead_owner() {
+    let w = World::new("g");
+    let cfg = w.config(true);
+    let id = test_id("gc");
+    let n = setup(&w, &cfg, &id, Egress::Open);
+    let slot = n.slot;
+    // The owner "dies": its lease names a process that is gone, and the
+    // VmNet is leaked instead of torn down.
+    let lease = cfg.slots_dir().join(slot.to_string());
+    let dead = serde_json::json!({"vm_id": id, "owner": {"pid": 999_999_999u32, "start": 1}});
+    std::fs::write(&lease, dead.to_string()).unwrap();
+    std::mem::forget(n);
+    let id2 = id.clone();
+    assert!(!in_ns(&w.host, move || dough_net::leftovers(&id2)).is_empty());
+
+    let cfg2 = cfg.clone();
+    let r = in_ns(&w.host, move || dough_net::gc(&cfg2));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.removed_netns.contains(&format!("dough-{id}")), "{r:?}");
+    assert!(r.released_slots.contains(&slot), "{r:?}");
+    assert!(!lease.exists());
+    let id2 = id.clone();
+    let left = in_ns(&w.host, move || dough_net::leftovers(&id2));
+    assert!(left.is_empty(), "{left:?}");
+}
