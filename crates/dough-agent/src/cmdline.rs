@@ -14,6 +14,17 @@ pub struct BootConfig {
     pub scratch_dev: String,
     /// Power off at once (bare-boot benchmark baseline).
     pub bench_poweroff: bool,
+    /// eth0's configuration (`dough.ip=A/N dough.gw=G [dough.dns=D]`); None:
+    /// no network.
+    pub net: Option<GuestNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestNet {
+    pub addr: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for BootConfig {
@@ -24,6 +35,7 @@ impl Default for BootConfig {
             root_dev: "/dev/vda".into(),
             scratch_dev: "/dev/vdb".into(),
             bench_poweroff: false,
+            net: None,
         }
     }
 }
@@ -32,6 +44,7 @@ impl Default for BootConfig {
 /// bad values keep the default (the agent must boot whatever it is given).
 pub fn parse(cmdline: &str) -> BootConfig {
     let mut c = BootConfig::default();
+    let (mut ip, mut gw, mut dns) = (None, None, None);
     for word in cmdline.split_ascii_whitespace() {
         let Some((k, v)) = word.split_once('=') else {
             continue;
@@ -46,8 +59,23 @@ pub fn parse(cmdline: &str) -> BootConfig {
             "dough.root" if v.starts_with("/dev/") => c.root_dev = v.to_string(),
             "dough.scratch" if v.starts_with("/dev/") => c.scratch_dev = v.to_string(),
             "dough.bench" => c.bench_poweroff = v == "poweroff",
+            "dough.ip" => {
+                ip = v.split_once('/').and_then(|(a, n)| {
+                    Some((a.parse().ok()?, n.parse::<u8>().ok().filter(|n| *n <= 32)?))
+                })
+            }
+            "dough.gw" => gw = v.parse().ok(),
+            "dough.dns" => dns = v.parse().ok(),
             _ => {}
         }
+    }
+    if let (Some((addr, prefix)), Some(gateway)) = (ip, gw) {
+        c.net = Some(GuestNet {
+            addr,
+            prefix,
+            gateway,
+            dns,
+        });
     }
     c
 }
@@ -70,6 +98,19 @@ mod tests {
         assert_eq!(c.root_dev, "/dev/vda");
         assert!(!c.bench_poweroff);
         assert!(parse("dough.bench=poweroff").bench_poweroff);
+        assert_eq!(c.net, None);
+        let n = parse("dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 dough.dns=172.16.0.1")
+            .net
+            .unwrap();
+        assert_eq!(n.addr, std::net::Ipv4Addr::new(172, 16, 0, 2));
+        assert_eq!(n.prefix, 30);
+        assert_eq!(n.dns, Some(n.gateway));
+        assert_eq!(
+            parse("dough.ip=172.16.0.2/30").net,
+            None,
+            "no gateway, no net"
+        );
+        assert_eq!(parse("dough.ip=172.16.0.2/40 dough.gw=1.2.3.4").net, None);
     }
 
     #[test]

@@ -148,36 +148,103 @@ pub fn set_identity(cfg: &BootConfig) -> Result<()> {
 
 /// Bring `lo` up (SIOCSIFFLAGS), so tasks can use localhost.
 pub fn loopback_up() -> Result<()> {
-    let sock = nix::sys::socket::socket(
+    let sock = inet_socket()?;
+    link_up(&sock, "lo")
+}
+
+fn inet_socket() -> Result<std::os::fd::OwnedFd> {
+    nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| format!("socket: {e}"))?;
+    .map_err(|e| format!("socket: {e}"))
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is a plain C struct for which all-zero is valid.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *d = *s as libc::c_char;
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s as libc::c_char;
     }
-    // SAFETY: `sock` is an open socket, `req` a valid ifreq naming "lo"; the
-    // kernel writes only inside it.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
-        return Err(format!(
-            "SIOCGIFFLAGS lo: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
-    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
-        return Err(format!(
-            "SIOCSIFFLAGS lo: {}",
-            std::io::Error::last_os_error()
-        ));
+    req
+}
+
+fn sockaddr_in(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; this is how the
+    // ioctls take an IPv4 address.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl<T>(
+    sock: &std::os::fd::OwnedFd,
+    req: libc::c_ulong,
+    arg: &mut T,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: `arg` is the struct the request takes (ifreq or rtentry), valid
+    // for the kernel to read and write.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), req, arg as *mut T) } < 0 {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+fn link_up(sock: &std::os::fd::OwnedFd, name: &str) -> Result<()> {
+    let mut req = ifreq(name);
+    ioctl(
+        sock,
+        libc::SIOCGIFFLAGS,
+        &mut req,
+        &format!("SIOCGIFFLAGS {name}"),
+    )?;
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    ioctl(
+        sock,
+        libc::SIOCSIFFLAGS,
+        &mut req,
+        &format!("SIOCSIFFLAGS {name}"),
+    )
+}
+
+/// eth0 as the host laid it out: address, up, default route via the
+/// gateway, and the gateway (Dough's DNS forwarder) as the resolver.
+pub fn network_up(net: &crate::cmdline::GuestNet) -> Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq("eth0");
+    req.ifr_ifru.ifru_addr = sockaddr_in(net.addr);
+    ioctl(&sock, libc::SIOCSIFADDR, &mut req, "SIOCSIFADDR eth0")?;
+    let mask = if net.prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - net.prefix)
+    };
+    let mut req = ifreq("eth0");
+    req.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::from(mask));
+    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req, "SIOCSIFNETMASK eth0")?;
+    link_up(&sock, "eth0")?;
+    // SAFETY: rtentry is a plain C struct for which all-zero is valid.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr_in(net.gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    ioctl(&sock, libc::SIOCADDRT, &mut rt, "SIOCADDRT default")?;
+    let resolv = match net.dns {
+        Some(d) => format!("nameserver {d}\n"),
+        None => String::new(),
+    };
+    fs::write("/etc/resolv.conf", resolv).map_err(|e| format!("/etc/resolv.conf: {e}"))
 }
 
 /// End the VM. The VMM runs with reboot treated as exit (QEMU `-no-reboot`,

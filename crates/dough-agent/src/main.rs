@@ -66,6 +66,15 @@ fn main() {
                     if let Err(e) = init::loopback_up() {
                         log(&e);
                     }
+                    if let Some(net) = &cfg.net {
+                        match init::network_up(net) {
+                            Ok(()) => log(&format!("eth0 {}/{} up", net.addr, net.prefix)),
+                            Err(e) => log(&format!("network: {e}")),
+                        }
+                    } else {
+                        // No NIC: no resolver either (not the image builder's).
+                        let _ = std::fs::write("/etc/resolv.conf", "");
+                    }
                     log(&format!("root ready at {} ms", boot_ms()));
                 });
             root.set(res);

@@ -16,6 +16,15 @@ pub struct HostConfig {
     /// Run each VMM jailed (own uid, mount namespace, cgroup). Needs root;
     /// on by default when Dough runs as root.
     pub confine: bool,
+    /// Slot pool for the VMs' veth pairs (`DOUGH_SLOT_POOL`, default
+    /// 10.213.0.0/16).
+    pub slot_pool: dough_net::Cidr,
+    /// Upstream resolver for the VMs' DNS forwarders (`DOUGH_DNS`, default:
+    /// the first nameserver of /etc/resolv.conf).
+    pub dns_upstream: Option<std::net::SocketAddr>,
+    /// Masquerade VM traffic behind the host's address (`DOUGH_HOST_NAT=0`
+    /// turns it off where the pool is routed to the host).
+    pub host_nat: bool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dough";
@@ -31,7 +40,38 @@ impl HostConfig {
             backend: BackendChoice::Auto,
             facts: HostFacts::probe(),
             confine: nix::unistd::geteuid().is_root(),
+            slot_pool: dough_net::DEFAULT_POOL.parse().expect("default pool"),
+            dns_upstream: None,
+            host_nat: true,
         }
+    }
+
+    /// Apply `DOUGH_SLOT_POOL`, `DOUGH_DNS` and `DOUGH_HOST_NAT`.
+    pub fn with_net_env(mut self) -> Result<Self, String> {
+        if let Ok(p) = std::env::var("DOUGH_SLOT_POOL") {
+            self.slot_pool = p.parse().map_err(|e| format!("DOUGH_SLOT_POOL: {e}"))?;
+        }
+        if let Ok(d) = std::env::var("DOUGH_DNS") {
+            self.dns_upstream = Some(parse_dns(&d).map_err(|e| format!("DOUGH_DNS: {e}"))?);
+        }
+        if let Ok(v) = std::env::var("DOUGH_HOST_NAT") {
+            self.host_nat = !matches!(v.as_str(), "0" | "off" | "no" | "false");
+        }
+        Ok(self)
+    }
+
+    /// The network settings for `dough_net`.
+    pub fn net_config(&self) -> Result<dough_net::NetConfig, dough_net::NetError> {
+        let dns_upstream = match self.dns_upstream {
+            Some(d) => d,
+            None => dough_net::resolv_conf_upstream(std::path::Path::new("/etc/resolv.conf"))?,
+        };
+        Ok(dough_net::NetConfig {
+            pool: self.slot_pool,
+            dns_upstream,
+            host_nat: self.host_nat,
+            run_root: PathBuf::from(dough_net::RUN_ROOT),
+        })
     }
 
     /// Per-VM run directories live here.
@@ -52,4 +92,14 @@ impl HostConfig {
     pub fn jails_dir(&self) -> PathBuf {
         self.state_dir.join("jails")
     }
+}
+
+/// `ADDR` or `ADDR:PORT` of a DNS server (port 53 by default).
+pub fn parse_dns(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .map_err(|_| format!("'{s}' is not an IP address (optionally with :port)"))
 }

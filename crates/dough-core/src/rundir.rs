@@ -109,6 +109,9 @@ pub struct GcReport {
     pub released_uids: Vec<u32>,
     pub removed_jails: Vec<String>,
     pub removed_cgroups: Vec<String>,
+    pub removed_netns: Vec<String>,
+    pub removed_veths: Vec<String>,
+    pub released_slots: Vec<u32>,
     pub kept_live: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -154,7 +157,8 @@ pub fn gc(runs: &Path) -> GcReport {
 
 /// `gc` of everything a VM can leave on the host: run directories of dead
 /// owners (and their processes), then uid leases, jail roots and cgroups of
-/// VMs that no longer have a run directory.
+/// VMs that no longer have a run directory, then network namespaces, veths
+/// and slots whose owner is gone (host-wide, by owner record).
 pub fn gc_host(host: &crate::HostConfig) -> GcReport {
     let runs = host.runs_dir();
     let mut r = gc(&runs);
@@ -235,6 +239,16 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
             }
         }
     }
+    let net = dough_net::gc(&dough_net::NetConfig {
+        pool: host.slot_pool,
+        dns_upstream: std::net::SocketAddr::from(([0, 0, 0, 0], 53)),
+        host_nat: host.host_nat,
+        run_root: PathBuf::from(dough_net::RUN_ROOT),
+    });
+    r.removed_netns = net.removed_netns;
+    r.removed_veths = net.removed_veths;
+    r.released_slots = net.released_slots;
+    r.errors.extend(net.errors);
     r
 }
 

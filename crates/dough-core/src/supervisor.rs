@@ -21,6 +21,7 @@ use crate::conn::{self, Incoming};
 use crate::leases::UidLease;
 use crate::rundir::RunDir;
 use crate::HostConfig;
+use dough_net::{Egress, VmNet};
 use dough_vmm::jail::JailSpec;
 
 /// The guest CID every VM gets (each VM has its own vsock device, so the
@@ -45,6 +46,9 @@ pub struct TaskSpec {
     pub boot_timeout: Duration,
     /// Silence from the guest longer than this means it is lost.
     pub heartbeat_timeout: Duration,
+    /// The VM's network: its own namespace with this egress policy; None:
+    /// no NIC at all.
+    pub network: Option<Egress>,
 }
 
 impl Default for TaskSpec {
@@ -61,6 +65,7 @@ impl Default for TaskSpec {
             timeout: None,
             boot_timeout: Duration::from_secs(60),
             heartbeat_timeout: Duration::from_secs(5),
+            network: Some(Egress::Open),
         }
     }
 }
@@ -114,6 +119,8 @@ pub enum RunError {
     RunDir(#[source] std::io::Error),
     #[error("cannot lease a uid for the vm's jail")]
     Lease(#[source] std::io::Error),
+    #[error("cannot set up the vm's network")]
+    Net(#[source] dough_net::NetError),
     #[error("the guest did not say Hello within {secs} s (boot timeout); serial console ends:\n{serial_tail}")]
     BootTimeout { secs: u64, serial_tail: String },
     #[error("the vmm exited unexpectedly ({status}); serial console ends:\n{serial_tail}")]
@@ -188,6 +195,7 @@ pub async fn bare_boot(
     let spec = TaskSpec {
         vcpus,
         memory_mib,
+        network: None,
         ..TaskSpec::default()
     };
     let mut ignore = |_: Event<'_>| {};
@@ -299,6 +307,35 @@ async fn run_vm(
     }
     let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
     kernel_args.extend(extra_args.iter().cloned());
+    // The network: a namespace of its own, made before the VMM that joins it.
+    let net = match &spec.network {
+        None => None,
+        Some(egress) => {
+            let t = Instant::now();
+            let made = host
+                .net_config()
+                .and_then(|cfg| {
+                    dough_net::prepare_host(&cfg)?;
+                    VmNet::setup(&cfg, &vm_id, egress, lease.as_ref().map(|l| l.uid))
+                })
+                .map_err(RunError::Net);
+            match made {
+                Ok(n) => {
+                    debug!(slot = n.slot, addr = %n.slot_addr, egress = egress.name(), ms = t.elapsed().as_millis() as u64, "network ready");
+                    kernel_args.extend(dough_net::guest_kernel_args(egress));
+                    Some(n)
+                }
+                Err(e) => {
+                    rep.result = Err(e);
+                    let _ = rd.remove();
+                    if let Some(l) = lease {
+                        let _ = l.release();
+                    }
+                    return rep;
+                }
+            }
+        }
+    };
     let vmspec = VmSpec {
         id: vm_id.clone(),
         paths: paths.clone(),
@@ -310,7 +347,13 @@ async fn run_vm(
         memory_mib: spec.memory_mib,
         accel,
         kernel_args,
-        tap: None,
+        tap: net.as_ref().map(|_| dough_net::TAP.to_string()),
+        netns: net.as_ref().map(|n| n.netns.clone()),
+        mac: dough_net::GUEST_MAC.to_string(),
+        tap_fd: net
+            .as_ref()
+            .and_then(|n| n.tap.as_ref())
+            .map(std::os::fd::AsRawFd::as_raw_fd),
         guest_cid: GUEST_CID,
         guest_port: dough_proto::CONTROL_PORT,
         jail,
@@ -324,6 +367,10 @@ async fn run_vm(
     }
     // Teardown, on every path.
     let (mut errors, ended_by) = teardown(&mut live, &rd).instrument(span).await;
+    // After the VMM: it holds tap0, and with it the namespace.
+    if let Some(n) = net {
+        errors.extend(n.teardown().into_iter().map(|e| format!("network: {e}")));
+    }
     if let Some(l) = lease {
         if let Err(e) = l.release() {
             errors.push(format!("release uid lease: {e}"));

@@ -84,6 +84,8 @@ pub struct NetConfig {
 }
 
 pub const DEFAULT_POOL: &str = "10.213.0.0/16";
+/// Host-global runtime state (slot leases), on tmpfs like /run/netns.
+pub const RUN_ROOT: &str = "/run/dough";
 
 impl NetConfig {
     /// Defaults: pool 10.213.0.0/16, the first IPv4 nameserver of
@@ -93,7 +95,7 @@ impl NetConfig {
             pool: DEFAULT_POOL.parse().expect("default pool"),
             dns_upstream: resolv_conf_upstream(Path::new("/etc/resolv.conf"))?,
             host_nat: true,
-            run_root: PathBuf::from("/run/dough"),
+            run_root: PathBuf::from(RUN_ROOT),
         })
     }
 
@@ -209,8 +211,8 @@ fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
     Err(NetError::PoolExhausted(cfg.pool))
 }
 
-fn slot_leases(cfg: &NetConfig) -> Vec<(u32, Option<SlotRecord>)> {
-    let Ok(rd) = std::fs::read_dir(cfg.slots_dir()) else {
+fn slot_leases(dir: &Path) -> Vec<(u32, Option<SlotRecord>)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
     };
     rd.flatten()
@@ -298,6 +300,8 @@ pub struct VmNet {
     pub slot_addr: Ipv4Addr,
     pub netns: PathBuf,
     pub egress: Egress,
+    /// tap0, attached: for a VMM that takes the device as a descriptor.
+    pub tap: Option<std::fs::File>,
     stop: Option<OwnedFd>,
     dns: Option<JoinHandle<()>>,
     slots_dir: PathBuf,
@@ -305,6 +309,7 @@ pub struct VmNet {
 
 struct Built {
     slot_addr: Ipv4Addr,
+    tap: std::fs::File,
 }
 
 impl VmNet {
@@ -335,6 +340,7 @@ impl VmNet {
             slot_addr: cfg.slot_addrs(slot).1,
             netns: netns_path(vm_id),
             egress: egress.clone(),
+            tap: None,
             stop: None,
             dns: None,
             slots_dir: cfg.slots_dir(),
@@ -363,6 +369,7 @@ impl VmNet {
         match rx.recv() {
             Ok(Ok(b)) => {
                 net.slot_addr = b.slot_addr;
+                net.tap = Some(b.tap);
                 Ok(net)
             }
             Ok(Err(e)) => {
@@ -384,7 +391,9 @@ impl VmNet {
 
     fn teardown_inner(&mut self) -> Vec<String> {
         let mut errors = vec![];
-        // The forwarder's sockets and nft context hold the namespace.
+        // The forwarder's sockets, its nft context and the tap hold the
+        // namespace.
+        drop(self.tap.take());
         drop(self.stop.take());
         if let Some(th) = self.dns.take() {
             let _ = th.join();
@@ -496,7 +505,7 @@ fn build(
     let mut ns = rtnl::Rtnl::open().map_err(io("netlink socket (vm namespace)"))?;
     let lo = ns.index("lo").map_err(io("find lo"))?;
     ns.set_up(lo).map_err(io("bring lo up"))?;
-    tun::create_persistent_tap(TAP, tap_owner).map_err(io(format!("create {TAP}")))?;
+    let tap = tun::create_persistent_tap(TAP, tap_owner).map_err(io(format!("create {TAP}")))?;
     let tidx = ns.index(TAP).map_err(io("find tap0"))?;
     ns.add_addr(tidx, GATEWAY, GUEST_PREFIX)
         .map_err(io("address tap0"))?;
@@ -519,7 +528,13 @@ fn build(
             Some((down, up, nft))
         }
     };
-    Ok((Built { slot_addr: ns_end }, dns))
+    Ok((
+        Built {
+            slot_addr: ns_end,
+            tap,
+        },
+        dns,
+    ))
 }
 
 /// What [`gc`] reclaimed.
@@ -537,7 +552,7 @@ pub struct NetGc {
 /// without a lease is an orphan (leases are written before namespaces).
 pub fn gc(cfg: &NetConfig) -> NetGc {
     let mut r = NetGc::default();
-    let leases = slot_leases(cfg);
+    let leases = slot_leases(&cfg.slots_dir());
     let live: std::collections::HashSet<String> = leases
         .iter()
         .filter_map(|(_, rec)| rec.as_ref())

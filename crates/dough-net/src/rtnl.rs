@@ -99,7 +99,7 @@ impl Rtnl {
         self.request(msg, NLM_F_ACK | flags).map(|_| ())
     }
 
-    /// The index of the link called `name`.
+    /// The index of the link called `name`, in the socket's namespace.
     pub fn index(&mut self, name: &str) -> io::Result<u32> {
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(name.into()));

@@ -18,8 +18,10 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Create TAP `name` in the calling thread's network namespace.
-pub fn create_persistent_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
+/// Create TAP `name` in the calling thread's network namespace; returns the
+/// attached file descriptor (a VMM can be handed it instead of opening
+/// /dev/net/tun itself, which its uid may not be allowed to).
+pub fn create_persistent_tap(name: &str, owner: Option<u32>) -> io::Result<std::fs::File> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
     }
@@ -48,5 +50,5 @@ pub fn create_persistent_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(())
+    Ok(f)
 }

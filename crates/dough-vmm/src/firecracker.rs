@@ -227,7 +227,7 @@ impl Firecracker {
                 &NetworkInterface {
                     iface_id: "eth0".into(),
                     host_dev_name: tap.clone(),
-                    guest_mac: "02:00:00:00:00:02".into(),
+                    guest_mac: spec.mac.clone(),
                 },
             ));
         }
@@ -421,7 +421,7 @@ impl Firecracker {
         jailer: &Path,
     ) -> Result<VmProcess, VmmError> {
         let layout = crate::cgroup::Layout::detect().map_err(VmmError::Confine)?;
-        let plan = self.jailer_plan(spec, js, layout.version(), None);
+        let plan = self.jailer_plan(spec, js, layout.version(), spec.netns.as_deref());
         let cleanup = Jail::adopt(
             js.clone(),
             crate::cgroup::Cgroup {
@@ -595,6 +595,9 @@ impl Vmm for Firecracker {
             let drains = Self::log_drains(p, (p.fc_log_fifo(), p.fc_metrics_fifo()), None)?;
             let mut cmd = Command::new(&self.binary);
             cmd.arg("--api-sock").arg(&sock).arg("--id").arg(&spec.id);
+            if let Some(ns) = &spec.netns {
+                crate::process::enter_netns(&mut cmd, ns)?;
+            }
             // The guest console (ttyS0) is Firecracker's stdout.
             let (mut vmm, console) = spawn_console(
                 "firecracker",

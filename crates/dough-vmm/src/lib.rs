@@ -259,6 +259,15 @@ pub struct VmSpec {
     pub kernel_args: Vec<String>,
     /// TAP device (in the VMM's network namespace) for a virtio-net, if any.
     pub tap: Option<String>,
+    /// The network namespace the VMM runs in (a bind-mounted namespace
+    /// file, as `dough_net` makes them); None: Dough's own.
+    pub netns: Option<PathBuf>,
+    /// The guest NIC's MAC address (with `tap`).
+    pub mac: String,
+    /// `tap`, already attached: QEMU inherits this descriptor rather than
+    /// opening /dev/net/tun (which a jailed VMM's uid may not open). The
+    /// caller keeps it open until the VMM has started.
+    pub tap_fd: Option<i32>,
     pub guest_cid: u32,
     /// vsock port the agent dials, for the socket path check.
     pub guest_port: u32,

@@ -62,6 +62,37 @@ fn spawn_with(
     })
 }
 
+/// Make `cmd` join the network namespace `ns` (a namespace file) between
+/// fork and exec. Register before hooks that drop privileges (`Jail::apply`):
+/// setns needs CAP_SYS_ADMIN.
+pub fn enter_netns(cmd: &mut Command, ns: &std::path::Path) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(ns).map_err(io_err(ns))?;
+    // SAFETY: setns is a raw syscall on an fd opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Let the child keep descriptor `fd` (same number) across exec.
+pub fn inherit_fd(cmd: &mut Command, fd: i32) {
+    // SAFETY: fcntl on a descriptor number; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Largest size of a VM's console log. A guest can write to its console
 /// without end; past this size the file starts over (with a marker), so it
 /// stays bounded and always holds the latest output.

@@ -118,11 +118,15 @@ impl Qemu {
             "virtio-blk-device,drive=scratch",
         ]);
         if let Some(tap) = &spec.tap {
+            let netdev = match spec.tap_fd {
+                Some(fd) => format!("tap,id=n0,fd={fd}"),
+                None => format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            };
             push(&[
                 "-netdev",
-                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+                &netdev,
                 "-device",
-                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
+                &format!("virtio-net-device,netdev=n0,mac={}", spec.mac),
             ]);
         }
         push(&["-kernel", &spec.kernel.display().to_string()]);
@@ -222,6 +226,16 @@ impl Vmm for Qemu {
             }
             let mut q = Command::new(&self.qemu);
             q.args(self.args(spec));
+            if let Some(ns) = &spec.netns {
+                if let Err(e) = crate::process::enter_netns(&mut q, ns) {
+                    let _ = vsock.kill().await;
+                    fail(&jail);
+                    return Err(e);
+                }
+            }
+            if let Some(fd) = spec.tap_fd {
+                crate::process::inherit_fd(&mut q, fd);
+            }
             if let Some(j) = &jail {
                 j.apply(&mut q);
             }
@@ -266,6 +280,9 @@ mod tests {
             accel,
             kernel_args: vec!["dough.port=1024".into()],
             tap: None,
+            netns: None,
+            mac: "06:00:ac:10:00:02".into(),
+            tap_fd: None,
             guest_cid: 3,
             guest_port: 1024,
             jail: None,

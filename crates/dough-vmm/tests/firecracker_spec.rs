@@ -166,6 +166,9 @@ fn configurations() -> Vec<VmSpec> {
                         accel: Accel::Kvm,
                         kernel_args: vec!["dough.port=1024".into()],
                         tap: tap.clone(),
+                        netns: tap.as_ref().map(|_| "/run/netns/dough-0123456789ab".into()),
+                        mac: "06:00:ac:10:00:02".into(),
+                        tap_fd: None,
                         guest_cid: 3,
                         guest_port: 1024,
                         jail: None,
@@ -203,6 +206,10 @@ fn every_planned_request_conforms_to_the_spec() {
             paths.contains(&"/network-interfaces/eth0"),
             cfg.tap.is_some()
         );
+        if let Some(net) = plan.iter().find(|r| r.path == "/network-interfaces/eth0") {
+            assert_eq!(net.body["host_dev_name"], "tap0");
+            assert_eq!(net.body["guest_mac"], "06:00:ac:10:00:02");
+        }
         let boot = plan.iter().find(|r| r.path == "/boot-source").unwrap();
         assert_eq!(
             boot.body.get("initrd_path").is_some(),

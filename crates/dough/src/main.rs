@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 
 /// Exit code for Dough's own failures (the VM, not the task), as `docker run`.
 pub const EXIT_DOUGH: u8 = 125;
+/// Bad flags or environment (as clap exits for usage errors).
+pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,8 +57,10 @@ fn init_logging(cli: &Cli) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DOUGH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOUGH_LOG").unwrap_or_else(|_| {
+        // netlink-packet-route warns about kernel attributes newer than it.
+        tracing_subscriber::EnvFilter::new(format!("{level},netlink_packet_route=error"))
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

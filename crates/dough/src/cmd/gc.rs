@@ -19,6 +19,15 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
     for cg in &r.removed_cgroups {
         println!("removed cgroup {cg}");
     }
+    for ns in &r.removed_netns {
+        println!("removed network namespace {ns}");
+    }
+    for l in &r.removed_veths {
+        println!("removed veth {l}");
+    }
+    for s in &r.released_slots {
+        println!("released network slot {s}");
+    }
     for id in &r.kept_live {
         println!("kept vm {id} (its owner is running)");
     }
@@ -30,6 +39,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         && r.released_uids.is_empty()
         && r.removed_jails.is_empty()
         && r.removed_cgroups.is_empty()
+        && r.removed_netns.is_empty()
+        && r.removed_veths.is_empty()
+        && r.released_slots.is_empty()
     {
         println!("nothing to reclaim");
     }

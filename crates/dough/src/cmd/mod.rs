@@ -14,3 +14,15 @@ pub fn host_config(cli: &Cli, accel: AccelChoice, backend: BackendChoice) -> Hos
     h.backend = backend;
     h
 }
+
+/// As [`host_config`], with the network settings from the environment
+/// (`DOUGH_SLOT_POOL`, `DOUGH_DNS`, `DOUGH_HOST_NAT`).
+pub fn host_config_net(
+    cli: &Cli,
+    accel: AccelChoice,
+    backend: BackendChoice,
+) -> anyhow::Result<HostConfig> {
+    host_config(cli, accel, backend)
+        .with_net_env()
+        .map_err(anyhow::Error::msg)
+}

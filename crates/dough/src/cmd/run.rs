@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use dough_core::{run_task, Event, Outcome, Phase, RunError, TaskSpec};
+use dough_net::Egress;
 use dough_proto::Stream;
 use dough_vmm::{AccelChoice, BackendChoice};
 
@@ -46,6 +47,26 @@ pub struct RunArgs {
     /// namespace, no cgroup). Confinement is on by default when run as root.
     #[arg(long)]
     pub no_confine: bool,
+    /// Where the VM may connect: `open` (the internet, never the host, other
+    /// VMs, private ranges or metadata), `none` (nothing, not even DNS), or
+    /// `allowlist` (implied by --allow-host/--allow-cidr).
+    #[arg(long, value_name = "MODE", value_parser = ["open", "none", "allowlist"])]
+    pub egress: Option<String>,
+    /// Allow this DNS name (or `*.domain`): only addresses Dough's resolver
+    /// answers for it are reachable, for their TTL (repeatable).
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    /// Allow this IPv4 network (repeatable); may open a private range, never
+    /// the host, loopback, link-local or the slot pool.
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidr: Vec<dough_net::Cidr>,
+    /// No network device at all (vsock only).
+    #[arg(long, conflicts_with_all = ["egress", "allow_host", "allow_cidr"])]
+    pub no_network: bool,
+    /// Upstream DNS server for the VM's resolver [default: the host's
+    /// /etc/resolv.conf; env DOUGH_DNS].
+    #[arg(long, value_name = "ADDR", value_parser = dough_core::config::parse_dns)]
+    pub dns: Option<std::net::SocketAddr>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -83,10 +104,35 @@ fn libc_sig(s: nix::sys::signal::Signal) -> i32 {
 }
 
 pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
-    let mut host = super::host_config(cli, a.accel, a.backend);
-    if a.no_confine {
-        host.confine = false;
-    }
+    let prepared = (|| -> anyhow::Result<_> {
+        let mut host = super::host_config_net(cli, a.accel, a.backend)?;
+        if a.no_confine {
+            host.confine = false;
+        }
+        if a.dns.is_some() {
+            host.dns_upstream = a.dns;
+        }
+        let network = if a.no_network {
+            None
+        } else {
+            Some(
+                Egress::from_flags(
+                    a.egress.as_deref(),
+                    a.allow_host.clone(),
+                    a.allow_cidr.clone(),
+                )
+                .map_err(anyhow::Error::msg)?,
+            )
+        };
+        Ok((host, network))
+    })();
+    let (host, network) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            crate::print_error(&e);
+            return Ok(crate::EXIT_USAGE);
+        }
+    };
     let spec = TaskSpec {
         task_id: String::new(),
         command: a.command.clone(),
@@ -98,6 +144,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         scratch_mib: a.disk,
         timeout: a.timeout.map(Duration::from_secs),
         boot_timeout: Duration::from_secs(a.boot_timeout),
+        network,
         ..TaskSpec::default()
     };
     let mut write_err: Option<std::io::Error> = None;
