@@ -71,6 +71,7 @@ impl HostConfig {
             dns_upstream,
             host_nat: self.host_nat,
             run_root: PathBuf::from(dough_net::RUN_ROOT),
+            tag: self.state_dir.display().to_string(),
         })
     }
 

@@ -112,6 +112,7 @@ pub struct GcReport {
     pub removed_netns: Vec<String>,
     pub removed_veths: Vec<String>,
     pub released_slots: Vec<u32>,
+    pub removed_host_table: bool,
     pub kept_live: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -244,10 +245,12 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
         dns_upstream: std::net::SocketAddr::from(([0, 0, 0, 0], 53)),
         host_nat: host.host_nat,
         run_root: PathBuf::from(dough_net::RUN_ROOT),
+        tag: String::new(),
     });
     r.removed_netns = net.removed_netns;
     r.removed_veths = net.removed_veths;
     r.released_slots = net.released_slots;
+    r.removed_host_table = net.removed_host_table;
     r.errors.extend(net.errors);
     r
 }

@@ -81,6 +81,8 @@ pub struct NetConfig {
     /// Slot leases live in `<run_root>/slots` (tmpfs: namespaces and slots
     /// both end at reboot).
     pub run_root: PathBuf,
+    /// Written into each slot lease: which Dough made it (its state dir).
+    pub tag: String,
 }
 
 pub const DEFAULT_POOL: &str = "10.213.0.0/16";
@@ -96,6 +98,7 @@ impl NetConfig {
             dns_upstream: resolv_conf_upstream(Path::new("/etc/resolv.conf"))?,
             host_nat: true,
             run_root: PathBuf::from(RUN_ROOT),
+            tag: String::new(),
         })
     }
 
@@ -177,11 +180,15 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// A slot lease: `<slots>/<n>`, created O_EXCL before the veth exists.
+/// A slot lease: `<slots>/<n>`, created O_EXCL before the namespace exists,
+/// removed only once the namespace is gone.
 #[derive(Debug, Serialize, Deserialize)]
-struct SlotRecord {
-    vm_id: String,
-    owner: Owner,
+pub struct SlotRecord {
+    pub vm_id: String,
+    pub owner: Owner,
+    /// Which Dough made it ([`NetConfig::tag`]).
+    #[serde(default)]
+    pub tag: String,
 }
 
 fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
@@ -191,6 +198,7 @@ fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
     let rec = serde_json::to_vec(&SlotRecord {
         vm_id: vm_id.into(),
         owner: Owner::me(),
+        tag: cfg.tag.clone(),
     })
     .expect("record serializes");
     for n in 0..cfg.slot_count() {
@@ -211,7 +219,8 @@ fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
     Err(NetError::PoolExhausted(cfg.pool))
 }
 
-fn slot_leases(dir: &Path) -> Vec<(u32, Option<SlotRecord>)> {
+/// The slot leases in `dir` (`NetConfig::slots_dir`), with their records.
+pub fn slot_leases(dir: &Path) -> Vec<(u32, Option<SlotRecord>)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
     };
@@ -408,7 +417,9 @@ impl VmNet {
             Err(e) => errors.push(format!("delete {veth}: {e}")),
         }
         if let Err(e) = remove_netns(&self.netns) {
+            // The lease stays: gc retries once this process is gone.
             errors.push(e);
+            return errors;
         }
         let lease = self.slots_dir.join(self.slot.to_string());
         if let Err(e) = std::fs::remove_file(&lease) {
@@ -543,6 +554,8 @@ pub struct NetGc {
     pub removed_netns: Vec<String>,
     pub removed_veths: Vec<String>,
     pub released_slots: Vec<u32>,
+    /// The host's `inet dough` table, removed when no VM is left.
+    pub removed_host_table: bool,
     pub kept_live: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -598,6 +611,20 @@ pub fn gc(cfg: &NetConfig) -> NetGc {
         match std::fs::remove_file(cfg.slots_dir().join(n.to_string())) {
             Ok(()) => r.released_slots.push(n),
             Err(e) => r.errors.push(format!("release slot {n}: {e}")),
+        }
+    }
+    // No VM left at all: Dough's host table goes too (the next VM's setup
+    // puts it back).
+    if slot_leases(&cfg.slots_dir()).is_empty() {
+        if let Ok(mut n) = nft::Nft::new() {
+            if n.run(&format!("list table inet {}", policy::HOST_TABLE))
+                .is_ok()
+            {
+                match n.run(&format!("delete table inet {}", policy::HOST_TABLE)) {
+                    Ok(_) => r.removed_host_table = true,
+                    Err(e) => r.errors.push(format!("delete host table: {e}")),
+                }
+            }
         }
     }
     r

@@ -167,6 +167,7 @@ impl World {
             dns_upstream: SocketAddr::new(DNS.into(), 53),
             host_nat,
             run_root: PathBuf::from("/run/dough"),
+            tag: format!("test {}", std::process::id()),
         }
     }
 

@@ -28,6 +28,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
     for s in &r.released_slots {
         println!("released network slot {s}");
     }
+    if r.removed_host_table {
+        println!("removed the host's nftables table inet dough (no vm left)");
+    }
     for id in &r.kept_live {
         println!("kept vm {id} (its owner is running)");
     }
@@ -42,6 +45,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         && r.removed_netns.is_empty()
         && r.removed_veths.is_empty()
         && r.released_slots.is_empty()
+        && !r.removed_host_table
     {
         println!("nothing to reclaim");
     }

@@ -101,6 +101,21 @@ impl Harness {
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "leftover run directories: {left:?}");
+        // Network: no slot lease made by this state dir, so no namespace
+        // (leases go last, once their namespace is gone).
+        let tag = self.state.path().display().to_string();
+        let left: Vec<String> = dough_net::slot_leases(std::path::Path::new("/run/dough/slots"))
+            .into_iter()
+            .filter_map(|(n, rec)| rec.filter(|r| r.tag == tag).map(|r| (n, r)))
+            .map(|(n, r)| {
+                format!(
+                    "slot {n} of vm {} (netns exists: {})",
+                    r.vm_id,
+                    dough_net::netns_path(&r.vm_id).exists()
+                )
+            })
+            .collect();
+        assert!(left.is_empty(), "leftover network: {left:?}");
         for d in ["uids", "jails"] {
             let left: Vec<_> = std::fs::read_dir(self.state.path().join(d))
                 .map(|rd| rd.flatten().map(|e| e.path()).collect())

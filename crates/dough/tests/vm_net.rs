@@ -1,0 +1,170 @@
+//! The network isolation matrix with real VMs: Dough runs inside a test-made
+//! "host" namespace whose uplink leads to a test-made "internet" namespace
+//! (servers on public, private and metadata addresses, a DNS server in a
+//! private range). Nothing here touches the machine's own network.
+mod common;
+#[path = "../../dough-net/tests/world/mod.rs"]
+mod world;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use world::*;
+
+/// `cmd` runs in namespace `ns` (the test's "host").
+fn in_host(mut cmd: Command, ns: &str) -> Command {
+    let f = std::fs::File::open(ns_path(ns)).unwrap();
+    // SAFETY: setns is a raw syscall on an fd opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.env("DOUGH_DNS", DNS.to_string())
+        .env("DOUGH_HOST_NAT", "1");
+    cmd
+}
+
+fn leases_of(h: &Harness) -> Vec<(u32, dough_net::SlotRecord)> {
+    let tag = h.state.path().display().to_string();
+    dough_net::slot_leases(std::path::Path::new("/run/dough/slots"))
+        .into_iter()
+        .filter_map(|(n, r)| r.filter(|r| r.tag == tag).map(|r| (n, r)))
+        .collect()
+}
+
+const MATRIX: &str = r#"
+echo "links: $(ls /sys/class/net | tr '\n' ' ')"
+echo "seen: $(curl -sS -m 5 http://198.51.100.10/)"
+echo "dns: $(getent hosts allowed.example | cut -d' ' -f1)"
+for t in $TARGETS; do
+  s=$(date +%s%N)
+  curl -sS -m 3 -o /dev/null "http://$t/" 2>/dev/null
+  rc=$?
+  echo "target $t rc=$rc ms=$(( ($(date +%s%N) - s) / 1000000 ))"
+done
+"#;
+
+const ALLOWLIST: &str = r#"
+echo "allowed: $(curl -sS -m 5 http://allowed.example/)"
+getent hosts other.example >/dev/null; echo "other resolves: $?"
+echo "198.51.100.11 other.example" >> /etc/hosts
+curl -sS -m 3 -o /dev/null http://other.example/ 2>/dev/null; echo "other via /etc/hosts: $?"
+"#;
+
+#[test]
+fn real_vms_reach_the_internet_and_nothing_else() {
+    let h = Harness::new();
+    let w = World::new("v");
+    let cfg = w.config(true);
+
+    // VM B: another VM running alongside.
+    let mut b = in_host(h.cmd(), &w.host);
+    b.args(["run", "--", "sh", "-c", "echo ready; sleep 120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut b = b.spawn().unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(b.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+    }
+    let leases = leases_of(&h);
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let (b_slot, b_rec) = (leases[0].0, &leases[0].1);
+    let (b_host, b_ns) = cfg.slot_addrs(b_slot);
+
+    // Control: each target of the matrix really serves.
+    for p in PRIVATE_SERVERS.iter().chain([&METADATA]) {
+        assert!(fetch(&w.host, std::net::SocketAddr::new((*p).into(), WEB_PORT)).is_ok());
+    }
+    assert!(fetch(
+        &w.inet,
+        std::net::SocketAddr::new(HOST_UPLINK.into(), HOST_PORT)
+    )
+    .is_ok());
+
+    let mut targets = vec![
+        format!("{HOST_UPLINK}:{HOST_PORT}"),
+        format!("{b_ns}:{WEB_PORT}"),
+        format!("{b_host}:{HOST_PORT}"),
+        format!("{METADATA}:{WEB_PORT}"),
+        format!("172.16.0.1:{HOST_PORT}"),
+    ];
+    // The host's end of the first slots' veths (this VM's own among them).
+    for n in 0..4 {
+        targets.push(format!("{}:{HOST_PORT}", cfg.slot_addrs(n).0));
+    }
+    targets.extend(PRIVATE_SERVERS.iter().map(|p| format!("{p}:{WEB_PORT}")));
+    let out = in_host(h.cmd(), &w.host)
+        .args(["run", "--env", &format!("TARGETS={}", targets.join(" "))])
+        .args(["--", "bash", "-c", MATRIX])
+        .output()
+        .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{so}\n{}", text(&out.stderr));
+    assert!(so.contains("links: eth0 lo \n"), "{so}");
+    // Host NAT on: the internet sees the host's uplink, never the guest.
+    assert!(so.contains(&format!("seen: {HOST_UPLINK}\n")), "{so}");
+    assert!(so.contains(&format!("dns: {ALLOWED_WEB}\n")), "{so}");
+    for t in &targets {
+        let line = so
+            .lines()
+            .find(|l| l.starts_with(&format!("target {t} ")))
+            .unwrap_or_else(|| panic!("no result for {t}: {so}"));
+        let rc: i32 = line
+            .split("rc=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ms: u64 = line.split("ms=").nth(1).unwrap().trim().parse().unwrap();
+        assert_ne!(rc, 0, "{t} was reachable: {line}");
+        assert!(ms < 4000, "{t} took too long to fail: {line}");
+    }
+
+    // Allowlist mode in a third VM.
+    let out = in_host(h.cmd(), &w.host)
+        .args(["run", "--root", "--allow-host", ALLOWED_NAME])
+        .args(["--", "bash", "-c", ALLOWLIST])
+        .output()
+        .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{so}\n{}", text(&out.stderr));
+    assert!(so.contains(&format!("allowed: {HOST_UPLINK}\n")), "{so}");
+    assert!(so.contains("other resolves: 2\n"), "{so}");
+    assert!(!so.contains("other via /etc/hosts: 0\n"), "{so}");
+
+    // kill -9 of B's `dough run`: its network stays until `dough gc`.
+    signal(b.id(), nix::sys::signal::Signal::SIGKILL);
+    b.wait().unwrap();
+    let b_vm = b_rec.vm_id.clone();
+    assert!(
+        dough_net::netns_path(&b_vm).exists(),
+        "B's namespace outlives its owner"
+    );
+    let gc = in_host(h.cmd(), &w.host).arg("gc").output().unwrap();
+    let gco = text(&gc.stdout);
+    assert!(gc.status.success(), "{gco}\n{}", text(&gc.stderr));
+    assert!(
+        gco.contains(&format!("removed network namespace dough-{b_vm}")),
+        "{gco}"
+    );
+    wait_until("B's veth to go", Duration::from_secs(5), || {
+        let id = b_vm.clone();
+        in_ns(&w.host, move || dough_net::leftovers(&id)).is_empty()
+    });
+    h.assert_clean();
+}
