@@ -191,7 +191,10 @@ pub struct SlotRecord {
     pub tag: String,
 }
 
-fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
+/// Lease the first free slot. A slot whose host-end address is still on a
+/// link (`busy`: a torn-down VM's veth the kernel has not destroyed yet) is
+/// skipped even when its lease is gone.
+fn lease_slot(cfg: &NetConfig, vm_id: &str, busy: &[Ipv4Addr]) -> Result<u32, NetError> {
     use std::io::Write;
     let dir = cfg.slots_dir();
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
@@ -202,6 +205,9 @@ fn lease_slot(cfg: &NetConfig, vm_id: &str) -> Result<u32, NetError> {
     })
     .expect("record serializes");
     for n in 0..cfg.slot_count() {
+        if busy.contains(&cfg.slot_addrs(n).0) {
+            continue;
+        }
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -342,7 +348,17 @@ impl VmNet {
                 "vm id '{vm_id}' cannot name a veth (1-13 of [a-z0-9-])"
             )));
         }
-        let slot = lease_slot(cfg, vm_id)?;
+        let mut host = rtnl::Rtnl::open().map_err(io("netlink socket (host)"))?;
+        let host_addrs: Vec<Ipv4Addr> = host
+            .addresses()
+            .map_err(io("list host addresses"))?
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v) => Some(v),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let slot = lease_slot(cfg, vm_id, &host_addrs)?;
         let mut net = VmNet {
             vm_id: vm_id.into(),
             slot,
@@ -362,17 +378,19 @@ impl VmNet {
         let eg = egress.clone();
         let th = std::thread::Builder::new()
             .name(format!("net-{vm_id}"))
-            .spawn(move || match build(&cfg2, &id, slot, &eg, tap_owner) {
-                Ok((built, dns)) => {
-                    let _ = tx.send(Ok(built));
-                    if let Some((down, up, nft)) = dns {
-                        dns::serve(down, up, cfg2.dns_upstream, eg, nft, stop_r);
+            .spawn(
+                move || match build(&cfg2, host, &host_addrs, &id, slot, &eg, tap_owner) {
+                    Ok((built, dns)) => {
+                        let _ = tx.send(Ok(built));
+                        if let Some((down, up, nft)) = dns {
+                            dns::serve(down, up, cfg2.dns_upstream, eg, nft, stop_r);
+                        }
                     }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            })
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                },
+            )
             .map_err(io("spawn the network thread"))?;
         net.dns = Some(th);
         match rx.recv() {
@@ -407,15 +425,10 @@ impl VmNet {
         if let Some(th) = self.dns.take() {
             let _ = th.join();
         }
-        let veth = host_veth(&self.vm_id);
-        match rtnl::Rtnl::open().and_then(|mut r| {
-            let idx = r.index(&veth)?;
-            r.del_link(idx)
-        }) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
-            Err(e) => errors.push(format!("delete {veth}: {e}")),
-        }
+        // Unmounting drops the last reference: the kernel then destroys the
+        // namespace with tap0, both veth ends and the VM's rules, in the
+        // background (deleting the veth here would wait ~30 ms for RCU).
+        // Until it is gone its host-end address marks the slot as busy.
         if let Err(e) = remove_netns(&self.netns) {
             // The lease stays: gc retries once this process is gone.
             errors.push(e);
@@ -457,6 +470,8 @@ type DnsParts = (UdpSocket, UdpSocket, Option<nft::Nft>);
 /// the VM's.
 fn build(
     cfg: &NetConfig,
+    mut host: rtnl::Rtnl,
+    host_addrs: &[Ipv4Addr],
     vm_id: &str,
     slot: u32,
     egress: &Egress,
@@ -464,18 +479,8 @@ fn build(
 ) -> Result<(Built, Option<DnsParts>), NetError> {
     use nix::sched::{unshare, CloneFlags};
     let (host_end, ns_end) = cfg.slot_addrs(slot);
-    // Host side first: its netlink socket and the upstream DNS socket stay
-    // in the host namespace after this thread leaves it.
-    let mut host = rtnl::Rtnl::open().map_err(io("netlink socket (host)"))?;
-    let host_addrs: Vec<Ipv4Addr> = host
-        .addresses()
-        .map_err(io("list host addresses"))?
-        .into_iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(v) => Some(v),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    // `host` (netlink) and the upstream DNS socket were opened in the host
+    // namespace and stay there after this thread leaves it.
     let up = if matches!(egress, Egress::None) {
         None
     } else {
@@ -528,7 +533,7 @@ fn build(
         .map_err(io("default route"))?;
 
     let mut nft = nft::Nft::new()?;
-    nft.run(&policy::vm_ruleset(egress, ns_end, &host_addrs, cfg.pool))?;
+    nft.run(&policy::vm_ruleset(egress, ns_end, host_addrs, cfg.pool))?;
 
     let dns = match up {
         None => None,
@@ -630,7 +635,8 @@ pub fn gc(cfg: &NetConfig) -> NetGc {
     r
 }
 
-/// What of a VM's network exists now (for checks that nothing leaked).
+/// What of a VM's network exists now (for checks that nothing leaked). The
+/// veth may take a moment to go after teardown (see [`NETNS_CLEANUP`]).
 pub fn leftovers(vm_id: &str) -> Vec<String> {
     let mut v = vec![];
     if netns_path(vm_id).exists() {
@@ -647,3 +653,61 @@ pub fn leftovers(vm_id: &str) -> Vec<String> {
 /// How long a namespace's devices may take to vanish after it is unmounted
 /// (the kernel destroys namespaces asynchronously).
 pub const NETNS_CLEANUP: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(root: &Path) -> NetConfig {
+        NetConfig {
+            pool: "10.213.0.0/29".parse().unwrap(),
+            dns_upstream: "127.0.0.1:53".parse().unwrap(),
+            host_nat: true,
+            run_root: root.to_path_buf(),
+            tag: "unit".into(),
+        }
+    }
+
+    #[test]
+    fn slots_are_exclusive_skip_busy_addresses_and_run_out_clearly() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        assert_eq!(c.slot_count(), 2);
+        assert_eq!(
+            c.slot_addrs(1),
+            (Ipv4Addr::new(10, 213, 0, 5), Ipv4Addr::new(10, 213, 0, 6))
+        );
+        // Slot 0's host end is still on a dying veth: slot 1 is taken.
+        assert_eq!(lease_slot(&c, "a", &[c.slot_addrs(0).0]).unwrap(), 1);
+        assert_eq!(lease_slot(&c, "b", &[]).unwrap(), 0);
+        assert!(matches!(
+            lease_slot(&c, "c", &[]),
+            Err(NetError::PoolExhausted(_))
+        ));
+        let recs = slot_leases(&c.slots_dir());
+        assert_eq!(recs.len(), 2);
+        assert!(recs.iter().all(|(_, r)| r
+            .as_ref()
+            .is_some_and(|r| r.owner == Owner::me() && r.tag == "unit")));
+    }
+
+    #[test]
+    fn resolv_conf_gives_the_first_ipv4_nameserver() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("resolv.conf");
+        std::fs::write(
+            &p,
+            "# x\nnameserver fe80::1\nnameserver 10.255.255.53\nnameserver 1.1.1.1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolv_conf_upstream(&p).unwrap(),
+            "10.255.255.53:53".parse().unwrap()
+        );
+        std::fs::write(&p, "search example\n").unwrap();
+        assert!(resolv_conf_upstream(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("--dns"));
+    }
+}

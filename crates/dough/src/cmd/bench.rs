@@ -13,6 +13,8 @@ use crate::Cli;
 pub enum BenchCmd {
     /// Cold `dough run -- true` split into phases, vs bare boots.
     Boot(BootArgs),
+    /// Per-VM network setup/teardown: dough-net vs `ip`/`nft` commands.
+    Net(super::bench_net::NetArgs),
 }
 
 #[derive(Args, Debug)]
@@ -44,7 +46,10 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
-    let BenchCmd::Boot(a) = c;
+    let a = match c {
+        BenchCmd::Boot(a) => a,
+        BenchCmd::Net(n) => return super::bench_net::run(n),
+    };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {
         command: vec!["true".into()],

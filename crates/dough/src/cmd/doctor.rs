@@ -116,6 +116,42 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
         }
     }
 
+    println!("network");
+    let h = host.clone().with_net_env();
+    match h
+        .as_ref()
+        .map_err(|e| e.clone())
+        .and_then(|h| h.net_config().map_err(|e| e.to_string()))
+    {
+        Ok(c) => println!(
+            "  slot pool {} ({} VMs at once), dns upstream {}, host nat {}",
+            c.pool,
+            c.slot_count(),
+            c.dns_upstream,
+            if c.host_nat { "on" } else { "off" }
+        ),
+        Err(e) => {
+            ok = false;
+            println!("  NOT usable: {e} (or run tasks with --no-network)");
+        }
+    }
+    match dough_net::nft::Nft::new() {
+        Ok(_) => println!("  nftables: libnftables loaded"),
+        Err(e) => {
+            ok = false;
+            println!("  nftables: {e}");
+        }
+    }
+    if std::path::Path::new("/dev/net/tun").exists() {
+        println!("  /dev/net/tun: present");
+    } else {
+        ok = false;
+        println!("  /dev/net/tun: missing (modprobe tun)");
+    }
+    if !host.confine {
+        println!("  warning: not root: network namespaces need root (use --no-network)");
+    }
+
     println!("tools");
     for (t, needed_for) in [
         (tools::QEMU, "running VMs"),

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_net;
 pub mod doctor;
 pub mod gc;
 pub mod image;
