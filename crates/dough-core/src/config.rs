@@ -50,6 +50,12 @@ impl HostConfig {
     pub fn with_net_env(mut self) -> Result<Self, String> {
         if let Ok(p) = std::env::var("DOUGH_SLOT_POOL") {
             self.slot_pool = p.parse().map_err(|e| format!("DOUGH_SLOT_POOL: {e}"))?;
+            if self.slot_pool.len > 30 {
+                return Err(format!(
+                    "DOUGH_SLOT_POOL {}: too small, a VM needs a /30",
+                    self.slot_pool
+                ));
+            }
         }
         if let Ok(d) = std::env::var("DOUGH_DNS") {
             self.dns_upstream = Some(parse_dns(&d).map_err(|e| format!("DOUGH_DNS: {e}"))?);

@@ -111,7 +111,7 @@ pub struct GcReport {
     pub removed_cgroups: Vec<String>,
     pub removed_netns: Vec<String>,
     pub removed_veths: Vec<String>,
-    pub released_slots: Vec<u32>,
+    pub released_slots: Vec<String>,
     pub removed_host_table: bool,
     pub kept_live: Vec<String>,
     pub errors: Vec<String>,

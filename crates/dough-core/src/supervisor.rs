@@ -119,7 +119,7 @@ pub enum RunError {
     RunDir(#[source] std::io::Error),
     #[error("cannot lease a uid for the vm's jail")]
     Lease(#[source] std::io::Error),
-    #[error("cannot set up the vm's network")]
+    #[error("cannot set up the vm's network (it needs root; --no-network runs without one)")]
     Net(#[source] dough_net::NetError),
     #[error("the guest did not say Hello within {secs} s (boot timeout); serial console ends:\n{serial_tail}")]
     BootTimeout { secs: u64, serial_tail: String },
@@ -315,8 +315,9 @@ async fn run_vm(
             let made = host
                 .net_config()
                 .and_then(|cfg| {
+                    let n = VmNet::setup(&cfg, &vm_id, egress, lease.as_ref().map(|l| l.uid))?;
                     dough_net::prepare_host(&cfg)?;
-                    VmNet::setup(&cfg, &vm_id, egress, lease.as_ref().map(|l| l.uid))
+                    Ok(n)
                 })
                 .map_err(RunError::Net);
             match made {

@@ -115,6 +115,13 @@ impl NetConfig {
         }
     }
 
+    /// The lease file of slot `n`: named by the slot's network address, so
+    /// Doughs with different pools never collide.
+    pub fn slot_lease(&self, n: u32) -> PathBuf {
+        let net = Ipv4Addr::from(u32::from(self.pool.network()) + n * 4);
+        self.slots_dir().join(net.to_string())
+    }
+
     /// (host end, namespace end) of slot `n`.
     pub fn slot_addrs(&self, n: u32) -> (Ipv4Addr, Ipv4Addr) {
         let base = u32::from(self.pool.network()) + n * 4;
@@ -180,7 +187,7 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// A slot lease: `<slots>/<n>`, created O_EXCL before the namespace exists,
+/// A slot lease: `<slots>/<slot network address>`, created O_EXCL before the namespace exists,
 /// removed only once the namespace is gone.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SlotRecord {
@@ -211,7 +218,7 @@ fn lease_slot(cfg: &NetConfig, vm_id: &str, busy: &[Ipv4Addr]) -> Result<u32, Ne
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(dir.join(n.to_string()))
+            .open(cfg.slot_lease(n))
         {
             Ok(mut f) => {
                 f.write_all(&rec)
@@ -226,17 +233,17 @@ fn lease_slot(cfg: &NetConfig, vm_id: &str, busy: &[Ipv4Addr]) -> Result<u32, Ne
 }
 
 /// The slot leases in `dir` (`NetConfig::slots_dir`), with their records.
-pub fn slot_leases(dir: &Path) -> Vec<(u32, Option<SlotRecord>)> {
+pub fn slot_leases(dir: &Path) -> Vec<(PathBuf, Option<SlotRecord>)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
     };
     rd.flatten()
         .filter_map(|e| {
-            let n = e.file_name().to_str()?.parse().ok()?;
+            e.file_name().to_str()?.parse::<Ipv4Addr>().ok()?;
             let rec = std::fs::read(e.path())
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
-            Some((n, rec))
+            Some((e.path(), rec))
         })
         .collect()
 }
@@ -284,9 +291,38 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
     std::fs::write(path, value).map_err(io(format!("write {path}")))
 }
 
+/// A lock on `<run_root>/host.lock` (shared: making the host table; exclusive:
+/// gc deciding to delete it), so gc never deletes the table under a VM that
+/// has leased its slot.
+fn host_lock(cfg: &NetConfig, exclusive: bool) -> Result<std::fs::File, NetError> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(&cfg.run_root)
+        .map_err(io(format!("create {}", cfg.run_root.display())))?;
+    let p = cfg.run_root.join("host.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(io(format!("open {}", p.display())))?;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on an open descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        return Err(io(format!("lock {}", p.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
+}
+
 /// Make the host namespace (the calling thread's) ready for VMs: Dough's
 /// own `inet dough` table, replaced atomically, and IPv4 forwarding on.
-/// Touches no other table. Call once per process before [`VmNet::setup`].
+/// Touches no other table. Call after [`VmNet::setup`] (whose slot lease
+/// keeps `gc` from deleting the table) and before the VM's first packet.
 pub fn prepare_host(cfg: &NetConfig) -> Result<(), NetError> {
     if cfg.slot_count() == 0 {
         return Err(NetError::Config(format!(
@@ -294,7 +330,7 @@ pub fn prepare_host(cfg: &NetConfig) -> Result<(), NetError> {
             cfg.pool
         )));
     }
-    ensure_netns_dir()?;
+    let _lock = host_lock(cfg, false)?;
     let mut n = nft::Nft::new()?;
     n.run(&policy::host_ruleset(cfg.pool, cfg.host_nat))?;
     let fwd = "/proc/sys/net/ipv4/ip_forward";
@@ -319,7 +355,7 @@ pub struct VmNet {
     pub tap: Option<std::fs::File>,
     stop: Option<OwnedFd>,
     dns: Option<JoinHandle<()>>,
-    slots_dir: PathBuf,
+    lease: PathBuf,
 }
 
 struct Built {
@@ -358,6 +394,7 @@ impl VmNet {
                 IpAddr::V6(_) => None,
             })
             .collect();
+        ensure_netns_dir()?;
         let slot = lease_slot(cfg, vm_id, &host_addrs)?;
         let mut net = VmNet {
             vm_id: vm_id.into(),
@@ -368,7 +405,7 @@ impl VmNet {
             tap: None,
             stop: None,
             dns: None,
-            slots_dir: cfg.slots_dir(),
+            lease: cfg.slot_lease(slot),
         };
         let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| io("pipe")(e.into()))?;
         net.stop = Some(stop_w);
@@ -434,7 +471,7 @@ impl VmNet {
             errors.push(e);
             return errors;
         }
-        let lease = self.slots_dir.join(self.slot.to_string());
+        let lease = self.lease.clone();
         if let Err(e) = std::fs::remove_file(&lease) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 errors.push(format!("release slot {}: {e}", self.slot));
@@ -558,7 +595,7 @@ fn build(
 pub struct NetGc {
     pub removed_netns: Vec<String>,
     pub removed_veths: Vec<String>,
-    pub released_slots: Vec<u32>,
+    pub released_slots: Vec<String>,
     /// The host's `inet dough` table, removed when no VM is left.
     pub removed_host_table: bool,
     pub kept_live: Vec<String>,
@@ -609,18 +646,24 @@ pub fn gc(cfg: &NetConfig) -> NetGc {
             }
         }
     }
-    for (n, rec) in leases {
+    for (path, rec) in leases {
         if rec.as_ref().is_some_and(|rec| live.contains(&rec.vm_id)) {
             continue;
         }
-        match std::fs::remove_file(cfg.slots_dir().join(n.to_string())) {
-            Ok(()) => r.released_slots.push(n),
-            Err(e) => r.errors.push(format!("release slot {n}: {e}")),
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        match std::fs::remove_file(&path) {
+            Ok(()) => r.released_slots.push(format!("{name}/30")),
+            Err(e) => r.errors.push(format!("release slot {name}: {e}")),
         }
     }
-    // No VM left at all: Dough's host table goes too (the next VM's setup
-    // puts it back).
-    if slot_leases(&cfg.slots_dir()).is_empty() {
+    // No VM left at all: Dough's host table goes too (the next VM puts it
+    // back after leasing its slot).
+    let lock = host_lock(cfg, true);
+    if lock.is_ok() && slot_leases(&cfg.slots_dir()).is_empty() {
         if let Ok(mut n) = nft::Nft::new() {
             if n.run(&format!("list table inet {}", policy::HOST_TABLE))
                 .is_ok()
@@ -684,6 +727,7 @@ mod tests {
             lease_slot(&c, "c", &[]),
             Err(NetError::PoolExhausted(_))
         ));
+        assert!(c.slot_lease(1).ends_with("10.213.0.4"));
         let recs = slot_leases(&c.slots_dir());
         assert_eq!(recs.len(), 2);
         assert!(recs.iter().all(|(_, r)| r

@@ -182,7 +182,7 @@ fn gc_reclaims_the_network_of_a_dead_owner() {
     let slot = n.slot;
     // The owner "dies": its lease names a process that is gone, and the
     // VmNet is leaked instead of torn down.
-    let lease = cfg.slots_dir().join(slot.to_string());
+    let lease = cfg.slot_lease(slot);
     let dead = serde_json::json!({"vm_id": id, "owner": {"pid": 999_999_999u32, "start": 1}});
     std::fs::write(&lease, dead.to_string()).unwrap();
     std::mem::forget(n);
@@ -193,7 +193,8 @@ fn gc_reclaims_the_network_of_a_dead_owner() {
     let r = in_ns(&w.host, move || dough_net::gc(&cfg2));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(r.removed_netns.contains(&format!("dough-{id}")), "{r:?}");
-    assert!(r.released_slots.contains(&slot), "{r:?}");
+    let name = format!("{}/30", lease.file_name().unwrap().to_string_lossy());
+    assert!(r.released_slots.contains(&name), "{r:?}");
     assert!(!lease.exists());
     assert_gone(&w, &id);
 }

@@ -50,6 +50,94 @@ fn bad_resources_and_env_are_rejected_before_anything_starts() {
 }
 
 #[test]
+fn bad_network_flags_are_rejected_before_anything_starts() {
+    let h = Harness::new();
+    for (args, env, needle) in [
+        (
+            vec!["--egress", "none", "--allow-host", "a.com"],
+            None,
+            "cannot be combined",
+        ),
+        (vec!["--egress", "allowlist"], None, "needs at least one"),
+        (vec!["--egress", "closed"], None, "invalid value 'closed'"),
+        (vec!["--allow-cidr", "10.0.0.0/40"], None, "prefix length"),
+        (
+            vec!["--allow-cidr", "github.com"],
+            None,
+            "not an IPv4 address",
+        ),
+        (vec!["--allow-host", "bad name!"], None, "is not a DNS name"),
+        (
+            vec!["--no-network", "--egress", "none"],
+            None,
+            "cannot be used with",
+        ),
+        (vec!["--dns", "resolver"], None, "is not an IP address"),
+        (
+            vec![],
+            Some(("DOUGH_SLOT_POOL", "10.0.0.0/x")),
+            "DOUGH_SLOT_POOL",
+        ),
+        (
+            vec![],
+            Some(("DOUGH_SLOT_POOL", "10.213.0.0/31")),
+            "too small",
+        ),
+        (vec![], Some(("DOUGH_DNS", "x")), "DOUGH_DNS"),
+    ] {
+        let mut full = args.clone();
+        full.extend(["--", "true"]);
+        let mut c = h.cmd();
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.arg("run").args(&full).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?} {env:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert!(!h.runs_dir().exists());
+}
+
+/// A full slot pool fails at set-up time with the reason, and leaves
+/// nothing. The pool is one slot (a /30 no other test uses), held by a
+/// lease of this test process.
+#[test]
+fn exhausted_slot_pool_fails_cleanly() {
+    let h = Harness::new();
+    let lease = std::path::Path::new("/run/dough/slots/10.213.255.252");
+    std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+    let me = dough_net::Owner::me();
+    std::fs::write(
+        lease,
+        serde_json::json!({"vm_id": "heldbytest", "owner": me, "tag": "cli_errors"}).to_string(),
+    )
+    .unwrap();
+    let out = h
+        .cmd()
+        .env("DOUGH_SLOT_POOL", "10.213.255.252/30")
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(lease).unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("slot pool 10.213.255.252/30 is exhausted"),
+        "{err}"
+    );
+    h.assert_clean();
+}
+
+#[test]
 fn missing_image_says_to_build_it() {
     let h = Harness::new();
     let out = h

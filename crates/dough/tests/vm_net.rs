@@ -32,7 +32,7 @@ fn in_host(mut cmd: Command, ns: &str) -> Command {
     cmd
 }
 
-fn leases_of(h: &Harness) -> Vec<(u32, dough_net::SlotRecord)> {
+fn leases_of(h: &Harness) -> Vec<(std::path::PathBuf, dough_net::SlotRecord)> {
     let tag = h.state.path().display().to_string();
     dough_net::slot_leases(std::path::Path::new("/run/dough/slots"))
         .into_iter()
@@ -81,7 +81,10 @@ fn real_vms_reach_the_internet_and_nothing_else() {
     }
     let leases = leases_of(&h);
     assert_eq!(leases.len(), 1, "{leases:?}");
-    let (b_slot, b_rec) = (leases[0].0, &leases[0].1);
+    let b_rec = &leases[0].1;
+    let b_slot = (0..cfg.slot_count())
+        .find(|n| cfg.slot_lease(*n) == leases[0].0)
+        .expect("B's lease is a slot of the pool");
     let (b_host, b_ns) = cfg.slot_addrs(b_slot);
 
     // Control: each target of the matrix really serves.

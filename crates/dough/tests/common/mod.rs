@@ -109,7 +109,8 @@ impl Harness {
             .filter_map(|(n, rec)| rec.filter(|r| r.tag == tag).map(|r| (n, r)))
             .map(|(n, r)| {
                 format!(
-                    "slot {n} of vm {} (netns exists: {})",
+                    "slot {} of vm {} (netns exists: {})",
+                    n.display(),
                     r.vm_id,
                     dough_net::netns_path(&r.vm_id).exists()
                 )
