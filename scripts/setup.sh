@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 
-PKGS=(qemu-system-x86 qemu-system-data seabios debootstrap cpio e2fsprogs lz4 nftables iproute2 kmod git curl ca-certificates)
+PKGS=(qemu-system-x86 qemu-system-data seabios debootstrap cpio e2fsprogs lz4 nftables libnftables1 iproute2 kmod git curl ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -30,6 +30,10 @@ if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/nu
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
+
+# VM networks need TUN (tap0) and a place for named namespaces.
+[ -e /dev/net/tun ] || modprobe tun
+mkdir -p /run/netns /run/dough
 
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: install a Rust toolchain (rustup) first" >&2
