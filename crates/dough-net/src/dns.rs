@@ -164,7 +164,7 @@ pub(crate) fn serve(
                 let q = &buf[..len];
                 match question(q) {
                     None => {}
-                    Some((name, qtype, end)) => {
+                    Some((name, _qtype, end)) => {
                         if !egress.allows_name(&name) {
                             debug!(%name, "dns: refused (not on the allowlist)");
                             let _ = down.send_to(&reply_with(q, end, 5), guest);
@@ -185,7 +185,6 @@ pub(crate) fn serve(
                             } else {
                                 let _ = down.send_to(&reply_with(q, end, 2), guest);
                             }
-                            let _ = qtype;
                         }
                     }
                 }

@@ -63,8 +63,13 @@ pub enum NetError {
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
-    let what = what.into();
-    move |source| NetError::Io { what, source }
+    let mut what = what.into();
+    move |source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            what.push_str(" (needs root; --no-network runs a VM without a network)");
+        }
+        NetError::Io { what, source }
+    }
 }
 
 /// Host-wide network settings.
