@@ -12,6 +12,8 @@ pub mod config;
 pub mod conn;
 pub mod leases;
 pub mod rundir;
+pub mod service;
+pub mod store;
 pub mod supervisor;
 
 pub use config::HostConfig;

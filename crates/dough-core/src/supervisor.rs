@@ -49,6 +49,12 @@ pub struct TaskSpec {
     /// The VM's network: its own namespace with this egress policy; None:
     /// no NIC at all.
     pub network: Option<Egress>,
+    /// The VM id to use (the service records it before the VM exists);
+    /// None: a fresh one.
+    pub vm_id: Option<String>,
+    /// On cancel: the task gets the cancel signal, then this long to exit
+    /// before SIGKILL. Zero: tear down at once.
+    pub cancel_grace: Duration,
 }
 
 impl Default for TaskSpec {
@@ -66,6 +72,8 @@ impl Default for TaskSpec {
             boot_timeout: Duration::from_secs(60),
             heartbeat_timeout: Duration::from_secs(5),
             network: Some(Egress::Open),
+            vm_id: None,
+            cancel_grace: Duration::ZERO,
         }
     }
 }
@@ -119,7 +127,7 @@ pub enum RunError {
     RunDir(#[source] std::io::Error),
     #[error("cannot lease a uid for the vm's jail")]
     Lease(#[source] std::io::Error),
-    #[error("cannot set up the vm's network (it needs root; --no-network runs without one)")]
+    #[error("cannot set up the vm's network")]
     Net(#[source] dough_net::NetError),
     #[error("the guest did not say Hello within {secs} s (boot timeout); serial console ends:\n{serial_tail}")]
     BootTimeout { secs: u64, serial_tail: String },
@@ -230,7 +238,7 @@ async fn run_vm(
     on_event: &mut (dyn FnMut(Event<'_>) + Send),
     cancel: impl Future<Output = i32>,
 ) -> RunReport {
-    let vm_id = crate::new_id();
+    let vm_id = spec.vm_id.clone().unwrap_or_else(crate::new_id);
     let span = info_span!("vm", vm_id = %vm_id, task_id = %spec.task_id);
     let mut rep = RunReport {
         vm_id: vm_id.clone(),
@@ -491,6 +499,9 @@ async fn drive(
     tokio::pin!(task_timeout);
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // Set once cancelled with a grace period: (signal, SIGKILL deadline,
+    // whether SIGKILL went out).
+    let mut cancelling: Option<(i32, Instant, bool)> = None;
     loop {
         tokio::select! {
             biased;
@@ -515,6 +526,9 @@ async fn drive(
                     GuestMsg::Output { stream, data } => (ctx.on_event)(Event::Output(stream, &data)),
                     GuestMsg::Exit { status, oom } => {
                         ctx.phase(Phase::Done);
+                        if let Some((sig, _, _)) = cancelling {
+                            return Ok(Outcome::Cancelled(sig));
+                        }
                         return Ok(if oom { Outcome::OutOfMemory(status) } else { Outcome::Exited(status) });
                     }
                     GuestMsg::SpawnFailed { message } => { ctx.phase(Phase::Done); return Ok(Outcome::SpawnFailed(message)) }
@@ -528,11 +542,22 @@ async fn drive(
                 ctx.phase(Phase::Done);
                 return Ok(Outcome::TimedOut(spec.timeout.unwrap_or_default()));
             }
-            sig = &mut cancel => {
+            sig = &mut cancel, if cancelling.is_none() => {
                 let _ = conn::send(w, &HostMsg::Signal { signo: sig }).await;
-                return Ok(Outcome::Cancelled(sig));
+                if spec.cancel_grace.is_zero() {
+                    return Ok(Outcome::Cancelled(sig));
+                }
+                cancelling = Some((sig, Instant::now() + spec.cancel_grace, false));
             }
             _ = tick.tick() => {
+                if let Some((sig, deadline, killed)) = cancelling {
+                    if !killed && Instant::now() >= deadline {
+                        let _ = conn::send(w, &HostMsg::Signal { signo: libc_sigkill() }).await;
+                        cancelling = Some((sig, Instant::now() + Duration::from_secs(2), true));
+                    } else if killed && Instant::now() >= deadline {
+                        return Ok(Outcome::Cancelled(sig));
+                    }
+                }
                 if last_seen.elapsed() > spec.heartbeat_timeout {
                     live.agent_ok = false;
                     return Err(RunError::AgentLost {

@@ -412,7 +412,8 @@ impl VmNet {
             dns: None,
             lease: cfg.slot_lease(slot),
         };
-        let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| io("pipe")(e.into()))?;
+        let (stop_r, stop_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
         net.stop = Some(stop_w);
         let (tx, rx) = mpsc::channel::<Result<Built, NetError>>();
         let cfg2 = cfg.clone();

@@ -1,5 +1,6 @@
 //! `dough`: the command line. Thin: parsing, printing and exit codes; the
 //! work is in `dough-core` (supervisor), `dough-vmm` and `dough-image`.
+mod api;
 mod cmd;
 
 use std::path::PathBuf;
@@ -49,6 +50,18 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCmd),
+    /// Run the orchestrator daemon (HTTP API, durable queue, scheduler).
+    Serve(cmd::serve::ServeArgs),
+    /// Submit a task to `dough serve`; prints its id (or follows it with --wait).
+    Submit(cmd::client::SubmitArgs),
+    /// List tasks of `dough serve`.
+    Ls(cmd::client::LsArgs),
+    /// Show one task (JSON).
+    Show(cmd::client::IdArgs),
+    /// Print a task's output (-f: follow it live).
+    Logs(cmd::client::LogsArgs),
+    /// Cancel a task.
+    Cancel(cmd::client::IdArgs),
 }
 
 fn init_logging(cli: &Cli) {
@@ -99,6 +112,12 @@ fn main() -> ExitCode {
             Command::Doctor(a) => cmd::doctor::run(&cli, a),
             Command::Gc => cmd::gc::run(&cli),
             Command::Bench(c) => cmd::bench::run(&cli, c).await,
+            Command::Serve(a) => cmd::serve::run(&cli, a).await,
+            Command::Submit(a) => cmd::client::submit(&cli, a),
+            Command::Ls(a) => cmd::client::ls(&cli, a),
+            Command::Show(a) => cmd::client::show(&cli, a),
+            Command::Logs(a) => cmd::client::logs(&cli, a),
+            Command::Cancel(a) => cmd::client::cancel(&cli, a),
         }
     });
     match res {

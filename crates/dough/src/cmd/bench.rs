@@ -15,6 +15,8 @@ pub enum BenchCmd {
     Boot(BootArgs),
     /// Per-VM network setup/teardown: dough-net vs `ip`/`nft` commands.
     Net(super::bench_net::NetArgs),
+    /// The daemon: POST throughput, scheduler latency, memory per VM.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -49,6 +51,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
     let a = match c {
         BenchCmd::Boot(a) => a,
         BenchCmd::Net(n) => return super::bench_net::run(n),
+        BenchCmd::Serve(s) => return super::bench_serve::run(s),
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {

@@ -1,9 +1,12 @@
 pub mod bench;
 pub mod bench_net;
+pub mod bench_serve;
+pub mod client;
 pub mod doctor;
 pub mod gc;
 pub mod image;
 pub mod run;
+pub mod serve;
 
 use dough_core::HostConfig;
 use dough_vmm::{AccelChoice, BackendChoice};

@@ -85,7 +85,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 /// Resolves to a signal number on SIGINT or SIGTERM.
-async fn interrupted() -> i32 {
+pub async fn interrupted() -> i32 {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),

@@ -1,0 +1,641 @@
+//! **Where a task changes state** in the service: admission and scheduling,
+//! one runner per admitted task (which drives the [`supervisor`]), cancel,
+//! and recovery after a crash of the daemon.
+//!
+//! ```text
+//! submit ─▶ queued ─(room)─▶ provisioning ─(VMM spawned)─▶ booting
+//!   ─(task started)─▶ running ─(task ended)─▶ finalizing ─▶ succeeded | failed
+//! any non-terminal ─▶ failed | cancelled | timed_out (with a reason)
+//! ```
+//! Every transition is written to the [`Store`] first, then broadcast to
+//! subscribers (SSE). The VM's id and the resources it will own are recorded
+//! before the supervisor creates them.
+//!
+//! [`supervisor`]: crate::supervisor
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dough_net::{Cidr, Egress};
+use dough_proto::{ExitStatus, Stream};
+use serde::Serialize;
+use tokio::sync::{broadcast, oneshot, Notify};
+use tracing::{info, warn};
+
+use crate::store::{now_ms, State, Store, StoreError, TaskRecord, TaskRequest};
+use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
+use crate::HostConfig;
+
+/// What the host may hold at once.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Limits {
+    /// Physical CPUs to schedule on.
+    pub host_cpus: u32,
+    /// vCPUs per physical CPU.
+    pub overcommit: f64,
+    /// Guest memory in total.
+    pub memory_mib: u64,
+    pub max_vms: u32,
+}
+
+impl Limits {
+    /// This host: all CPUs with 4× overcommit, memory less 1 GiB, 32 VMs.
+    pub fn for_host() -> Limits {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| (kib / 1024).saturating_sub(1024))
+            .unwrap_or(2048);
+        Limits {
+            host_cpus: cpus,
+            overcommit: 4.0,
+            memory_mib: mem,
+            max_vms: 32,
+        }
+    }
+
+    pub fn vcpu_capacity(&self) -> u32 {
+        (self.host_cpus as f64 * self.overcommit).floor() as u32
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub host: HostConfig,
+    pub limits: Limits,
+    pub heartbeat_timeout: Duration,
+    pub boot_timeout: Duration,
+    /// Cancel: SIGTERM, this long, then SIGKILL.
+    pub cancel_grace: Duration,
+    /// Stored output per task.
+    pub output_cap: u64,
+}
+
+impl ServiceConfig {
+    pub fn new(host: HostConfig) -> ServiceConfig {
+        ServiceConfig {
+            host,
+            limits: Limits::for_host(),
+            heartbeat_timeout: Duration::from_secs(5),
+            boot_timeout: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(5),
+            output_cap: 16 << 20,
+        }
+    }
+}
+
+/// Broadcast to subscribers of a task.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskEvent {
+    State {
+        state: State,
+        at_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
+    Output {
+        stream: &'static str,
+        /// Byte offset of this chunk in the task's output.
+        offset: u64,
+        data: String,
+    },
+}
+
+/// Why a request was refused (the API maps these to 4xx).
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Impossible(String),
+    #[error("no task {0}")]
+    NotFound(String),
+    #[error("task {0} is already {1}")]
+    Finished(String, State),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Usage {
+    pub running_vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub submitted_total: u64,
+    pub finished_total: u64,
+    /// Room freed → next task provisioning, last samples (µs).
+    #[serde(skip)]
+    pub sched_latency_us: Vec<u64>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    cfg: ServiceConfig,
+    usage: Mutex<Usage>,
+    /// When room last freed up with tasks waiting.
+    room_freed: Mutex<Option<Instant>>,
+    wake: Notify,
+    channels: Mutex<HashMap<String, broadcast::Sender<TaskEvent>>>,
+    cancels: Mutex<HashMap<String, oneshot::Sender<i32>>>,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// The service. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+/// What recovery did at start.
+#[derive(Debug, Default, Serialize)]
+pub struct Recovery {
+    pub failed: Vec<String>,
+    pub requeued: Vec<String>,
+    pub reclaimed: Vec<String>,
+}
+
+impl Service {
+    /// Recover from a previous daemon's crash, then start scheduling. Must
+    /// run inside a `tokio::task::LocalSet` (runners drive VMs on it).
+    pub fn start(
+        cfg: ServiceConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<(Service, Recovery), StoreError> {
+        let svc = Service {
+            inner: Arc::new(Inner {
+                store,
+                cfg,
+                usage: Mutex::new(Usage::default()),
+                room_freed: Mutex::new(None),
+                wake: Notify::new(),
+                channels: Mutex::new(HashMap::new()),
+                cancels: Mutex::new(HashMap::new()),
+                stopping: std::sync::atomic::AtomicBool::new(false),
+            }),
+        };
+        let rec = svc.recover()?;
+        let s = svc.clone();
+        tokio::task::spawn_local(async move { s.schedule_loop().await });
+        // Tasks queued before this start (or re-queued just now) may run.
+        svc.inner.wake.notify_one();
+        Ok((svc, rec))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.inner.cfg
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.inner.usage.lock().unwrap().clone()
+    }
+
+    /// Scheduler latency samples (µs), oldest first.
+    pub fn sched_latency_us(&self) -> Vec<u64> {
+        self.inner.usage.lock().unwrap().sched_latency_us.clone()
+    }
+
+    /// Tasks the previous daemon left in flight: their VMs' processes,
+    /// namespaces, sockets and disks are reclaimed (by owner record: the old
+    /// daemon is dead), then they fail with `orchestrator_restart`; tasks
+    /// that never got to boot go back to the queue.
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        let st = &self.inner.store;
+        let mut r = Recovery::default();
+        let in_flight = st.in_flight()?;
+        if in_flight.is_empty() {
+            return Ok(r);
+        }
+        let gc = crate::rundir::gc_host(&self.inner.cfg.host);
+        r.reclaimed
+            .extend(gc.removed.iter().map(|v| format!("vm {v}")));
+        r.reclaimed
+            .extend(gc.removed_netns.iter().map(|n| format!("netns {n}")));
+        for e in &gc.errors {
+            warn!(error = %e, "recovery: reclaim");
+        }
+        for t in in_flight {
+            let cleanup = if gc.errors.is_empty() {
+                "reclaimed after restart".to_string()
+            } else {
+                format!(
+                    "reclaimed after restart, with errors: {}",
+                    gc.errors.join("; ")
+                )
+            };
+            st.clear_resources(&t.id, &cleanup)?;
+            if t.state == State::Provisioning {
+                st.requeue(&t.id)?;
+                r.requeued.push(t.id);
+            } else {
+                st.transition(
+                    &t.id,
+                    State::Failed,
+                    Some("orchestrator_restart"),
+                    Some("the daemon stopped while the task ran; its VM was reclaimed"),
+                    None,
+                )?;
+                r.failed.push(t.id);
+            }
+        }
+        info!(?r, "recovered");
+        Ok(r)
+    }
+
+    /// Check and queue a task.
+    pub fn submit(&self, req: TaskRequest) -> Result<TaskRecord, SubmitError> {
+        validate(&req, &self.inner.cfg.limits)?;
+        let id = crate::new_id();
+        let t = self.inner.store.insert(&id, &req)?;
+        self.inner.usage.lock().unwrap().submitted_total += 1;
+        self.inner.wake.notify_one();
+        Ok(t)
+    }
+
+    /// Cancel: a queued task ends at once; a running one gets SIGTERM, then
+    /// SIGKILL after the grace period, then its VM is torn down.
+    pub fn cancel(&self, id: &str) -> Result<TaskRecord, SubmitError> {
+        let t = self.get(id)?;
+        if t.state.is_terminal() {
+            return Err(SubmitError::Finished(id.into(), t.state));
+        }
+        if let Some(tx) = self.inner.cancels.lock().unwrap().remove(id) {
+            let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
+            return self.get(id);
+        }
+        if t.state == State::Queued {
+            let t = self.inner.store.transition(
+                id,
+                State::Cancelled,
+                Some("cancelled"),
+                Some("cancelled while queued"),
+                None,
+            )?;
+            self.publish_state(&t);
+            return Ok(t);
+        }
+        // Being admitted right now: the runner picks the cancel up.
+        self.get(id)
+    }
+
+    pub fn get(&self, id: &str) -> Result<TaskRecord, SubmitError> {
+        self.inner.store.get(id).map_err(|e| match e {
+            StoreError::NotFound(id) => SubmitError::NotFound(id),
+            e => SubmitError::Store(e),
+        })
+    }
+
+    /// Live events of a task (from now on).
+    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<TaskEvent> {
+        self.inner
+            .channels
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_insert_with(|| broadcast::channel(1024).0)
+            .subscribe()
+    }
+
+    fn publish(&self, id: &str, ev: TaskEvent) {
+        let ch = self.inner.channels.lock().unwrap();
+        if let Some(tx) = ch.get(id) {
+            let _ = tx.send(ev);
+        }
+    }
+
+    fn publish_state(&self, t: &TaskRecord) {
+        self.publish(
+            &t.id,
+            TaskEvent::State {
+                state: t.state,
+                at_ms: t.transitions.last().map(|x| x.at_ms).unwrap_or_else(now_ms),
+                reason: t.reason.clone(),
+                exit_code: t.exit_code,
+            },
+        );
+        if t.state.is_terminal() {
+            // Subscribers see the final event, then the channel closes.
+            self.inner.channels.lock().unwrap().remove(&t.id);
+        }
+    }
+
+    fn transition(
+        &self,
+        id: &str,
+        to: State,
+        reason: Option<&str>,
+        detail: Option<&str>,
+        code: Option<i32>,
+    ) {
+        match self.inner.store.transition(id, to, reason, detail, code) {
+            Ok(t) => self.publish_state(&t),
+            Err(e) => warn!(task = id, error = %e, "transition"),
+        }
+    }
+
+    /// Stop admitting; runners finish on their own.
+    pub fn stop_admitting(&self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn schedule_loop(self) {
+        loop {
+            self.inner.wake.notified().await;
+            if self
+                .inner
+                .stopping
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                continue;
+            }
+            if let Err(e) = self.admit() {
+                warn!(error = %e, "scheduler");
+            }
+        }
+    }
+
+    /// Start queued tasks, in order, while they fit. The head of the queue
+    /// is never overtaken by a smaller task behind it.
+    fn admit(&self) -> Result<(), StoreError> {
+        let lim = self.inner.cfg.limits;
+        for t in self.inner.store.queued()? {
+            let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
+            {
+                let mut u = self.inner.usage.lock().unwrap();
+                if u.running_vms >= lim.max_vms
+                    || u.vcpus + v > lim.vcpu_capacity()
+                    || u.memory_mib + m > lim.memory_mib
+                {
+                    return Ok(());
+                }
+                u.running_vms += 1;
+                u.vcpus += v;
+                u.memory_mib += m;
+            }
+            let vm_id = crate::new_id();
+            // Intent before action: the VM id and the resources named by it
+            // are on record before anything exists.
+            let st = &self.inner.store;
+            st.set_vm(&t.id, &vm_id)?;
+            st.add_resource(&t.id, "vm", &vm_id)?;
+            st.add_resource(
+                &t.id,
+                "run_dir",
+                &self
+                    .inner
+                    .cfg
+                    .host
+                    .runs_dir()
+                    .join(&vm_id)
+                    .display()
+                    .to_string(),
+            )?;
+            st.add_resource(
+                &t.id,
+                "netns",
+                &dough_net::netns_path(&vm_id).display().to_string(),
+            )?;
+            self.transition(&t.id, State::Provisioning, None, None, None);
+            if let Some(freed) = self.inner.room_freed.lock().unwrap().take() {
+                let mut u = self.inner.usage.lock().unwrap();
+                if u.sched_latency_us.len() >= 10_000 {
+                    u.sched_latency_us.remove(0);
+                }
+                u.sched_latency_us.push(freed.elapsed().as_micros() as u64);
+            }
+            let (tx, rx) = oneshot::channel();
+            self.inner.cancels.lock().unwrap().insert(t.id.clone(), tx);
+            let s = self.clone();
+            tokio::task::spawn_local(async move { s.run(t, vm_id, rx).await });
+        }
+        Ok(())
+    }
+
+    async fn run(self, t: TaskRecord, vm_id: String, cancel: oneshot::Receiver<i32>) {
+        let cfg = &self.inner.cfg;
+        let r = &t.request;
+        let network = match egress_of(r) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.finish(&t, State::Failed, "invalid", &e, None, "ok");
+                return;
+            }
+        };
+        let spec = TaskSpec {
+            task_id: t.id.clone(),
+            command: r.command.clone(),
+            env: r.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            root: r.root,
+            workdir: r.workdir.clone(),
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            timeout: r.timeout_secs.map(Duration::from_secs),
+            boot_timeout: cfg.boot_timeout,
+            heartbeat_timeout: cfg.heartbeat_timeout,
+            network,
+            vm_id: Some(vm_id),
+            cancel_grace: cfg.cancel_grace,
+            ..TaskSpec::default()
+        };
+        let id = t.id.clone();
+        let mut offset = 0u64;
+        let me = self.clone();
+        let mut on_event = move |ev: Event<'_>| match ev {
+            Event::Phase(Phase::Spawned, _) => me.transition(&id, State::Booting, None, None, None),
+            Event::Phase(Phase::Started, _) => me.transition(&id, State::Running, None, None, None),
+            Event::Phase(Phase::Done, _) => me.transition(&id, State::Finalizing, None, None, None),
+            Event::Phase(..) => {}
+            Event::Output(stream, data) => {
+                let (n, name) = match stream {
+                    Stream::Stdout => (1, "stdout"),
+                    Stream::Stderr => (2, "stderr"),
+                };
+                if let Err(e) = me
+                    .inner
+                    .store
+                    .append_output(&id, n, data, me.inner.cfg.output_cap)
+                {
+                    warn!(task = %id, error = %e, "store output");
+                }
+                me.publish(
+                    &id,
+                    TaskEvent::Output {
+                        stream: name,
+                        offset,
+                        data: String::from_utf8_lossy(data).into_owned(),
+                    },
+                );
+                offset += data.len() as u64;
+            }
+        };
+        // A dropped sender means the task is never cancelled.
+        let cancelled = async move {
+            match cancel.await {
+                Ok(sig) => sig,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let rep = crate::run_task(&cfg.host, &spec, &mut on_event, cancelled).await;
+        let cleanup = if rep.teardown_errors.is_empty() {
+            "ok".to_string()
+        } else {
+            rep.teardown_errors.join("; ")
+        };
+        let (state, reason, detail, code) = match rep.result {
+            Ok(Outcome::Exited(st)) => {
+                let code = st.shell_code();
+                let ok = matches!(st, ExitStatus::Code(0));
+                (
+                    if ok { State::Succeeded } else { State::Failed },
+                    "exit_code",
+                    format!("the command exited with {code}"),
+                    Some(code),
+                )
+            }
+            Ok(Outcome::OutOfMemory(st)) => (
+                State::Failed,
+                "oom",
+                format!("the guest ran out of memory ({} MiB)", r.memory_mib),
+                Some(st.shell_code()),
+            ),
+            Ok(Outcome::SpawnFailed(m)) => (State::Failed, "spawn_failed", m, Some(127)),
+            Ok(Outcome::TimedOut(d)) => (
+                State::TimedOut,
+                "timeout",
+                format!("killed after {} s", d.as_secs()),
+                None,
+            ),
+            Ok(Outcome::Cancelled(_)) => (
+                State::Cancelled,
+                "cancelled",
+                "cancelled by request".into(),
+                None,
+            ),
+            Err(e) => {
+                let reason = match &e {
+                    RunError::BootTimeout { .. } => "boot_timeout",
+                    RunError::AgentLost { reason, .. } if reason.starts_with("no heartbeat") => {
+                        "heartbeat_lost"
+                    }
+                    RunError::AgentLost { .. } => "agent_lost",
+                    RunError::VmmExited { .. } => "vmm_exited",
+                    RunError::Protocol(_) => "protocol_error",
+                    RunError::Net(_) => "network_setup",
+                    RunError::Image(_) => "image",
+                    _ => "vmm_error",
+                };
+                (State::Failed, reason, error_chain(&e), None)
+            }
+        };
+        self.finish(&t, state, reason, &detail, code, &cleanup);
+    }
+
+    fn finish(
+        &self,
+        t: &TaskRecord,
+        state: State,
+        reason: &str,
+        detail: &str,
+        code: Option<i32>,
+        cleanup: &str,
+    ) {
+        self.inner.cancels.lock().unwrap().remove(&t.id);
+        if let Err(e) = self.inner.store.clear_resources(&t.id, cleanup) {
+            warn!(task = %t.id, error = %e, "clear resources");
+        }
+        self.transition(&t.id, state, Some(reason), Some(detail), code);
+        {
+            let mut u = self.inner.usage.lock().unwrap();
+            u.running_vms = u.running_vms.saturating_sub(1);
+            u.vcpus = u.vcpus.saturating_sub(t.request.vcpus);
+            u.memory_mib = u.memory_mib.saturating_sub(t.request.memory_mib as u64);
+            u.finished_total += 1;
+        }
+        *self.inner.room_freed.lock().unwrap() = Some(Instant::now());
+        self.inner.wake.notify_one();
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+fn egress_of(r: &TaskRequest) -> Result<Egress, String> {
+    let cidrs = r
+        .allow_cidrs
+        .iter()
+        .map(|c| c.parse::<Cidr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Egress::from_flags(r.egress.as_deref(), r.allow_hosts.clone(), cidrs)
+}
+
+/// Everything wrong with a request, before it is queued.
+pub fn validate(r: &TaskRequest, lim: &Limits) -> Result<(), SubmitError> {
+    let bad = |m: String| Err(SubmitError::Invalid(m));
+    if r.command.is_empty() || r.command[0].is_empty() {
+        return bad("command: must name a program (a non-empty array of strings)".into());
+    }
+    if r.command.iter().any(|a| a.contains('\0')) {
+        return bad("command: arguments may not contain NUL".into());
+    }
+    for (k, v) in &r.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return bad(format!("env: '{k}' is not a valid variable name"));
+        }
+    }
+    if !(1..=64).contains(&r.vcpus) {
+        return bad(format!("vcpus: must be 1..=64, not {}", r.vcpus));
+    }
+    if !(128..=262_144).contains(&r.memory_mib) {
+        return bad(format!(
+            "memory_mib: must be 128..=262144, not {}",
+            r.memory_mib
+        ));
+    }
+    if r.timeout_secs == Some(0) {
+        return bad("timeout_secs: must be at least 1".into());
+    }
+    if let Err(e) = egress_of(r) {
+        return bad(format!("egress: {e}"));
+    }
+    if r.vcpus > lim.vcpu_capacity() {
+        return Err(SubmitError::Impossible(format!(
+            "vcpus: {} exceeds what this host can ever run ({})",
+            r.vcpus,
+            lim.vcpu_capacity()
+        )));
+    }
+    if r.memory_mib as u64 > lim.memory_mib {
+        return Err(SubmitError::Impossible(format!(
+            "memory_mib: {} exceeds what this host can ever give ({})",
+            r.memory_mib, lim.memory_mib
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,471 @@
+//! The HTTP API of `dough serve`: routes, bearer-token auth, JSON errors,
+//! Server-Sent Events, Prometheus metrics and the OpenAPI document — all
+//! built from one route table, so the document cannot drift from what is
+//! served.
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use dough_core::service::{Service, SubmitError, TaskEvent};
+use dough_core::store::{State as TaskState, TaskRequest};
+use serde_json::json;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct Api {
+    pub svc: Service,
+    pub token: Arc<String>,
+}
+
+/// Every route: method, path (OpenAPI syntax), needs auth, summary.
+pub const ROUTES: &[(&str, &str, bool, &str)] = &[
+    (
+        "get",
+        "/healthz",
+        false,
+        "Liveness of the daemon (no token needed)",
+    ),
+    ("get", "/metrics", true, "Prometheus metrics"),
+    ("get", "/openapi.json", true, "This document"),
+    ("post", "/v1/tasks", true, "Submit a task; 201 with its id"),
+    (
+        "get",
+        "/v1/tasks",
+        true,
+        "List tasks, newest first (?state=, ?limit=)",
+    ),
+    (
+        "get",
+        "/v1/tasks/{id}",
+        true,
+        "A task: state, transitions, exit code, reason",
+    ),
+    (
+        "delete",
+        "/v1/tasks/{id}",
+        true,
+        "Cancel a task (SIGTERM, grace, SIGKILL, teardown)",
+    ),
+    (
+        "get",
+        "/v1/tasks/{id}/logs",
+        true,
+        "Stored output (stdout and stderr, in order)",
+    ),
+    (
+        "get",
+        "/v1/tasks/{id}/events",
+        true,
+        "Server-Sent Events: state changes and output as they happen",
+    ),
+];
+
+pub fn router(api: Api) -> Router {
+    let r = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/tasks", post(create).get(list))
+        .route("/v1/tasks/{id}", get(show).delete(cancel))
+        .route("/v1/tasks/{id}/logs", get(logs))
+        .route("/v1/tasks/{id}/events", get(events));
+    r.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(api.clone(), auth))
+        .with_state(api)
+}
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing 'Authorization: Bearer <token>' (the token is in <state dir>/api-token)",
+        ),
+        Some(t) if constant_time_eq(t.as_bytes(), api.token.as_bytes()) => next.run(req).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"ok": true})).into_response()
+}
+
+fn submit_error(e: SubmitError) -> Response {
+    match e {
+        SubmitError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid", m),
+        SubmitError::Impossible(m) => error(StatusCode::UNPROCESSABLE_ENTITY, "impossible", m),
+        SubmitError::NotFound(id) => error(
+            StatusCode::NOT_FOUND,
+            "no_such_task",
+            format!("no task {id}"),
+        ),
+        e @ SubmitError::Finished(..) => error(StatusCode::CONFLICT, "finished", e.to_string()),
+        SubmitError::Store(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    }
+}
+
+async fn create(State(api): State<Api>, body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is larger than {MAX_BODY} bytes"),
+            )
+        }
+    };
+    let req: TaskRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", format!("{e}")),
+    };
+    match api.svc.submit(req) {
+        Ok(t) => (
+            StatusCode::CREATED,
+            [(header::LOCATION, format!("/v1/tasks/{}", t.id))],
+            axum::Json(json!({"id": t.id, "state": t.state})),
+        )
+            .into_response(),
+        Err(e) => submit_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(api): State<Api>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "query parameters: state, limit (a number)",
+        );
+    };
+    let state = match q.state.as_deref().map(TaskState::parse) {
+        None => None,
+        Some(Some(s)) => Some(s),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("unknown state '{}'", q.state.unwrap_or_default()),
+            )
+        }
+    };
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    match api.svc.store().list(state, limit) {
+        Ok(v) => axum::Json(json!({"tasks": v})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    }
+}
+
+async fn show(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    match api.svc.get(&id) {
+        Ok(t) => axum::Json(t).into_response(),
+        Err(e) => submit_error(e),
+    }
+}
+
+async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    match api.svc.cancel(&id) {
+        Ok(t) => (StatusCode::ACCEPTED, axum::Json(t)).into_response(),
+        Err(e) => submit_error(e),
+    }
+}
+
+async fn logs(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let l = match api.svc.store().logs(&id) {
+        Ok(l) => l,
+        Err(dough_core::store::StoreError::NotFound(_)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_such_task",
+                format!("no task {id}"),
+            )
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    };
+    let mut out: Vec<u8> = l.chunks.into_iter().flat_map(|(_, d)| d).collect();
+    let mut resp_headers = vec![(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    )];
+    if l.truncated {
+        out.extend_from_slice(
+            format!(
+                "\n[dough: output truncated here, at the {} byte limit]\n",
+                api.svc.config().output_cap
+            )
+            .as_bytes(),
+        );
+        resp_headers.push((
+            header::HeaderName::from_static("x-dough-truncated"),
+            HeaderValue::from_static("true"),
+        ));
+    }
+    let mut r = out.into_response();
+    for (k, v) in resp_headers {
+        r.headers_mut().insert(k, v);
+    }
+    r
+}
+
+async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    // Subscribe first, then read the state: no transition falls in between.
+    let mut rx = api.svc.subscribe(&id);
+    let t = match api.svc.get(&id) {
+        Ok(t) => t,
+        Err(e) => return submit_error(e),
+    };
+    let first = TaskEvent::State {
+        state: t.state,
+        at_ms: t
+            .transitions
+            .last()
+            .map(|x| x.at_ms)
+            .unwrap_or(t.created_ms),
+        reason: t.reason.clone(),
+        exit_code: t.exit_code,
+    };
+    let done = t.state.is_terminal();
+    let stream = async_stream(move |tx| async move {
+        if tx.send(sse(&first)).await.is_err() || done {
+            return;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let end = matches!(&ev, TaskEvent::State { state, .. } if state.is_terminal());
+                    if tx.send(sse(&ev)).await.is_err() || end {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let ev = SseEvent::default()
+                        .event("lagged")
+                        .data(json!({"missed": n}).to_string());
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+fn sse(ev: &TaskEvent) -> Result<SseEvent, Infallible> {
+    let name = match ev {
+        TaskEvent::State { .. } => "state",
+        TaskEvent::Output { .. } => "output",
+    };
+    Ok(SseEvent::default()
+        .event(name)
+        .data(serde_json::to_string(ev).expect("event serializes")))
+}
+
+/// A stream fed by a task writing into a channel.
+fn async_stream<F, Fut>(f: F) -> impl futures_core::Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let counts = api.svc.store().counts().unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "# HELP dough_tasks Tasks by state.\n# TYPE dough_tasks gauge"
+    );
+    for (st, n) in &counts {
+        let _ = writeln!(s, "dough_tasks{{state=\"{st}\"}} {n}");
+    }
+    let u = api.svc.usage();
+    let lim = api.svc.config().limits;
+    for (name, help, kind, v) in [
+        (
+            "dough_vms_running",
+            "VMs running now.",
+            "gauge",
+            u.running_vms as f64,
+        ),
+        (
+            "dough_vcpus_allocated",
+            "vCPUs of running VMs.",
+            "gauge",
+            u.vcpus as f64,
+        ),
+        (
+            "dough_memory_allocated_mib",
+            "Guest memory of running VMs.",
+            "gauge",
+            u.memory_mib as f64,
+        ),
+        (
+            "dough_capacity_vcpus",
+            "vCPUs the scheduler may allocate.",
+            "gauge",
+            lim.vcpu_capacity() as f64,
+        ),
+        (
+            "dough_capacity_memory_mib",
+            "Guest memory the scheduler may allocate.",
+            "gauge",
+            lim.memory_mib as f64,
+        ),
+        (
+            "dough_capacity_vms",
+            "VMs the scheduler may run at once.",
+            "gauge",
+            lim.max_vms as f64,
+        ),
+        (
+            "dough_tasks_submitted_total",
+            "Tasks accepted since start.",
+            "counter",
+            u.submitted_total as f64,
+        ),
+        (
+            "dough_tasks_finished_total",
+            "Tasks finished since start.",
+            "counter",
+            u.finished_total as f64,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    let mut lat = api.svc.sched_latency_us();
+    lat.sort_unstable();
+    let _ = writeln!(
+        s,
+        "# HELP dough_scheduler_latency_seconds Room freed to next task provisioning.\n# TYPE dough_scheduler_latency_seconds summary"
+    );
+    for q in [0.5, 0.99] {
+        let v = if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * q).round() as usize] as f64 / 1e6
+        };
+        let _ = writeln!(s, "dough_scheduler_latency_seconds{{quantile=\"{q}\"}} {v}");
+    }
+    let _ = writeln!(s, "dough_scheduler_latency_seconds_count {}", lat.len());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
+}
+
+/// The OpenAPI 3 document, from [`ROUTES`].
+pub fn openapi_doc() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, auth, summary) in ROUTES {
+        let entry = paths
+            .entry(path.to_string())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("object");
+        let mut op = json!({
+            "summary": summary,
+            "responses": {"200": {"description": "OK"}, "4XX": {"description": "a JSON error: {\"error\": {\"code\", \"message\"}}"}},
+        });
+        if path.contains("{id}") {
+            op["parameters"] = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        }
+        if !auth {
+            op["security"] = json!([]);
+        }
+        if *method == "post" {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRequest"}}}});
+            op["responses"]["201"] = json!({"description": "Created: {\"id\", \"state\"}"});
+        }
+        entry.insert(method.to_string(), op);
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Dough", "version": env!("CARGO_PKG_VERSION")},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"TaskRequest": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["command"],
+                "properties": {
+                    "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "vcpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
+                    "memory_mib": {"type": "integer", "minimum": 128, "maximum": 262144, "default": 512},
+                    "timeout_secs": {"type": "integer", "minimum": 1},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "priority": {"type": "integer", "default": 0},
+                    "root": {"type": "boolean", "default": false},
+                    "workdir": {"type": "string"},
+                    "egress": {"type": "string", "enum": ["open", "none", "allowlist"]},
+                    "allow_hosts": {"type": "array", "items": {"type": "string"}},
+                    "allow_cidrs": {"type": "array", "items": {"type": "string"}}
+                }
+            }}
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    })
+}
+
+async fn openapi() -> Response {
+    axum::Json(openapi_doc()).into_response()
+}

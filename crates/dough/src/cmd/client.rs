@@ -1,0 +1,292 @@
+//! The CLI client of `dough serve`: `submit`, `ls`, `show`, `logs [-f]`,
+//! `cancel`. It finds the server and its token in the state dir
+//! (`api-url`, `api-token`) or in `DOUGH_URL` / `DOUGH_TOKEN`.
+use std::io::{BufRead, Write};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::Cli;
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u32,
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    pub env: Vec<String>,
+    #[arg(long = "label", short = 'l', value_name = "K=V")]
+    pub labels: Vec<String>,
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    #[arg(long)]
+    pub root: bool,
+    #[arg(long, value_name = "MODE")]
+    pub egress: Option<String>,
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidr: Vec<String>,
+    /// Follow the task's output until it ends; exit with its exit code.
+    #[arg(long, short = 'w')]
+    pub wait: bool,
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Only tasks in this state.
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Keep printing output as it comes, until the task ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    pub id: String,
+}
+
+pub struct Client {
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn from_env(cli: &Cli) -> anyhow::Result<Client> {
+        let dir = cli
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dough_core::config::DEFAULT_STATE_DIR.into());
+        let read =
+            |name: &str| std::fs::read_to_string(dir.join(name)).map(|s| s.trim().to_string());
+        let url = match std::env::var("DOUGH_URL") {
+            Ok(u) => u,
+            Err(_) => read("api-url").with_context(|| {
+                format!(
+                    "no DOUGH_URL and no {}/api-url: is `dough serve` running?",
+                    dir.display()
+                )
+            })?,
+        };
+        let token = match std::env::var("DOUGH_TOKEN") {
+            Ok(t) => t,
+            Err(_) => read("api-token")
+                .with_context(|| format!("no DOUGH_TOKEN and no {}/api-token", dir.display()))?,
+        };
+        Ok(Client {
+            url: url.trim_end_matches('/').to_string(),
+            token,
+            agent: ureq::AgentBuilder::new().build(),
+        })
+    }
+
+    fn req(&self, method: &str, path: &str) -> ureq::Request {
+        self.agent
+            .request(method, &format!("{}{path}", self.url))
+            .set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    fn call(&self, r: Result<ureq::Response, ureq::Error>) -> anyhow::Result<ureq::Response> {
+        match r {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(code, r)) => {
+                let body: Value = r.into_json().unwrap_or(Value::Null);
+                let msg = body["error"]["message"].as_str().unwrap_or("(no message)");
+                bail!("the server said {code}: {msg}")
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot reach {}", self.url))),
+        }
+    }
+
+    pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self.call(self.req("GET", path).call())?.into_json()?)
+    }
+}
+
+fn kv(v: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+    v.iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .with_context(|| format!("{what} '{s}' is not K=V"))?;
+            Ok((k.to_string(), Value::String(v.to_string())))
+        })
+        .collect()
+}
+
+pub fn submit(cli: &Cli, a: &SubmitArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    let mut body = json!({
+        "command": a.command,
+        "env": kv(&a.env, "--env")?,
+        "labels": kv(&a.labels, "--label")?,
+        "vcpus": a.vcpus,
+        "memory_mib": a.memory,
+        "priority": a.priority,
+        "root": a.root,
+        "allow_hosts": a.allow_host,
+        "allow_cidrs": a.allow_cidr,
+    });
+    if let Some(t) = a.timeout {
+        body["timeout_secs"] = json!(t);
+    }
+    if let Some(e) = &a.egress {
+        body["egress"] = json!(e);
+    }
+    let r: Value = c
+        .call(c.req("POST", "/v1/tasks").send_json(body))?
+        .into_json()?;
+    let id = r["id"].as_str().context("no id in the answer")?.to_string();
+    if !a.wait {
+        println!("{id}");
+        return Ok(0);
+    }
+    eprintln!("dough: task {id}");
+    follow(&c, &id, 0)?;
+    let t = c.get_json(&format!("/v1/tasks/{id}"))?;
+    Ok(final_code(&t))
+}
+
+fn final_code(t: &Value) -> u8 {
+    match (t["state"].as_str(), t["exit_code"].as_i64()) {
+        (Some("succeeded"), _) => 0,
+        (_, Some(c)) => c.clamp(1, 255) as u8,
+        (Some("timed_out"), _) => 124,
+        (Some("cancelled"), _) => 130,
+        _ => crate::EXIT_DOUGH,
+    }
+}
+
+pub fn ls(cli: &Cli, a: &LsArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    let mut q = format!("/v1/tasks?limit={}", a.limit);
+    if let Some(s) = &a.state {
+        q.push_str(&format!("&state={s}"));
+    }
+    let v = c.get_json(&q)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<14} {:<13} {:<22} {:>4}  COMMAND",
+        "ID", "STATE", "REASON", "EXIT"
+    );
+    for t in v["tasks"].as_array().into_iter().flatten() {
+        let cmd: Vec<&str> = t["request"]["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        println!(
+            "{:<14} {:<13} {:<22} {:>4}  {}",
+            t["id"].as_str().unwrap_or(""),
+            t["state"].as_str().unwrap_or(""),
+            t["reason"].as_str().unwrap_or("-"),
+            t["exit_code"]
+                .as_i64()
+                .map(|c| c.to_string())
+                .unwrap_or("-".into()),
+            cmd.join(" ")
+        );
+    }
+    Ok(0)
+}
+
+pub fn show(cli: &Cli, a: &IdArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    let t = c.get_json(&format!("/v1/tasks/{}", a.id))?;
+    println!("{}", serde_json::to_string_pretty(&t)?);
+    Ok(0)
+}
+
+pub fn cancel(cli: &Cli, a: &IdArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    let t: Value = c
+        .call(c.req("DELETE", &format!("/v1/tasks/{}", a.id)).call())?
+        .into_json()?;
+    println!("{} {}", a.id, t["state"].as_str().unwrap_or("?"));
+    Ok(0)
+}
+
+pub fn logs(cli: &Cli, a: &LogsArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    if !a.follow {
+        let mut r = c
+            .call(c.req("GET", &format!("/v1/tasks/{}/logs", a.id)).call())?
+            .into_reader();
+        std::io::copy(&mut r, &mut std::io::stdout().lock())?;
+        return Ok(0);
+    }
+    follow(&c, &a.id, 0)?;
+    Ok(0)
+}
+
+/// Print the stored output, then live output from the event stream (the
+/// stream is opened first, so nothing falls between), until the task ends.
+fn follow(c: &Client, id: &str, _from: u64) -> anyhow::Result<()> {
+    let events = c.call(c.req("GET", &format!("/v1/tasks/{id}/events")).call())?;
+    let stored = c
+        .call(c.req("GET", &format!("/v1/tasks/{id}/logs")).call())?
+        .into_string()?;
+    let mut seen = stored.len() as u64;
+    let mut out = std::io::stdout().lock();
+    out.write_all(stored.as_bytes())?;
+    out.flush()?;
+    let mut event = String::new();
+    for line in std::io::BufReader::new(events.into_reader()).lines() {
+        let line = line?;
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(d).unwrap_or(Value::Null);
+            match event.as_str() {
+                "output" => {
+                    let off = v["offset"].as_u64().unwrap_or(0);
+                    let data = v["data"].as_str().unwrap_or("");
+                    let end = off + data.len() as u64;
+                    if end > seen {
+                        let skip = seen.saturating_sub(off) as usize;
+                        let part = data.get(skip..).unwrap_or(data);
+                        if v["stream"] == "stderr" {
+                            eprint!("{part}");
+                        } else {
+                            out.write_all(part.as_bytes())?;
+                            out.flush()?;
+                        }
+                        seen = end;
+                    }
+                }
+                "state" => {
+                    let st = v["state"].as_str().unwrap_or("");
+                    if matches!(st, "succeeded" | "failed" | "cancelled" | "timed_out") {
+                        let reason = v["reason"].as_str().unwrap_or("");
+                        eprintln!("dough: task {id} {st} ({reason})");
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

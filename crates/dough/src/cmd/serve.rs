@@ -1,0 +1,152 @@
+//! `dough serve`: the orchestrator daemon (HTTP API, durable queue,
+//! scheduler). State: `<state dir>/dough.db` (SQLite, WAL), `api-token`
+//! (0600, made on first start) and `api-url` (where clients find it).
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use dough_core::service::{Limits, Service, ServiceConfig};
+use dough_core::store::SqliteStore;
+
+use crate::Cli;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// VMs at once (0: admit nothing, only queue).
+    #[arg(long, value_name = "N")]
+    pub max_vms: Option<u32>,
+    /// vCPUs per host CPU the scheduler may hand out.
+    #[arg(long, value_name = "X", default_value_t = 4.0)]
+    pub overcommit: f64,
+    /// Guest memory in total, MiB [default: host memory less 1 GiB].
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit: Option<u64>,
+    /// A guest silent this long is lost.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_timeout: u64,
+    /// Cancel: SIGTERM, this long, then SIGKILL.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub cancel_grace: u64,
+    /// Stored output per task, MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    pub output_limit: u64,
+}
+
+fn token_file(dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("api-token");
+    if let Ok(t) = std::fs::read_to_string(&p) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("read /dev/urandom")?;
+    let t: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("create {}", p.display()))?;
+    f.write_all(t.as_bytes())?;
+    Ok(t)
+}
+
+pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
+    let host = super::host_config_net(cli, Default::default(), Default::default())?;
+    std::fs::create_dir_all(&host.state_dir)
+        .with_context(|| format!("create {}", host.state_dir.display()))?;
+    if !a.overcommit.is_finite() || a.overcommit <= 0.0 {
+        anyhow::bail!("--overcommit must be a positive number");
+    }
+    // One daemon per state dir: recovery must never touch a live daemon's tasks.
+    let lock_path = host.state_dir.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err(_) => anyhow::bail!(
+            "another `dough serve` is running on {} (it holds {})",
+            host.state_dir.display(),
+            lock_path.display()
+        ),
+    };
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listen on {}", a.listen))?;
+    let token = token_file(&host.state_dir)?;
+    let store = Arc::new(
+        SqliteStore::open(&host.state_dir.join("dough.db")).context("open the task store")?,
+    );
+    let mut limits = Limits::for_host();
+    limits.overcommit = a.overcommit;
+    if let Some(m) = a.max_vms {
+        limits.max_vms = m;
+    }
+    if let Some(m) = a.memory_limit {
+        limits.memory_mib = m;
+    }
+    let mut cfg = ServiceConfig::new(host.clone());
+    cfg.limits = limits;
+    cfg.heartbeat_timeout = Duration::from_secs(a.heartbeat_timeout);
+    cfg.cancel_grace = Duration::from_secs(a.cancel_grace);
+    cfg.output_cap = a.output_limit << 20;
+
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async move {
+            let (svc, rec) = Service::start(cfg, store).context("recover the task store")?;
+            for id in &rec.failed {
+                eprintln!("dough serve: task {id} failed (orchestrator_restart); its VM was reclaimed");
+            }
+            for id in &rec.requeued {
+                eprintln!("dough serve: task {id} re-queued (it had not booted)");
+            }
+            let addr = listener.local_addr()?;
+            std::fs::write(host.state_dir.join("api-url"), format!("http://{addr}\n"))?;
+            eprintln!(
+                "dough serve: listening on http://{addr} (token in {}; {} VMs, {} vCPUs, {} MiB at most)",
+                host.state_dir.join("api-token").display(),
+                limits.max_vms,
+                limits.vcpu_capacity(),
+                limits.memory_mib
+            );
+            let app = crate::api::router(crate::api::Api {
+                svc: svc.clone(),
+                token: Arc::new(token),
+            });
+            // Not a graceful HTTP shutdown: event streams never end by
+            // themselves. The tasks are what must end cleanly.
+            tokio::select! {
+                r = std::future::IntoFuture::into_future(axum::serve(listener, app)) => r?,
+                _ = super::run::interrupted() => {}
+            }
+            // Shutting down: nothing new starts; running tasks are cancelled
+            // and their VMs torn down before we exit.
+            eprintln!("dough serve: shutting down; cancelling running tasks");
+            svc.stop_admitting();
+            for t in svc.store().in_flight()? {
+                let _ = svc.cancel(&t.id);
+            }
+            let deadline = tokio::time::Instant::now() + svc.config().cancel_grace + Duration::from_secs(30);
+            while !svc.store().in_flight()?.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(lock);
+            Ok::<u8, anyhow::Error>(0)
+        })
+        .await
+}

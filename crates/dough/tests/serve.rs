@@ -1,0 +1,643 @@
+//! `dough serve` as users meet it: the real daemon binary, real HTTP, the
+//! real SQLite store, real VMs where the behaviour needs one.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    fn start(h: &Harness, args: &[&str]) -> Server {
+        let _ = std::fs::remove_file(h.state.path().join("api-url"));
+        let child = h
+            .cmd()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url_file = h.state.path().join("api-url");
+        wait_until("the server to listen", Duration::from_secs(20), || {
+            url_file.exists()
+        });
+        Server {
+            child,
+            url: std::fs::read_to_string(url_file)
+                .unwrap()
+                .trim()
+                .to_string(),
+            token: std::fs::read_to_string(h.state.path().join("api-token"))
+                .unwrap()
+                .trim()
+                .to_string(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(30))
+                .build(),
+        }
+    }
+
+    /// (status, JSON body) of a request with the right token.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.call_as(Some(&self.token), method, path, body)
+    }
+
+    fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut r = self.agent.request(method, &format!("{}{path}", self.url));
+        if let Some(t) = token {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = match body {
+            Some(b) => r.set("Content-Type", "application/json").send_string(b),
+            None => r.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn submit(&self, body: Value) -> String {
+        let (st, v) = self.call("POST", "/v1/tasks", Some(&body.to_string()));
+        assert_eq!(st, 201, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn task(&self, id: &str) -> Value {
+        self.call("GET", &format!("/v1/tasks/{id}"), None).1
+    }
+
+    fn wait_state(&self, id: &str, pred: impl Fn(&str) -> bool, limit: Duration) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let t = self.task(id);
+            if pred(t["state"].as_str().unwrap_or("")) {
+                return t;
+            }
+            assert!(t0.elapsed() < limit, "task {id} stuck: {t}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_state(
+            id,
+            |s| matches!(s, "succeeded" | "failed" | "cancelled" | "timed_out"),
+            Duration::from_secs(120),
+        )
+    }
+
+    fn logs(&self, id: &str) -> String {
+        match self.call("GET", &format!("/v1/tasks/{id}/logs"), None).1 {
+            Value::String(s) => s,
+            v => v.to_string(),
+        }
+    }
+
+    fn stop(mut self) {
+        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// (token: None none, Some("") the right one; method; path; body; status;
+/// error code; a phrase of the message)
+type Case<'a> = (
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    u16,
+    &'a str,
+    &'a str,
+);
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
+    let h = Harness::new();
+    let s = Server::start(&h, &["--max-vms", "0", "--memory-limit", "4096"]);
+    let big = format!(r#"{{"command": ["{}"]}}"#, "x".repeat(100 * 1024));
+    let cases: Vec<Case> = vec![
+        (
+            None,
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"]}"#),
+            401,
+            "unauthorized",
+            "Bearer",
+        ),
+        (
+            Some("wrong"),
+            "GET",
+            "/v1/tasks",
+            None,
+            401,
+            "unauthorized",
+            "wrong token",
+        ),
+        (None, "GET", "/metrics", None, 401, "unauthorized", ""),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command": ["#),
+            400,
+            "bad_json",
+            "EOF",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"cpus":2}"#),
+            400,
+            "bad_json",
+            "unknown field `cpus`",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":"true"}"#),
+            400,
+            "bad_json",
+            "invalid type",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"env":{}}"#),
+            400,
+            "bad_json",
+            "missing field `command`",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":[]}"#),
+            400,
+            "invalid",
+            "command",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"vcpus":0}"#),
+            400,
+            "invalid",
+            "vcpus",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"vcpus":-1}"#),
+            400,
+            "bad_json",
+            "invalid value",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"memory_mib":100}"#),
+            400,
+            "invalid",
+            "memory_mib",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"vcpus":64}"#),
+            422,
+            "impossible",
+            "exceeds",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"memory_mib":8192}"#),
+            422,
+            "impossible",
+            "memory_mib",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"timeout_secs":0}"#),
+            400,
+            "invalid",
+            "timeout_secs",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"egress":"none","allow_hosts":["a.com"]}"#),
+            400,
+            "invalid",
+            "cannot be combined",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(&big),
+            413,
+            "too_large",
+            "larger than",
+        ),
+        (
+            Some(""),
+            "GET",
+            "/v1/tasks/nope",
+            None,
+            404,
+            "no_such_task",
+            "nope",
+        ),
+        (
+            Some(""),
+            "DELETE",
+            "/v1/tasks/nope",
+            None,
+            404,
+            "no_such_task",
+            "nope",
+        ),
+        (
+            Some(""),
+            "GET",
+            "/v1/tasks/nope/logs",
+            None,
+            404,
+            "no_such_task",
+            "nope",
+        ),
+        (
+            Some(""),
+            "GET",
+            "/v1/tasks/nope/events",
+            None,
+            404,
+            "no_such_task",
+            "nope",
+        ),
+        (
+            Some(""),
+            "GET",
+            "/v1/tasks?state=bogus",
+            None,
+            400,
+            "bad_query",
+            "bogus",
+        ),
+        (
+            Some(""),
+            "GET",
+            "/v1/tasks?limit=abc",
+            None,
+            400,
+            "bad_query",
+            "limit",
+        ),
+        (
+            Some(""),
+            "GET",
+            "/v2/things",
+            None,
+            404,
+            "not_found",
+            "route",
+        ),
+        (
+            Some(""),
+            "PUT",
+            "/v1/tasks",
+            Some("{}"),
+            405,
+            "method_not_allowed",
+            "",
+        ),
+    ];
+    for (tok, method, path, body, status, want_code, needle) in cases {
+        let tok = tok.map(|t| if t.is_empty() { s.token.as_str() } else { t });
+        let (st, v) = s.call_as(tok, method, path, body);
+        assert_eq!(st, status, "{method} {path} {body:?}: {v}");
+        assert_eq!(code(&v), want_code, "{method} {path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains(needle),
+            "{method} {path}: '{msg}' lacks '{needle}'"
+        );
+    }
+    // Healthz needs no token; a good task is accepted and waits (max-vms 0).
+    assert_eq!(s.call_as(None, "GET", "/healthz", None).0, 200);
+    let id = s.submit(json!({"command": ["true"], "labels": {"team": "a"}}));
+    assert_eq!(s.task(&id)["state"], "queued");
+    let (st, v) = s.call("DELETE", &format!("/v1/tasks/{id}"), None);
+    assert_eq!((st, v["state"].as_str()), (202, Some("cancelled")), "{v}");
+    let (st, v) = s.call("DELETE", &format!("/v1/tasks/{id}"), None);
+    assert_eq!((st, code(&v)), (409, "finished"), "{v}");
+    let (_, l) = s.call("GET", "/v1/tasks?state=cancelled", None);
+    assert_eq!(l["tasks"][0]["id"], id.as_str());
+    assert_eq!(l["tasks"][0]["request"]["labels"]["team"], "a");
+    s.stop();
+}
+
+#[test]
+fn the_openapi_document_matches_the_served_routes() {
+    let h = Harness::new();
+    let s = Server::start(&h, &["--max-vms", "0"]);
+    let (st, doc) = s.call("GET", "/openapi.json", None);
+    assert_eq!(st, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths = doc["paths"].as_object().unwrap();
+    let id = s.submit(json!({"command": ["true"]}));
+    let mut documented = 0;
+    for (path, ops) in paths {
+        let concrete = path.replace("{id}", &id);
+        for method in ["get", "post", "delete", "put", "patch"] {
+            let body = (method == "post").then_some(r#"{"command":["true"]}"#);
+            let m = method.to_uppercase();
+            let st = if concrete.ends_with("/events") && method == "get" {
+                // A stream: only the status line is read.
+                let r = s
+                    .agent
+                    .get(&format!("{}{concrete}", s.url))
+                    .set("Authorization", &format!("Bearer {}", s.token))
+                    .call()
+                    .unwrap();
+                r.status()
+            } else {
+                s.call(&m, &concrete, body).0
+            };
+            if ops.get(method).is_some() {
+                documented += 1;
+                assert!(st < 400, "{m} {path} is documented but answers {st}");
+            } else {
+                assert_eq!(st, 405, "{m} {path} is not documented but answers {st}");
+            }
+        }
+    }
+    assert_eq!(documented, 9, "{doc}");
+    // Routes outside the document do not exist.
+    for p in ["/v1", "/v1/task", "/v1/tasks/x/y", "/api/v1/tasks"] {
+        assert_eq!(s.call("GET", p, None).0, 404, "{p}");
+    }
+    s.stop();
+}
+
+#[test]
+fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
+    let h = Harness::new();
+    let s = Server::start(&h, &["--max-vms", "2"]);
+    let a = s.submit(json!({"command": ["sh", "-c", "echo out; echo err >&2; sleep 1; exit 3"]}));
+    let b = s.submit(json!({"command": ["sh", "-c", "sleep 2; echo b"], "env": {"X": "y"}}));
+    let c = s.submit(json!({"command": ["sh", "-c", "echo c=$X"], "env": {"X": "z"}}));
+    // While A and B hold both slots, C waits.
+    s.wait_state(&a, |st| st == "running", Duration::from_secs(60));
+    s.wait_state(&b, |st| st == "running", Duration::from_secs(60));
+    assert_eq!(s.task(&c)["state"], "queued");
+    let (ta, tb, tc) = (
+        s.wait_terminal(&a),
+        s.wait_terminal(&b),
+        s.wait_terminal(&c),
+    );
+    assert_eq!(
+        (
+            ta["state"].as_str(),
+            ta["reason"].as_str(),
+            ta["exit_code"].as_i64()
+        ),
+        (Some("failed"), Some("exit_code"), Some(3)),
+        "{ta}"
+    );
+    assert_eq!(tb["state"], "succeeded", "{tb}");
+    assert_eq!(tc["state"], "succeeded", "{tc}");
+    assert!(s.logs(&a).contains("out\n") && s.logs(&a).contains("err\n"));
+    assert_eq!(s.logs(&b), "b\n");
+    assert_eq!(s.logs(&c), "c=z\n");
+    // C started only after A or B had finished.
+    let at = |t: &Value, state: &str| {
+        t["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["state"] == state)
+            .unwrap()["at_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    let first_end = at(&ta, "finalizing").min(at(&tb, "finalizing"));
+    assert!(at(&tc, "provisioning") >= first_end, "{tc}");
+    let states: Vec<&str> = tc["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "queued",
+            "provisioning",
+            "booting",
+            "running",
+            "finalizing",
+            "succeeded"
+        ]
+    );
+    assert_eq!(tc["cleanup"], "ok");
+    let (_, m) = s.call("GET", "/metrics", None);
+    let m = m.as_str().unwrap().to_string();
+    assert!(m.contains("dough_tasks{state=\"succeeded\"} 2"), "{m}");
+    assert!(m.contains("dough_vms_running 0"), "{m}");
+    assert!(m.contains("dough_scheduler_latency_seconds_count 1"), "{m}");
+    s.stop();
+    h.assert_clean();
+}
+
+/// Reads a task's event stream on a thread; returns the event lines.
+fn collect_events(s: &Server, id: &str) -> std::thread::JoinHandle<Vec<String>> {
+    let r = s
+        .agent
+        .get(&format!("{}/v1/tasks/{id}/events", s.url))
+        .set("Authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    std::thread::spawn(move || {
+        BufReader::new(r.into_reader())
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.starts_with("data: "))
+            .collect()
+    })
+}
+
+#[test]
+fn cancel_timeout_and_a_frozen_vm_end_in_the_right_state() {
+    let h = Harness::new();
+    let s = Server::start(
+        &h,
+        &[
+            "--max-vms",
+            "3",
+            "--heartbeat-timeout",
+            "3",
+            "--cancel-grace",
+            "2",
+        ],
+    );
+    let x = s.submit(json!({"command": ["sh", "-c", "trap 'echo got TERM; exit 143' TERM; echo started; while :; do sleep 0.2; done"]}));
+    let y = s.submit(json!({"command": ["sleep", "60"], "timeout_secs": 2}));
+    let z = s.submit(json!({"command": ["sleep", "60"]}));
+    let events = collect_events(&s, &x);
+    s.wait_state(&x, |st| st == "running", Duration::from_secs(60));
+    wait_until("x's first output", Duration::from_secs(20), || {
+        s.logs(&x).contains("started")
+    });
+    let (st, _) = s.call("DELETE", &format!("/v1/tasks/{x}"), None);
+    assert_eq!(st, 202);
+    let tz = s.wait_state(&z, |st| st == "running", Duration::from_secs(60));
+    // Freeze z's VM: its heartbeats stop.
+    let vm = tz["vm_id"].as_str().unwrap();
+    let run_dir = h.runs_dir().join(vm);
+    let qemu: Vec<u32> = processes_mentioning(&run_dir)
+        .into_iter()
+        .filter(|(_, c)| c.contains("qemu-system"))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(qemu.len(), 1, "z's QEMU");
+    signal(qemu[0], nix::sys::signal::Signal::SIGSTOP);
+
+    let tx = s.wait_terminal(&x);
+    assert_eq!(
+        (tx["state"].as_str(), tx["reason"].as_str()),
+        (Some("cancelled"), Some("cancelled")),
+        "{tx}"
+    );
+    assert!(
+        s.logs(&x).contains("got TERM"),
+        "SIGTERM first: {}",
+        s.logs(&x)
+    );
+    let ty = s.wait_terminal(&y);
+    assert_eq!(
+        (ty["state"].as_str(), ty["reason"].as_str()),
+        (Some("timed_out"), Some("timeout")),
+        "{ty}"
+    );
+    let tz = s.wait_terminal(&z);
+    assert_eq!(
+        (tz["state"].as_str(), tz["reason"].as_str()),
+        (Some("failed"), Some("heartbeat_lost")),
+        "{tz}"
+    );
+    for t in [&tx, &ty] {
+        assert_eq!(t["cleanup"], "ok", "{t}");
+    }
+    // The frozen VM cannot answer QMP; the record says how it was stopped
+    // (assert_clean below checks that it really is gone).
+    assert!(tz["cleanup"].is_string(), "{tz}");
+    // The event stream showed the states as they happened, ending terminal.
+    let ev = events.join().unwrap();
+    let states: Vec<String> = ev
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(&l[6..]).ok())
+        .filter(|v| v["type"] == "state")
+        .map(|v| v["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        states.last().map(|s| s.as_str()),
+        Some("cancelled"),
+        "{ev:?}"
+    );
+    assert!(states.contains(&"running".to_string()), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|l| l.contains("\"type\":\"output\"") && l.contains("started")),
+        "{ev:?}"
+    );
+    s.stop();
+    h.assert_clean();
+}
+
+#[test]
+fn a_killed_daemon_is_recovered_on_restart() {
+    let h = Harness::new();
+    let mut s = Server::start(&h, &["--max-vms", "2"]);
+    let a = s.submit(json!({"command": ["sleep", "60"]}));
+    let b = s.submit(json!({"command": ["sleep", "60"]}));
+    let c = s.submit(json!({"command": ["echo", "after restart"]}));
+    s.wait_state(&a, |st| st == "running", Duration::from_secs(60));
+    s.wait_state(&b, |st| st == "running", Duration::from_secs(60));
+    assert_eq!(s.task(&c)["state"], "queued");
+    signal(s.child.id(), nix::sys::signal::Signal::SIGKILL);
+    s.child.wait().unwrap();
+    drop(s);
+
+    let s = Server::start(&h, &["--max-vms", "2"]);
+    for id in [&a, &b] {
+        let t = s.task(id);
+        assert_eq!(
+            (t["state"].as_str(), t["reason"].as_str()),
+            (Some("failed"), Some("orchestrator_restart")),
+            "{t}"
+        );
+        assert!(
+            t["cleanup"].as_str().unwrap().starts_with("reclaimed"),
+            "{t}"
+        );
+    }
+    let tc = s.wait_terminal(&c);
+    assert_eq!(tc["state"], "succeeded", "{tc}");
+    assert_eq!(s.logs(&c), "after restart\n");
+    // Only the new daemon remains: no VM process, run dir, namespace or lease
+    // of the old one.
+    s.stop();
+    h.assert_clean();
+}
