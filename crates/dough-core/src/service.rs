@@ -377,7 +377,15 @@ impl Service {
     /// is never overtaken by a smaller task behind it.
     fn admit(&self) -> Result<(), StoreError> {
         let lim = self.inner.cfg.limits;
-        for t in self.inner.store.queued()? {
+        // Only as many as could start: the queue may be long.
+        let room = {
+            let u = self.inner.usage.lock().unwrap();
+            lim.max_vms.saturating_sub(u.running_vms) as usize
+        };
+        if room == 0 {
+            return Ok(());
+        }
+        for t in self.inner.store.queued(room)? {
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
             {
                 let mut u = self.inner.usage.lock().unwrap();
@@ -638,4 +646,76 @@ pub fn validate(r: &TaskRequest, lim: &Limits) -> Result<(), SubmitError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn req() -> TaskRequest {
+        serde_json::from_str(r#"{"command": ["true"]}"#).unwrap()
+    }
+
+    /// Recovery without VMs: what the store says was in flight is failed
+    /// or re-queued, and nothing new starts while admission is closed.
+    #[test]
+    fn recovery_fails_booted_tasks_and_requeues_unbooted_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&d.path().join("db")).unwrap());
+        store.insert("prov", &req()).unwrap();
+        store
+            .transition("prov", State::Provisioning, None, None, None)
+            .unwrap();
+        store.insert("boot", &req()).unwrap();
+        store
+            .transition("boot", State::Provisioning, None, None, None)
+            .unwrap();
+        store
+            .transition("boot", State::Booting, None, None, None)
+            .unwrap();
+        store.add_resource("boot", "vm", "0123456789ab").unwrap();
+        store.insert("wait", &req()).unwrap();
+        let mut cfg = ServiceConfig::new(HostConfig::new(
+            Some(d.path().to_path_buf()),
+            None,
+            Default::default(),
+        ));
+        cfg.limits.max_vms = 0;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let rec = local.block_on(&rt, async { Service::start(cfg, store.clone()).unwrap().1 });
+        assert_eq!(rec.requeued, ["prov"]);
+        assert_eq!(rec.failed, ["boot"]);
+        let b = store.get("boot").unwrap();
+        assert_eq!(
+            (b.state, b.reason.as_deref()),
+            (State::Failed, Some("orchestrator_restart"))
+        );
+        assert!(store.resources("boot").unwrap().is_empty());
+        assert_eq!(store.get("prov").unwrap().state, State::Queued);
+        assert_eq!(store.queued(100).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let lim = Limits {
+            host_cpus: 2,
+            overcommit: 2.0,
+            memory_mib: 4096,
+            max_vms: 4,
+        };
+        let mut r = req();
+        assert!(validate(&r, &lim).is_ok());
+        r.vcpus = 5;
+        assert!(
+            matches!(validate(&r, &lim), Err(SubmitError::Impossible(m)) if m.contains("vcpus"))
+        );
+        r.vcpus = 1;
+        r.env.insert("A=B".into(), "x".into());
+        assert!(matches!(validate(&r, &lim), Err(SubmitError::Invalid(m)) if m.contains("env")));
+    }
 }

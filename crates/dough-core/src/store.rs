@@ -185,8 +185,9 @@ pub trait Store: Send + Sync {
     fn get(&self, id: &str) -> Result<TaskRecord>;
     /// Newest first, at most `limit`, optionally only in `state`.
     fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<TaskRecord>>;
-    /// Queued tasks in run order (priority, then submission).
-    fn queued(&self) -> Result<Vec<TaskRecord>>;
+    /// The first `limit` queued tasks in run order (priority, then
+    /// submission).
+    fn queued(&self, limit: usize) -> Result<Vec<TaskRecord>>;
     /// Tasks neither queued nor terminal (a VM may exist for them).
     fn in_flight(&self) -> Result<Vec<TaskRecord>>;
     /// Move to `to` (checked against [`State::can_go_to`]); `reason`,
@@ -379,10 +380,10 @@ impl Store for SqliteStore {
         }
     }
 
-    fn queued(&self) -> Result<Vec<TaskRecord>> {
+    fn queued(&self, limit: usize) -> Result<Vec<TaskRecord>> {
         self.query(
-            "SELECT * FROM tasks WHERE state = 'queued' ORDER BY priority DESC, seq ASC",
-            &[],
+            "SELECT * FROM tasks WHERE state = 'queued' ORDER BY priority DESC, seq ASC LIMIT ?1",
+            &[&(limit as i64)],
         )
     }
 
@@ -622,7 +623,7 @@ mod tests {
         s.insert("a", &req()).unwrap();
         s.insert("b", &hi).unwrap();
         s.insert("c", &req()).unwrap();
-        let q: Vec<String> = s.queued().unwrap().into_iter().map(|t| t.id).collect();
+        let q: Vec<String> = s.queued(100).unwrap().into_iter().map(|t| t.id).collect();
         assert_eq!(q, ["b", "a", "c"]);
         assert_eq!(s.counts().unwrap()[&State::Queued], 3);
     }

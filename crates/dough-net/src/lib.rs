@@ -421,6 +421,8 @@ impl VmNet {
         let eg = egress.clone();
         let th = std::thread::Builder::new()
             .name(format!("net-{vm_id}"))
+            // It builds the namespace, then forwards DNS: little stack.
+            .stack_size(256 << 10)
             .spawn(
                 move || match build(&cfg2, host, &host_addrs, &id, slot, &eg, tap_owner) {
                     Ok((built, dns)) => {

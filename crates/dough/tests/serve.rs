@@ -435,11 +435,39 @@ fn the_openapi_document_matches_the_served_routes() {
 fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     let h = Harness::new();
     let s = Server::start(&h, &["--max-vms", "2"]);
-    let a = s.submit(json!({"command": ["sh", "-c", "echo out; echo err >&2; sleep 1; exit 3"]}));
-    let b = s.submit(json!({"command": ["sh", "-c", "sleep 2; echo b"], "env": {"X": "y"}}));
+    let a = s.submit(
+        json!({"command": ["sh", "-c", "sleep 2; echo out; echo err >&2; sleep 1; exit 3"]}),
+    );
+    // B through the CLI client (it finds the daemon through the state dir).
+    let out = h
+        .cmd()
+        .args([
+            "submit",
+            "-e",
+            "X=y",
+            "-l",
+            "via=cli",
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; echo b",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let b = text(&out.stdout).trim().to_string();
+    assert_eq!(b.len(), 12, "an id: {b}");
     let c = s.submit(json!({"command": ["sh", "-c", "echo c=$X"], "env": {"X": "z"}}));
     // While A and B hold both slots, C waits.
     s.wait_state(&a, |st| st == "running", Duration::from_secs(60));
+    // `dough logs -f` follows A live, to its end.
+    let follow = h
+        .cmd()
+        .args(["logs", "-f", &a])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     s.wait_state(&b, |st| st == "running", Duration::from_secs(60));
     assert_eq!(s.task(&c)["state"], "queued");
     let (ta, tb, tc) = (
@@ -459,6 +487,35 @@ fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     assert_eq!(tb["state"], "succeeded", "{tb}");
     assert_eq!(tc["state"], "succeeded", "{tc}");
     assert!(s.logs(&a).contains("out\n") && s.logs(&a).contains("err\n"));
+    let f = follow.wait_with_output().unwrap();
+    assert!(f.status.success(), "{}", text(&f.stderr));
+    assert_eq!(text(&f.stdout), "out\n", "stdout followed live");
+    assert!(text(&f.stderr).contains("err\n"), "{}", text(&f.stderr));
+    assert!(
+        text(&f.stderr).contains(&format!("task {a} failed (exit_code)")),
+        "{}",
+        text(&f.stderr)
+    );
+    let ls = h.cmd().arg("ls").output().unwrap();
+    let ls = text(&ls.stdout);
+    for (id, st) in [(&a, "failed"), (&b, "succeeded"), (&c, "succeeded")] {
+        assert!(
+            ls.lines()
+                .any(|l| l.starts_with(id.as_str()) && l.contains(st)),
+            "{ls}"
+        );
+    }
+    let o = h.cmd().args(["logs", &b]).output().unwrap();
+    assert_eq!(text(&o.stdout), "b\n");
+    let o = h.cmd().args(["show", &b]).output().unwrap();
+    let shown: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["request"]["labels"]["via"], "cli");
+    let o = h.cmd().args(["cancel", &b]).output().unwrap();
+    assert!(
+        !o.status.success() && text(&o.stderr).contains("409"),
+        "{}",
+        text(&o.stderr)
+    );
     assert_eq!(s.logs(&b), "b\n");
     assert_eq!(s.logs(&c), "c=z\n");
     // C started only after A or B had finished.

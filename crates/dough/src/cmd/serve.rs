@@ -62,6 +62,13 @@ fn token_file(dir: &std::path::Path) -> anyhow::Result<String> {
 }
 
 pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
+    // One malloc arena for all threads: each VM's network thread would
+    // otherwise keep an arena of its own (hundreds of KiB resident) for
+    // the daemon's whole life.
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let host = super::host_config_net(cli, Default::default(), Default::default())?;
     std::fs::create_dir_all(&host.state_dir)
         .with_context(|| format!("create {}", host.state_dir.display()))?;
