@@ -313,6 +313,15 @@ impl Service {
             .subscribe()
     }
 
+    /// Forget `id`'s channel if nobody listens (after a subscription to an
+    /// unknown or finished task), so such requests leave nothing behind.
+    pub fn release(&self, id: &str) {
+        let mut ch = self.inner.channels.lock().unwrap();
+        if ch.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+            ch.remove(id);
+        }
+    }
+
     fn publish(&self, id: &str, ev: TaskEvent) {
         let ch = self.inner.channels.lock().unwrap();
         if let Some(tx) = ch.get(id) {

@@ -265,7 +265,11 @@ async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let mut rx = api.svc.subscribe(&id);
     let t = match api.svc.get(&id) {
         Ok(t) => t,
-        Err(e) => return submit_error(e),
+        Err(e) => {
+            drop(rx);
+            api.svc.release(&id);
+            return submit_error(e);
+        }
     };
     let first = TaskEvent::State {
         state: t.state,
@@ -278,8 +282,11 @@ async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
         exit_code: t.exit_code,
     };
     let done = t.state.is_terminal();
+    let svc = api.svc.clone();
     let stream = async_stream(move |tx| async move {
         if tx.send(sse(&first)).await.is_err() || done {
+            drop(rx);
+            svc.release(&id);
             return;
         }
         loop {
