@@ -66,13 +66,8 @@ impl RunDir {
     }
 }
 
-/// Field 22 of /proc/PID/stat.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; fields resume after ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
+pub use dough_net::proc_start_time;
 
 fn owner_alive(rec: &OwnerRecord) -> bool {
     proc_start_time(rec.owner_pid).is_some_and(|t| t == rec.owner_start)

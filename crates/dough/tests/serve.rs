@@ -385,6 +385,40 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
     let (_, l) = s.call("GET", "/v1/tasks?state=cancelled", None);
     assert_eq!(l["tasks"][0]["id"], id.as_str());
     assert_eq!(l["tasks"][0]["request"]["labels"]["team"], "a");
+    // The CLI finds the daemon through DOUGH_URL / DOUGH_TOKEN as well.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let ls = |token: &str| {
+        h.cmd()
+            .env("DOUGH_STATE_DIR", elsewhere.path())
+            .env("DOUGH_URL", &s.url)
+            .env("DOUGH_TOKEN", token)
+            .args(["ls", "--state", "cancelled"])
+            .output()
+            .unwrap()
+    };
+    let ok = ls(&s.token);
+    assert!(
+        ok.status.success() && text(&ok.stdout).contains(&id),
+        "{}",
+        text(&ok.stderr)
+    );
+    let bad = ls("nope");
+    assert!(
+        !bad.status.success() && text(&bad.stderr).contains("401"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let none = h
+        .cmd()
+        .env("DOUGH_STATE_DIR", elsewhere.path())
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert!(
+        text(&none.stderr).contains("is `dough serve` running?"),
+        "{}",
+        text(&none.stderr)
+    );
     s.stop();
 }
 
