@@ -147,17 +147,46 @@ fn submit_error(e: SubmitError) -> Response {
     }
 }
 
+/// Past [`MAX_BODY`] a body is still read (and dropped) up to this size,
+/// so a client that writes it all before reading gets the 413 rather than
+/// a broken pipe.
+const DRAIN_LIMIT: usize = 1 << 20;
+
 async fn create(State(api): State<Api>, body: Body) -> Response {
-    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the body is larger than {MAX_BODY} bytes"),
-            )
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            futures_core::Stream::poll_next(std::pin::Pin::new(&mut stream), cx)
+        })
+        .await;
+        match next {
+            None => break,
+            Some(Ok(chunk)) => {
+                total += chunk.len();
+                if total <= MAX_BODY {
+                    bytes.extend_from_slice(&chunk);
+                } else if total > DRAIN_LIMIT {
+                    break;
+                }
+            }
+            Some(Err(e)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("reading the body: {e}"),
+                )
+            }
         }
-    };
+    }
+    if total > MAX_BODY {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than {MAX_BODY} bytes"),
+        );
+    }
     let req: TaskRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", format!("{e}")),

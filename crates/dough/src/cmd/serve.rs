@@ -95,6 +95,9 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
         .await
         .with_context(|| format!("listen on {}", a.listen))?;
     let token = token_file(&host.state_dir)?;
+    if let Err(e) = dough_image::Image::load(&host.image_dir) {
+        eprintln!("dough serve: warning: {e}; tasks will fail (reason `image`) until it exists");
+    }
     let store = Arc::new(
         SqliteStore::open(&host.state_dir.join("dough.db")).context("open the task store")?,
     );
