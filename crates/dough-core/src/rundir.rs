@@ -104,10 +104,9 @@ pub struct GcReport {
     pub released_uids: Vec<u32>,
     pub removed_jails: Vec<String>,
     pub removed_cgroups: Vec<String>,
-    pub removed_netns: Vec<String>,
-    pub removed_veths: Vec<String>,
-    pub released_slots: Vec<String>,
-    pub removed_host_table: bool,
+    /// Network namespaces, veths, slots, host table (its errors are in
+    /// `errors`).
+    pub net: dough_net::NetGc,
     pub kept_live: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -235,18 +234,8 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
             }
         }
     }
-    let net = dough_net::gc(&dough_net::NetConfig {
-        pool: host.slot_pool,
-        dns_upstream: std::net::SocketAddr::from(([0, 0, 0, 0], 53)),
-        host_nat: host.host_nat,
-        run_root: PathBuf::from(dough_net::RUN_ROOT),
-        tag: String::new(),
-    });
-    r.removed_netns = net.removed_netns;
-    r.removed_veths = net.removed_veths;
-    r.released_slots = net.released_slots;
-    r.removed_host_table = net.removed_host_table;
-    r.errors.extend(net.errors);
+    r.net = dough_net::gc(Path::new(dough_net::RUN_ROOT));
+    r.errors.append(&mut r.net.errors);
     r
 }
 

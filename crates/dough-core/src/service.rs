@@ -27,7 +27,7 @@ use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
 
 /// What the host may hold at once.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Physical CPUs to schedule on.
     pub host_cpus: u32,
@@ -130,7 +130,7 @@ pub enum SubmitError {
 }
 
 /// Counters for /metrics.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone)]
 pub struct Usage {
     pub running_vms: u32,
     pub vcpus: u32,
@@ -138,7 +138,6 @@ pub struct Usage {
     pub submitted_total: u64,
     pub finished_total: u64,
     /// Room freed → next task provisioning, last samples (µs).
-    #[serde(skip)]
     pub sched_latency_us: Vec<u64>,
 }
 
@@ -161,7 +160,7 @@ pub struct Service {
 }
 
 /// What recovery did at start.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct Recovery {
     pub failed: Vec<String>,
     pub requeued: Vec<String>,
@@ -227,7 +226,7 @@ impl Service {
         r.reclaimed
             .extend(gc.removed.iter().map(|v| format!("vm {v}")));
         r.reclaimed
-            .extend(gc.removed_netns.iter().map(|n| format!("netns {n}")));
+            .extend(gc.net.removed_netns.iter().map(|n| format!("netns {n}")));
         for e in &gc.errors {
             warn!(error = %e, "recovery: reclaim");
         }

@@ -108,7 +108,7 @@ impl NetConfig {
     }
 
     pub fn slots_dir(&self) -> PathBuf {
-        self.run_root.join("slots")
+        slots_in(&self.run_root)
     }
 
     /// Number of /30 slots in the pool.
@@ -132,6 +132,10 @@ impl NetConfig {
         let base = u32::from(self.pool.network()) + n * 4;
         (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
     }
+}
+
+fn slots_in(run_root: &Path) -> PathBuf {
+    run_root.join("slots")
 }
 
 /// The first IPv4 `nameserver` of a resolv.conf, port 53.
@@ -299,11 +303,10 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
 /// A lock on `<run_root>/host.lock` (shared: making the host table; exclusive:
 /// gc deciding to delete it), so gc never deletes the table under a VM that
 /// has leased its slot.
-fn host_lock(cfg: &NetConfig, exclusive: bool) -> Result<std::fs::File, NetError> {
+fn host_lock(run_root: &Path, exclusive: bool) -> Result<std::fs::File, NetError> {
     use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(&cfg.run_root)
-        .map_err(io(format!("create {}", cfg.run_root.display())))?;
-    let p = cfg.run_root.join("host.lock");
+    std::fs::create_dir_all(run_root).map_err(io(format!("create {}", run_root.display())))?;
+    let p = run_root.join("host.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -335,7 +338,7 @@ pub fn prepare_host(cfg: &NetConfig) -> Result<(), NetError> {
             cfg.pool
         )));
     }
-    let _lock = host_lock(cfg, false)?;
+    let _lock = host_lock(&cfg.run_root, false)?;
     let mut n = nft::Nft::new()?;
     n.run(&policy::host_ruleset(cfg.pool, cfg.host_nat))?;
     let fwd = "/proc/sys/net/ipv4/ip_forward";
@@ -355,7 +358,6 @@ pub struct VmNet {
     /// The slot address the guest's traffic leaves the namespace with.
     pub slot_addr: Ipv4Addr,
     pub netns: PathBuf,
-    pub egress: Egress,
     /// tap0, attached: for a VMM that takes the device as a descriptor.
     pub tap: Option<std::fs::File>,
     stop: Option<OwnedFd>,
@@ -406,7 +408,6 @@ impl VmNet {
             slot,
             slot_addr: cfg.slot_addrs(slot).1,
             netns: netns_path(vm_id),
-            egress: egress.clone(),
             tap: None,
             stop: None,
             dns: None,
@@ -613,9 +614,10 @@ pub struct NetGc {
 /// Remove every `dough-*` namespace, `dh*` veth (in the calling thread's
 /// namespace) and slot lease whose owning process is gone. A namespace
 /// without a lease is an orphan (leases are written before namespaces).
-pub fn gc(cfg: &NetConfig) -> NetGc {
+pub fn gc(run_root: &Path) -> NetGc {
     let mut r = NetGc::default();
-    let leases = slot_leases(&cfg.slots_dir());
+    let slots = slots_in(run_root);
+    let leases = slot_leases(&slots);
     let live: std::collections::HashSet<String> = leases
         .iter()
         .filter_map(|(_, rec)| rec.as_ref())
@@ -670,8 +672,8 @@ pub fn gc(cfg: &NetConfig) -> NetGc {
     }
     // No VM left at all: Dough's host table goes too (the next VM puts it
     // back after leasing its slot).
-    let lock = host_lock(cfg, true);
-    if lock.is_ok() && slot_leases(&cfg.slots_dir()).is_empty() {
+    let lock = host_lock(run_root, true);
+    if lock.is_ok() && slot_leases(&slots).is_empty() {
         if let Ok(mut n) = nft::Nft::new() {
             if n.run(&format!("list table inet {}", policy::HOST_TABLE))
                 .is_ok()

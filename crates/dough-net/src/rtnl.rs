@@ -82,11 +82,9 @@ impl Rtnl {
                     NetlinkPayload::Done(_) => return Ok(got),
                     NetlinkPayload::InnerMessage(inner) => {
                         got.push(inner);
-                        if !dump {
-                            // A non-dump answer without ACK flag: done.
-                            if flags & NLM_F_ACK == 0 {
-                                return Ok(got);
-                            }
+                        // A single answer without an ACK to wait for: done.
+                        if !dump && flags & NLM_F_ACK == 0 {
+                            return Ok(got);
                         }
                     }
                     _ => {}

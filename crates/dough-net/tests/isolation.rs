@@ -190,7 +190,7 @@ fn gc_reclaims_the_network_of_a_dead_owner() {
     assert!(!in_ns(&w.host, move || dough_net::leftovers(&id2)).is_empty());
 
     let cfg2 = cfg.clone();
-    let r = in_ns(&w.host, move || dough_net::gc(&cfg2));
+    let r = in_ns(&w.host, move || dough_net::gc(&cfg2.run_root));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(r.removed_netns.contains(&format!("dough-{id}")), "{r:?}");
     let name = format!("{}/30", lease.file_name().unwrap().to_string_lossy());

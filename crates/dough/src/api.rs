@@ -1,7 +1,7 @@
 //! The HTTP API of `dough serve`: routes, bearer-token auth, JSON errors,
-//! Server-Sent Events, Prometheus metrics and the OpenAPI document — all
-//! built from one route table, so the document cannot drift from what is
-//! served.
+//! Server-Sent Events, Prometheus metrics and the OpenAPI document. The
+//! document is generated from [`ROUTES`]; `tests/serve.rs` checks it
+//! against what the router really serves.
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;

@@ -19,16 +19,16 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
     for cg in &r.removed_cgroups {
         println!("removed cgroup {cg}");
     }
-    for ns in &r.removed_netns {
+    for ns in &r.net.removed_netns {
         println!("removed network namespace {ns}");
     }
-    for l in &r.removed_veths {
+    for l in &r.net.removed_veths {
         println!("removed veth {l}");
     }
-    for s in &r.released_slots {
+    for s in &r.net.released_slots {
         println!("released network slot {s}");
     }
-    if r.removed_host_table {
+    if r.net.removed_host_table {
         println!("removed the host's nftables table inet dough (no vm left)");
     }
     for id in &r.kept_live {
@@ -42,10 +42,10 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         && r.released_uids.is_empty()
         && r.removed_jails.is_empty()
         && r.removed_cgroups.is_empty()
-        && r.removed_netns.is_empty()
-        && r.removed_veths.is_empty()
-        && r.released_slots.is_empty()
-        && !r.removed_host_table
+        && r.net.removed_netns.is_empty()
+        && r.net.removed_veths.is_empty()
+        && r.net.released_slots.is_empty()
+        && !r.net.removed_host_table
     {
         println!("nothing to reclaim");
     }
