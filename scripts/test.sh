@@ -7,6 +7,21 @@ export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 
 ./scripts/setup.sh
 
+# Test-only packages: lighttpd serves `git http-backend` to the VMs in the
+# repository tests. Installed without starting its service (a temporary
+# policy-rc.d where the machine has none); the tests run their own copy in
+# a test namespace.
+if ! command -v lighttpd >/dev/null && [ ! -x /usr/sbin/lighttpd ]; then
+  printf '\n== apt: lighttpd (test-only)\n' >&2
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lighttpd >/dev/null
+  [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
+fi
+
 printf '\n== cargo fmt --check\n' >&2
 cargo fmt --all --check
 printf '\n== cargo clippy\n' >&2

@@ -7,6 +7,7 @@
 //! power off on Shutdown or when the host goes away.
 mod cmdline;
 mod init;
+mod repo;
 mod task;
 
 use std::fs::File;
@@ -192,7 +193,11 @@ fn serve(conn: File, reaper: task::Reaper, root: RootReady) {
                 return;
             }
         };
-        let msg = match dough_proto::decode::<HostMsg>(&frame) {
+        let mut frame = frame;
+        let decoded = dough_proto::decode::<HostMsg>(&frame);
+        // An Assign may carry a credential: leave no copy in freed memory.
+        frame.fill(0);
+        let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
                 log(&format!("bad message from host: {e}"));
@@ -205,7 +210,7 @@ fn serve(conn: File, reaper: task::Reaper, root: RootReady) {
                 assigned = true;
                 let (r, tx, pg, root) = (reaper.clone(), tx.clone(), pgid.clone(), root.clone());
                 std::thread::spawn(move || match root.wait() {
-                    Ok(()) => task::run(&r, a, tx, pg),
+                    Ok(()) => task::run(&r, *a, tx, pg),
                     Err(e) => {
                         log(&format!("root filesystem failed: {e}"));
                         let _ = tx.send(GuestMsg::SpawnFailed {

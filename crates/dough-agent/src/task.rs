@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 pub const TASK_UID: u32 = 1000;
 pub const TASK_GID: u32 = 1000;
 pub const TASK_HOME: &str = "/home/dough";
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// PID 1 reaps every process; the task's own status is routed to whoever
 /// waits for it. Spawning holds the same lock, so the reaper can never take
@@ -82,14 +82,40 @@ impl ReaperState {
     }
 }
 
+/// Who the task (and the git commands around it) runs as.
+pub struct TaskUser {
+    /// (uid, gid) to switch to; None: stay root.
+    pub ids: Option<(u32, u32)>,
+    pub home: &'static str,
+    pub name: &'static str,
+}
+
+impl TaskUser {
+    pub fn of(a: &Assign) -> TaskUser {
+        if a.root {
+            TaskUser {
+                ids: None,
+                home: "/root",
+                name: "root",
+            }
+        } else {
+            TaskUser {
+                ids: Some((TASK_UID, TASK_GID)),
+                home: TASK_HOME,
+                name: "dough",
+            }
+        }
+    }
+}
+
+/// Where the prompt goes (`$DOUGH_PROMPT_FILE`), under the user's home.
+const PROMPT_FILE: &str = ".dough/prompt";
+
 /// Build the task's command: clean environment, task user (unless root),
 /// new session (so a signal reaches the whole process group), stdin empty.
 pub fn command(a: &Assign) -> Command {
-    let (home, user) = if a.root {
-        ("/root", "root")
-    } else {
-        (TASK_HOME, "dough")
-    };
+    let u = TaskUser::of(a);
+    let (home, user) = (u.home, u.name);
     let mut cmd = Command::new(&a.command[0]);
     cmd.args(&a.command[1..])
         .env_clear()
@@ -120,24 +146,97 @@ pub fn command(a: &Assign) -> Command {
     cmd
 }
 
-/// Run the task to completion, sending Started, Output and Exit to `out`.
-/// Returns the task's process group id once it is started (for signals).
-pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mutex<Option<i32>>>) {
+/// Write the prompt where the task user can read it; returns its path.
+fn write_prompt(user: &TaskUser, prompt: &str) -> Result<String, String> {
+    let path = std::path::Path::new(user.home).join(PROMPT_FILE);
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::write(&path, prompt).map_err(|e| format!("write {}: {e}", path.display()))?;
+    if let Some((uid, gid)) = user.ids {
+        for p in [dir, path.as_path()] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", p.display()))?;
+        }
+    }
+    Ok(path.display().to_string())
+}
+
+/// Run the task to completion, sending Started, Output and Exit to `out`;
+/// with a repository, clone before (Cloned or CloneFailed) and send the
+/// work after (BundleData, Work) when the task exited 0.
+pub fn run(
+    reaper: &Reaper,
+    mut a: Assign,
+    out: SyncSender<GuestMsg>,
+    pgid: Arc<Mutex<Option<i32>>>,
+) {
+    let user = TaskUser::of(&a);
+    let repo = a.repo.take().map(|mut r| {
+        let res = crate::repo::clone(reaper, &user, &mut r);
+        (r, res)
+    });
+    let repo = match repo {
+        None => None,
+        Some((_, Err(message))) => {
+            let _ = out.send(GuestMsg::CloneFailed { message });
+            return;
+        }
+        Some((r, Ok(commit))) => {
+            let _ = out.send(GuestMsg::Cloned { commit });
+            a.env.push(("DOUGH_REPO_DIR".into(), r.dir.clone()));
+            a.env.push(("DOUGH_BRANCH".into(), r.branch.clone()));
+            a.env
+                .push(("DOUGH_BASE_COMMIT".into(), r.base_commit.clone()));
+            if a.workdir.is_none() {
+                a.workdir = Some(r.dir.clone());
+            }
+            Some(r)
+        }
+    };
+    if let Some(p) = a.prompt.take() {
+        match write_prompt(&user, &p) {
+            Ok(path) => a.env.push(("DOUGH_PROMPT_FILE".into(), path)),
+            Err(message) => {
+                let _ = out.send(GuestMsg::SpawnFailed {
+                    message: format!("cannot write the prompt: {message}"),
+                });
+                return;
+            }
+        }
+    }
+    let Some((status, oom)) = run_command(reaper, &a, &out, pgid) else {
+        return;
+    };
+    if let (Some(r), ExitStatus::Code(0)) = (&repo, status) {
+        let work = crate::repo::finish(reaper, &user, r, &out);
+        let _ = out.send(GuestMsg::Work(work));
+    }
+    let _ = out.send(GuestMsg::Exit { status, oom });
+}
+
+/// Spawn the command, stream its output, wait for it. None: it could not
+/// be started (SpawnFailed was sent).
+fn run_command(
+    reaper: &Reaper,
+    a: &Assign,
+    out: &SyncSender<GuestMsg>,
+    pgid: Arc<Mutex<Option<i32>>>,
+) -> Option<(ExitStatus, bool)> {
     if a.command.is_empty() {
         let _ = out.send(GuestMsg::SpawnFailed {
             message: "empty command".into(),
         });
-        return;
+        return None;
     }
     if let Some(dir) = &a.workdir {
         if !std::path::Path::new(dir).is_dir() {
             let _ = out.send(GuestMsg::SpawnFailed {
                 message: format!("working directory {dir} does not exist in the guest"),
             });
-            return;
+            return None;
         }
     }
-    let mut cmd = command(&a);
+    let mut cmd = command(a);
     let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
@@ -148,7 +247,7 @@ pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mute
                 _ => format!("cannot start {}: {e}", a.command[0]),
             };
             let _ = out.send(GuestMsg::SpawnFailed { message });
-            return;
+            return None;
         }
     };
     let oom_before = oom_kills();
@@ -215,7 +314,7 @@ pub fn run(reaper: &Reaper, a: Assign, out: SyncSender<GuestMsg>, pgid: Arc<Mute
     }
     *pgid.lock().unwrap_or_else(|p| p.into_inner()) = None;
     let oom = oom_kills() > oom_before;
-    let _ = out.send(GuestMsg::Exit { status, oom });
+    Some((status, oom))
 }
 
 /// The kernel's count of OOM kills (`oom_kill` in /proc/vmstat).

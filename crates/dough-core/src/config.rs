@@ -82,6 +82,11 @@ impl HostConfig {
     }
 
     /// Per-VM run directories live here.
+    /// Host-side scratch of repository tasks (bundles, gate repositories).
+    pub fn work_dir(&self) -> PathBuf {
+        self.state_dir.join("work")
+    }
+
     pub fn runs_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }

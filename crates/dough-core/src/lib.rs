@@ -6,11 +6,14 @@
 //! * [`rundir`] — the per-VM run directory, its owner record (written before
 //!   anything is created) and `gc` of what a crashed Dough left behind.
 //! * [`conn`] — the async side of the control protocol.
+//! * [`repo`] — **where a task's work becomes a branch and a pull request**:
+//!   resolve the base, the gate on the guest's bundle, push, forge API.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod conn;
 pub mod leases;
+pub mod repo;
 pub mod rundir;
 pub mod service;
 pub mod store;

@@ -157,6 +157,12 @@ pub fn gc(runs: &Path) -> GcReport {
 pub fn gc_host(host: &crate::HostConfig) -> GcReport {
     let runs = host.runs_dir();
     let mut r = gc(&runs);
+    // Repository tasks' host-side scratch: the same owner records.
+    let w = gc(&host.work_dir());
+    r.removed
+        .extend(w.removed.into_iter().map(|id| format!("work/{id}")));
+    r.killed.extend(w.killed);
+    r.errors.extend(w.errors);
     let gone = |vm: &str| !runs.join(vm).exists();
     // VMs this state directory has records of: only their cgroups are ours
     // to reclaim (cgroups are host-wide; another Dough may own the rest).

@@ -79,6 +79,10 @@ pub struct ServiceConfig {
     pub cancel_grace: Duration,
     /// Stored output per task.
     pub output_cap: u64,
+    /// Git and forge credentials (`DOUGH_GIT_TOKEN`, `DOUGH_FORGE_TOKEN`, …).
+    pub creds: crate::repo::Credentials,
+    /// The gate's rules for repository tasks.
+    pub gate: crate::repo::GateConfig,
 }
 
 impl ServiceConfig {
@@ -90,6 +94,8 @@ impl ServiceConfig {
             boot_timeout: Duration::from_secs(60),
             cancel_grace: Duration::from_secs(5),
             output_cap: 16 << 20,
+            creds: crate::repo::Credentials::default(),
+            gate: crate::repo::GateConfig::default(),
         }
     }
 }
@@ -456,10 +462,23 @@ impl Service {
                 return;
             }
         };
+        let mut env: Vec<(String, String)> =
+            r.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for name in &r.secret_env {
+            match std::env::var(name) {
+                Ok(v) => env.push((name.clone(), v)),
+                Err(_) => {
+                    let m = format!("secret_env: {name} is not set in the daemon's environment");
+                    self.finish(&t, State::Failed, "invalid", &m, None, "ok");
+                    return;
+                }
+            }
+        }
         let spec = TaskSpec {
             task_id: t.id.clone(),
             command: r.command.clone(),
-            env: r.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env,
+            prompt: r.prompt.clone(),
             root: r.root,
             workdir: r.workdir.clone(),
             vcpus: r.vcpus,
@@ -480,6 +499,7 @@ impl Service {
             Event::Phase(Phase::Started, _) => me.transition(&id, State::Running, None, None, None),
             Event::Phase(Phase::Done, _) => me.transition(&id, State::Finalizing, None, None, None),
             Event::Phase(..) => {}
+            Event::Progress(p) => tracing::debug!(task = %id, "{p}"),
             Event::Output(stream, data) => {
                 let (n, name) = match stream {
                     Stream::Stdout => (1, "stdout"),
@@ -510,39 +530,90 @@ impl Service {
                 Err(_) => std::future::pending().await,
             }
         };
-        let rep = crate::run_task(&cfg.host, &spec, &mut on_event, cancelled).await;
+        let (rep, work) = match &r.repo {
+            None => (
+                crate::run_task(&cfg.host, &spec, &mut on_event, cancelled).await,
+                None,
+            ),
+            Some(repo) => {
+                let mut gate = cfg.gate.clone();
+                let pr = r.pull_request.clone().unwrap_or_default();
+                gate.allow_protected |= pr.allow_protected;
+                let run = crate::repo::run(
+                    &cfg.host,
+                    spec,
+                    repo,
+                    &pr,
+                    &cfg.creds,
+                    &gate,
+                    &mut on_event,
+                    cancelled,
+                )
+                .await;
+                match run.report {
+                    Some(rep) => (rep, run.work),
+                    None => {
+                        let e = match run.work {
+                            Some(Err(e)) => e,
+                            _ => crate::repo::RepoError::Host("no run".into()),
+                        };
+                        self.finish(&t, State::Failed, &e.reason(), &error_chain(&e), None, "ok");
+                        return;
+                    }
+                }
+            }
+        };
         let cleanup = if rep.teardown_errors.is_empty() {
             "ok".to_string()
         } else {
             rep.teardown_errors.join("; ")
         };
+        let work_failed = match work {
+            Some(Ok(fin)) => {
+                if let Err(e) = self.inner.store.set_result(&t.id, &fin) {
+                    warn!(task = %t.id, error = %e, "store result");
+                }
+                None
+            }
+            Some(Err(e)) => Some(e),
+            None => None,
+        };
         let (state, reason, detail, code) = match rep.result {
+            _ if work_failed.is_some() => {
+                let e = work_failed.expect("checked");
+                let code = match rep.result {
+                    Ok(Outcome::Exited(st)) => Some(st.shell_code()),
+                    _ => None,
+                };
+                (State::Failed, e.reason(), error_chain(&e), code)
+            }
+            Ok(Outcome::CloneFailed(m)) => (State::Failed, "clone_failed".into(), m, None),
             Ok(Outcome::Exited(st)) => {
                 let code = st.shell_code();
                 let ok = matches!(st, ExitStatus::Code(0));
                 (
                     if ok { State::Succeeded } else { State::Failed },
-                    "exit_code",
+                    "exit_code".into(),
                     format!("the command exited with {code}"),
                     Some(code),
                 )
             }
             Ok(Outcome::OutOfMemory(st)) => (
                 State::Failed,
-                "oom",
+                "oom".into(),
                 format!("the guest ran out of memory ({} MiB)", r.memory_mib),
                 Some(st.shell_code()),
             ),
-            Ok(Outcome::SpawnFailed(m)) => (State::Failed, "spawn_failed", m, Some(127)),
+            Ok(Outcome::SpawnFailed(m)) => (State::Failed, "spawn_failed".into(), m, Some(127)),
             Ok(Outcome::TimedOut(d)) => (
                 State::TimedOut,
-                "timeout",
+                "timeout".into(),
                 format!("killed after {} s", d.as_secs()),
                 None,
             ),
             Ok(Outcome::Cancelled(_)) => (
                 State::Cancelled,
-                "cancelled",
+                "cancelled".into(),
                 "cancelled by request".into(),
                 None,
             ),
@@ -559,10 +630,10 @@ impl Service {
                     RunError::Image(_) => "image",
                     _ => "vmm_error",
                 };
-                (State::Failed, reason, error_chain(&e), None)
+                (State::Failed, reason.into(), error_chain(&e), None)
             }
         };
-        self.finish(&t, state, reason, &detail, code, &cleanup);
+        self.finish(&t, state, &reason, &detail, code, &cleanup);
     }
 
     fn finish(
@@ -639,6 +710,38 @@ pub fn validate(r: &TaskRequest, lim: &Limits) -> Result<(), SubmitError> {
     }
     if let Err(e) = egress_of(r) {
         return bad(format!("egress: {e}"));
+    }
+    match (&r.repo, &r.pull_request) {
+        (Some(repo), _) => {
+            if let Err(e) = crate::repo::validate(repo) {
+                return bad(format!("repo: {e}"));
+            }
+        }
+        (None, Some(_)) => return bad("pull_request: needs a repo".into()),
+        (None, None) => {}
+    }
+    if let Some(Some(api)) = r.pull_request.as_ref().map(|p| p.api.as_ref()) {
+        if !api.starts_with("https://") && !api.starts_with("http://") {
+            return bad(format!("pull_request.api: {api:?} is not an http(s) URL"));
+        }
+    }
+    for name in &r.secret_env {
+        let valid = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid {
+            return bad(format!("secret_env: {name:?} is not a variable name"));
+        }
+        if name.starts_with("DOUGH_") {
+            return bad(format!(
+                "secret_env: {name} is one of Dough's own settings and never goes to a task"
+            ));
+        }
+        if std::env::var_os(name).is_none() {
+            return bad(format!(
+                "secret_env: {name} is not set in the daemon's environment"
+            ));
+        }
     }
     if r.vcpus > lim.vcpu_capacity() {
         return Err(SubmitError::Impossible(format!(

@@ -119,6 +119,19 @@ pub struct TaskRequest {
     pub allow_hosts: Vec<String>,
     #[serde(default)]
     pub allow_cidrs: Vec<String>,
+    /// Clone this repository first; the work comes back as a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<crate::repo::RepoRequest>,
+    /// How to open the pull request (with `repo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<crate::repo::PullRequestRequest>,
+    /// Given to the task as the file `$DOUGH_PROMPT_FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Names of the daemon's environment variables passed to the task
+    /// (values are never stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -155,6 +168,8 @@ pub struct TaskRecord {
     pub output_truncated: bool,
     /// Outcome of the VM's teardown ("ok" or the problems met).
     pub cleanup: Option<String>,
+    /// A repository task's result: branch, commits, pull request.
+    pub result: Option<crate::repo::Finalized>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +224,8 @@ pub trait Store: Send + Sync {
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>>;
     fn clear_resources(&self, id: &str, cleanup: &str) -> Result<()>;
     fn set_vm(&self, id: &str, vm_id: &str) -> Result<()>;
+    /// Record a repository task's result (before its final transition).
+    fn set_result(&self, id: &str, result: &crate::repo::Finalized) -> Result<()>;
     /// Back to the queue (recovery of a task whose VM never booted).
     fn requeue(&self, id: &str) -> Result<()>;
     /// Task counts per state.
@@ -252,7 +269,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     vm_id TEXT,
     output_bytes INTEGER NOT NULL DEFAULT 0,
     output_truncated INTEGER NOT NULL DEFAULT 0,
-    cleanup TEXT
+    cleanup TEXT,
+    result TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, priority, seq);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -284,6 +302,13 @@ impl SqliteStore {
         db.pragma_update(None, "foreign_keys", "ON")?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA)?;
+        // Stores made before repository tasks lack `result`.
+        let has_result: bool = db
+            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'result'")?
+            .exists([])?;
+        if !has_result {
+            db.execute_batch("ALTER TABLE tasks ADD COLUMN result TEXT")?;
+        }
         Ok(SqliteStore { db: Mutex::new(db) })
     }
 
@@ -328,6 +353,10 @@ impl SqliteStore {
             output_bytes: row.get::<_, i64>("output_bytes")? as u64,
             output_truncated: row.get::<_, i64>("output_truncated")? != 0,
             cleanup: row.get("cleanup")?,
+            result: row
+                .get::<_, Option<String>>("result")?
+                .map(|r| serde_json::from_str(&r).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .transpose()?,
             id,
         })
     }
@@ -499,6 +528,18 @@ impl Store for SqliteStore {
             params![id, cleanup],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    fn set_result(&self, id: &str, result: &crate::repo::Finalized) -> Result<()> {
+        let text = serde_json::to_string(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let n = self.conn().execute(
+            "UPDATE tasks SET result = ?2 WHERE id = ?1",
+            params![id, text],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(id.into()));
+        }
         Ok(())
     }
 

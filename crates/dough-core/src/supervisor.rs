@@ -55,6 +55,13 @@ pub struct TaskSpec {
     /// On cancel: the task gets the cancel signal, then this long to exit
     /// before SIGKILL. Zero: tear down at once.
     pub cancel_grace: Duration,
+    /// Clone before, bundle after (see [`crate::repo`]).
+    pub repo: Option<dough_proto::RepoWork>,
+    /// Given to the task as the file `$DOUGH_PROMPT_FILE`.
+    pub prompt: Option<String>,
+    /// Where the guest's bundle is written (at most `repo.max_bundle_bytes`;
+    /// more marks the run's [`WorkOutput::oversized`]).
+    pub bundle_path: Option<std::path::PathBuf>,
 }
 
 impl Default for TaskSpec {
@@ -74,6 +81,9 @@ impl Default for TaskSpec {
             network: Some(Egress::Open),
             vm_id: None,
             cancel_grace: Duration::ZERO,
+            repo: None,
+            prompt: None,
+            bundle_path: None,
         }
     }
 }
@@ -85,6 +95,8 @@ pub enum Phase {
     Spawned,
     /// Agent's Hello received.
     Hello,
+    /// The repository is cloned (repo tasks).
+    Cloned,
     /// Task process started in the guest.
     Started,
     /// Task ended (Exit or spawn failure received).
@@ -100,6 +112,8 @@ pub enum Phase {
 pub enum Event<'a> {
     Phase(Phase, Duration),
     Output(Stream, &'a [u8]),
+    /// A step of long host-side work (resolving, gating, pushing).
+    Progress(&'a str),
 }
 
 /// How the task ended (the VM itself worked).
@@ -111,6 +125,8 @@ pub enum Outcome {
     OutOfMemory(ExitStatus),
     /// The command could not be started in the guest.
     SpawnFailed(String),
+    /// The guest could not clone the task's repository.
+    CloneFailed(String),
     TimedOut(Duration),
     /// Stopped by the caller (e.g. Ctrl-C) with this signal number.
     Cancelled(i32),
@@ -151,6 +167,21 @@ pub struct RunReport {
     pub teardown_errors: Vec<String>,
     /// How the VMM ended: "exited", "qmp quit" or "killed".
     pub vmm_ended_by: &'static str,
+    /// What a repo task's guest reported and sent.
+    pub work: WorkOutput,
+}
+
+/// The repository side of a run, as received from the guest (untrusted).
+#[derive(Debug, Default, Clone)]
+pub struct WorkOutput {
+    /// The commit the guest says it cloned.
+    pub cloned: Option<String>,
+    /// The guest's report after the task.
+    pub report: Option<dough_proto::Work>,
+    /// Bundle bytes received (all of them, also past the limit).
+    pub bundle_bytes: u64,
+    /// More bytes came than the limit allows; the file holds only a prefix.
+    pub oversized: bool,
 }
 
 impl RunReport {
@@ -248,6 +279,7 @@ async fn run_vm(
         phases: vec![],
         teardown_errors: vec![],
         vmm_ended_by: "never started",
+        work: WorkOutput::default(),
     };
     let mut ctx = Ctx {
         t0: Instant::now(),
@@ -368,9 +400,17 @@ async fn run_vm(
         jail,
     };
     let mut live = Live::default();
-    rep.result = drive(vmm.as_ref(), &vmspec, spec, &mut live, &mut ctx, cancel)
-        .instrument(span.clone())
-        .await;
+    rep.result = drive(
+        vmm.as_ref(),
+        &vmspec,
+        spec,
+        &mut live,
+        &mut ctx,
+        &mut rep.work,
+        cancel,
+    )
+    .instrument(span.clone())
+    .await;
     if let Err(e) = &rep.result {
         debug!(parent: &span, error = %e, "vm failed");
     }
@@ -425,9 +465,20 @@ async fn drive(
     spec: &TaskSpec,
     live: &mut Live,
     ctx: &mut Ctx<'_>,
+    work: &mut WorkOutput,
     cancel: impl Future<Output = i32>,
 ) -> Result<Outcome, RunError> {
     tokio::pin!(cancel);
+    let mut bundle = match &spec.bundle_path {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| {
+            RunError::Vmm(VmmError::Io {
+                path: p.clone(),
+                source: e,
+            })
+        })?),
+        None => None,
+    };
+    let bundle_limit = spec.repo.as_ref().map_or(0, |r| r.max_bundle_bytes);
     let paths = &vmspec.paths;
     dough_vmm::disk::create_scratch(&vmspec.scratch, spec.scratch_mib).await?;
     let listener = vsock::listen(&paths.vsock_uds(), dough_proto::CONTROL_PORT)?;
@@ -477,6 +528,8 @@ async fn drive(
         env: spec.env.clone(),
         root: spec.root,
         workdir: spec.workdir.clone(),
+        repo: spec.repo.clone(),
+        prompt: spec.prompt.clone(),
     };
     let send_err = |e: ProtoError| RunError::AgentLost {
         reason: format!("cannot send to the agent: {e}"),
@@ -485,7 +538,7 @@ async fn drive(
     conn::send(w, &HostMsg::Welcome { version })
         .await
         .map_err(send_err)?;
-    conn::send(w, &HostMsg::Assign(assign))
+    conn::send(w, &HostMsg::Assign(Box::new(assign)))
         .await
         .map_err(send_err)?;
 
@@ -533,6 +586,27 @@ async fn drive(
                     }
                     GuestMsg::SpawnFailed { message } => { ctx.phase(Phase::Done); return Ok(Outcome::SpawnFailed(message)) }
                     GuestMsg::Log { message } => debug!(%message, "agent"),
+                    GuestMsg::Cloned { commit } if spec.repo.is_some() => {
+                        work.cloned = Some(commit);
+                        ctx.phase(Phase::Cloned);
+                    }
+                    GuestMsg::CloneFailed { message } if spec.repo.is_some() => {
+                        ctx.phase(Phase::Done);
+                        return Ok(Outcome::CloneFailed(message));
+                    }
+                    GuestMsg::BundleData { data } => {
+                        work.bundle_bytes += data.len() as u64;
+                        if work.bundle_bytes > bundle_limit {
+                            work.oversized = true;
+                        } else if let Some(f) = bundle.as_mut() {
+                            std::io::Write::write_all(f, &data).map_err(|e| RunError::Vmm(VmmError::Io {
+                                path: spec.bundle_path.clone().unwrap_or_default(),
+                                source: e,
+                            }))?;
+                        }
+                    }
+                    GuestMsg::Work(w) => work.report = Some(w),
+                    m @ (GuestMsg::Cloned { .. } | GuestMsg::CloneFailed { .. }) => warn!(?m, "repo message without a repo ignored"),
                     GuestMsg::Hello(_) => warn!("second Hello ignored"),
                 }
             }

@@ -13,10 +13,12 @@
 //! guest                                   host
 //!   Hello{versions, boot_ms, kernel} ───▶
 //!                                   ◀─── Welcome{version}   (or close: no common version)
-//!                                   ◀─── Assign{command, env, user, ...}
+//!                                   ◀─── Assign{command, env, user, repo?, ...}
+//!   [Cloned{commit} | CloneFailed]  ───▶  (when the task has a repo)
 //!   Started{pid} ───▶
 //!   Output{stdout|stderr, bytes}* ───▶   (interleaved with Heartbeat every second)
 //!                                   ◀─── Signal{signo}      (timeout, cancel)
+//!   [BundleData* Work{..}] ───▶           (repo tasks that exited 0)
 //!   Exit{status} ───▶
 //!                                   ◀─── Shutdown
 //! ```
@@ -31,9 +33,12 @@ pub use codec::{
 pub use msg::*;
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still speaks. Version 2 added
+/// repositories to Assign; postcard is not self-describing, so version 1
+/// peers cannot be understood (an image older than its host is refused at
+/// Hello with both ranges named).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The largest frame payload either side accepts (1 MiB).
 pub const MAX_FRAME: u32 = 1 << 20;
 /// The largest output chunk the agent sends in one frame; well under

@@ -37,6 +37,34 @@ pub enum GuestMsg {
     SpawnFailed { message: String },
     /// A diagnostic from the agent itself (not task output).
     Log { message: String },
+    /// The repository is cloned and the task's branch checked out at this
+    /// commit (the host checks it is the base it asked for).
+    Cloned { commit: String },
+    /// The clone failed; the task was not started.
+    CloneFailed { message: String },
+    /// A chunk of the task's git bundle, in order; a [`Work`] report follows.
+    BundleData {
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// What the task left in the repository; sent before Exit.
+    Work(Work),
+}
+
+/// The guest's account of the task's changes. Untrusted: the host's gate
+/// checks the bundle itself, never these claims alone.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Work {
+    /// The branch is still at the base commit and nothing was uncommitted.
+    NothingToDo,
+    /// The bundle (base..branch) was sent as BundleData.
+    Bundle {
+        head: String,
+        commits: u32,
+        bytes: u64,
+    },
+    /// Committing or bundling failed (`stage`: "commit" or "bundle").
+    Failed { stage: String, message: String },
 }
 
 /// Identity and timing the agent reports at boot.
@@ -56,7 +84,7 @@ pub enum HostMsg {
     /// The version agreed for this connection.
     Welcome { version: u16 },
     /// Run this task.
-    Assign(Assign),
+    Assign(Box<Assign>),
     /// Send this signal to the task's whole process group.
     Signal { signo: i32 },
     /// Power off now.
@@ -73,8 +101,53 @@ pub struct Assign {
     pub env: Vec<(String, String)>,
     /// Run as root instead of the unprivileged task user.
     pub root: bool,
-    /// Working directory; the task user's home when `None`.
+    /// Working directory; the task user's home when `None` (the clone
+    /// when `repo` is set).
     pub workdir: Option<String>,
+    /// Clone this repository before the task and send back its work.
+    pub repo: Option<RepoWork>,
+    /// Written to a file the task finds at `$DOUGH_PROMPT_FILE`.
+    pub prompt: Option<String>,
+}
+
+/// The repository part of a task, as the agent needs it.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
+pub struct RepoWork {
+    pub url: String,
+    /// The branch to clone, and the commit of it the host resolved.
+    pub base_branch: String,
+    pub base_commit: String,
+    /// The branch the task's work goes on.
+    pub branch: String,
+    /// Where to clone, in the guest.
+    pub dir: String,
+    /// HTTP basic credential (user, password) for the clone only. Kept in
+    /// the agent's memory, wiped after the clone; never in the task's reach.
+    pub credential: Option<(String, String)>,
+    pub author_name: String,
+    pub author_email: String,
+    pub commit_message: String,
+    /// The agent gives up on a bundle larger than this (the host enforces
+    /// its own limit as well).
+    pub max_bundle_bytes: u64,
+}
+
+/// Hand-written so that a credential never reaches a log line.
+impl std::fmt::Debug for RepoWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoWork")
+            .field("url", &self.url)
+            .field("base_branch", &self.base_branch)
+            .field("base_commit", &self.base_commit)
+            .field("branch", &self.branch)
+            .field("dir", &self.dir)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_bundle_bytes", &self.max_bundle_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Which output stream a chunk belongs to.

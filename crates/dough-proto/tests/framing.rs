@@ -27,6 +27,25 @@ fn sample_messages() -> Vec<GuestMsg> {
         GuestMsg::SpawnFailed {
             message: "no such file".into(),
         },
+        GuestMsg::Cloned {
+            commit: "b".repeat(40),
+        },
+        GuestMsg::CloneFailed {
+            message: "could not resolve host".into(),
+        },
+        GuestMsg::BundleData {
+            data: vec![0, 1, 2, 255],
+        },
+        GuestMsg::Work(Work::Bundle {
+            head: "c".repeat(40),
+            commits: 2,
+            bytes: 4,
+        }),
+        GuestMsg::Work(Work::NothingToDo),
+        GuestMsg::Work(Work::Failed {
+            stage: "commit".into(),
+            message: "x".into(),
+        }),
     ]
 }
 
@@ -36,13 +55,33 @@ fn round_trip_every_message_through_a_stream() {
     for m in sample_messages() {
         write_frame(&mut wire, &m).unwrap();
     }
-    let host = HostMsg::Assign(Assign {
+    let repo = RepoWork {
+        url: "https://git.example/o/r.git".into(),
+        base_branch: "main".into(),
+        base_commit: "a".repeat(40),
+        branch: "dough/t1".into(),
+        dir: "/home/dough/work".into(),
+        credential: Some(("x-access-token".into(), "hunter2-token".into())),
+        author_name: "Dough".into(),
+        author_email: "dough@localhost".into(),
+        commit_message: "m".into(),
+        max_bundle_bytes: 1 << 20,
+    };
+    // A credential never reaches a log line through Debug.
+    let shown = format!("{:?}", repo);
+    assert!(
+        !shown.contains("hunter2") && shown.contains("<redacted>"),
+        "{shown}"
+    );
+    let host = HostMsg::Assign(Box::new(Assign {
         task_id: "t1".into(),
         command: vec!["echo".into(), "hi".into()],
         env: vec![("A".into(), "b".into())],
         root: true,
         workdir: Some("/tmp".into()),
-    });
+        repo: Some(repo),
+        prompt: Some("do it".into()),
+    }));
     write_frame(&mut wire, &host).unwrap();
 
     let mut r = Cursor::new(wire);

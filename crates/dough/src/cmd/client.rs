@@ -34,6 +34,10 @@ pub struct SubmitArgs {
     /// Follow the task's output until it ends; exit with its exit code.
     #[arg(long, short = 'w')]
     pub wait: bool,
+    /// As for `dough run`; `--secret-env` names variables of the *daemon's*
+    /// environment (only names are sent and stored).
+    #[command(flatten)]
+    pub repo: super::run::RepoArgs,
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
@@ -151,6 +155,23 @@ pub fn submit(cli: &Cli, a: &SubmitArgs) -> anyhow::Result<u8> {
     if let Some(e) = &a.egress {
         body["egress"] = json!(e);
     }
+    if let Some((repo, pr)) = a.repo.request() {
+        body["repo"] = serde_json::to_value(repo)?;
+        body["pull_request"] = serde_json::to_value(pr)?;
+    }
+    let prompt = match (&a.repo.prompt, &a.repo.prompt_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(p) = prompt {
+        body["prompt"] = json!(p);
+    }
+    if !a.repo.secret_env.is_empty() {
+        body["secret_env"] = json!(a.repo.secret_env);
+    }
     let r: Value = c
         .call(c.req("POST", "/v1/tasks").send_json(body))?
         .into_json()?;
@@ -162,6 +183,13 @@ pub fn submit(cli: &Cli, a: &SubmitArgs) -> anyhow::Result<u8> {
     eprintln!("dough: task {id}");
     follow(&c, &id, 0)?;
     let t = c.get_json(&format!("/v1/tasks/{id}"))?;
+    if a.repo.json {
+        println!("{t}");
+    } else if let Some(u) = t["result"]["pr_url"].as_str() {
+        println!("{u}");
+    } else if let Some(n) = t["result"]["note"].as_str() {
+        eprintln!("dough: {n}");
+    }
     Ok(final_code(&t))
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use dough_core::repo::{Finalized, PullRequestRequest, RepoError, RepoRequest};
 use dough_core::{run_task, Event, Outcome, Phase, RunError, TaskSpec};
 use dough_net::Egress;
 use dough_proto::Stream;
@@ -67,9 +68,115 @@ pub struct RunArgs {
     /// /etc/resolv.conf; env DOUGH_DNS].
     #[arg(long, value_name = "ADDR", value_parser = dough_core::config::parse_dns)]
     pub dns: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// A task on a repository: clone, run, commit, push, pull request.
+#[derive(Args, Debug, Default)]
+pub struct RepoArgs {
+    /// Clone this repository (https:// URL) into the guest's work directory
+    /// first; what the task changes comes back as a branch and a pull
+    /// request. The host's DOUGH_GIT_TOKEN pushes and DOUGH_FORGE_TOKEN opens
+    /// the pull request; neither enters the VM.
+    #[arg(long, value_name = "URL", help_heading = "Repository")]
+    pub repo: Option<String>,
+    /// Branch to start from [default: the remote's default branch].
+    #[arg(
+        long,
+        value_name = "BRANCH",
+        requires = "repo",
+        help_heading = "Repository"
+    )]
+    pub base: Option<String>,
+    /// Branch for the work [default: dough/<task id>].
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "repo",
+        help_heading = "Repository"
+    )]
+    pub branch: Option<String>,
+    /// The task's instructions, as the file $DOUGH_PROMPT_FILE in the guest.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        conflicts_with = "prompt_file",
+        help_heading = "Repository"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file.
+    #[arg(long, value_name = "FILE", help_heading = "Repository")]
+    pub prompt_file: Option<std::path::PathBuf>,
+    /// Message of the commit made of what the task left uncommitted.
+    #[arg(
+        long,
+        value_name = "MSG",
+        requires = "repo",
+        help_heading = "Repository"
+    )]
+    pub commit_message: Option<String>,
+    /// Author of that commit, `Name <email>` [default: Dough <dough@localhost>].
+    #[arg(
+        long,
+        value_name = "AUTHOR",
+        requires = "repo",
+        help_heading = "Repository"
+    )]
+    pub commit_author: Option<String>,
+    /// Pull request title [default: the commit message's first line].
+    #[arg(long, value_name = "T", requires = "repo", help_heading = "Repository")]
+    pub pr_title: Option<String>,
+    /// Pull request body (Dough appends the task's record).
+    #[arg(long, value_name = "B", requires = "repo", help_heading = "Repository")]
+    pub pr_body: Option<String>,
+    /// The forge's API flavour.
+    #[arg(long, value_name = "KIND", value_parser = ["github", "gitea", "forgejo"], requires = "repo", help_heading = "Repository")]
+    pub forge: Option<String>,
+    /// The forge's API base URL [default: from the repository's host].
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "repo",
+        help_heading = "Repository"
+    )]
+    pub forge_api: Option<String>,
+    /// Let the task change protected paths (CI definitions such as
+    /// .github/workflows/**; see DOUGH_PROTECTED_PATHS).
+    #[arg(long, requires = "repo", help_heading = "Repository")]
+    pub allow_protected: bool,
+    /// Pass this variable from Dough's environment to the task (e.g. an
+    /// agent's API key); repeatable. Never stored, never in the guest's argv.
+    #[arg(long = "secret-env", value_name = "NAME", help_heading = "Repository")]
+    pub secret_env: Vec<String>,
+    /// Print the result as JSON on stdout (the task's output goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RepoArgs {
+    pub fn request(&self) -> Option<(RepoRequest, PullRequestRequest)> {
+        let url = self.repo.clone()?;
+        Some((
+            RepoRequest {
+                url,
+                base: self.base.clone(),
+                branch: self.branch.clone(),
+                commit_message: self.commit_message.clone(),
+                author: self.commit_author.clone(),
+            },
+            PullRequestRequest {
+                title: self.pr_title.clone(),
+                body: self.pr_body.clone(),
+                forge: self.forge.as_deref().and_then(|f| f.parse().ok()),
+                api: self.forge_api.clone(),
+                allow_protected: self.allow_protected,
+            },
+        ))
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -124,19 +231,50 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 .map_err(anyhow::Error::msg)?,
             )
         };
-        Ok((host, network))
+        let mut env = a.env.clone();
+        for name in &a.repo.secret_env {
+            let v = std::env::var(name).map_err(|_| {
+                anyhow::anyhow!("--secret-env {name}: {name} is not set in this environment")
+            })?;
+            if name.starts_with("DOUGH_") {
+                anyhow::bail!("--secret-env {name}: Dough's own settings never go to a task");
+            }
+            env.push((name.clone(), v));
+        }
+        let prompt = match (&a.repo.prompt, &a.repo.prompt_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("--prompt-file {}", f.display()))?,
+            ),
+            (None, None) => None,
+        };
+        let repo = a.repo.request();
+        if let Some((r, p)) = &repo {
+            dough_core::repo::validate(r).map_err(|e| anyhow::anyhow!("--repo: {e}"))?;
+            if let Some(api) = &p.api {
+                if !api.starts_with("https://") && !api.starts_with("http://") {
+                    anyhow::bail!("--forge-api {api:?}: not an http(s) URL");
+                }
+            }
+        }
+        let gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
+        Ok((host, network, env, prompt, repo, gate))
     })();
-    let (host, network) = match prepared {
+    let (host, network, env, prompt, repo, mut gate) = match prepared {
         Ok(p) => p,
         Err(e) => {
             crate::print_error(&e);
             return Ok(crate::EXIT_USAGE);
         }
     };
+    let task_id = dough_core::new_id();
     let spec = TaskSpec {
-        task_id: String::new(),
+        task_id: task_id.clone(),
+        vm_id: Some(task_id.clone()),
+        prompt,
         command: a.command.clone(),
-        env: a.env.clone(),
+        env,
         root: a.root,
         workdir: a.workdir.clone(),
         vcpus: a.vcpus,
@@ -147,6 +285,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         network,
         ..TaskSpec::default()
     };
+    let json = a.repo.json;
     let mut write_err: Option<std::io::Error> = None;
     // On a terminal, a transient status line while the VM boots.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -165,7 +304,11 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 _ => {}
             }
         }
+        if let Event::Progress(p) = ev {
+            eprintln!("dough: {p}");
+        }
         if let Event::Output(stream, data) = ev {
+            let stream = if json { Stream::Stderr } else { stream };
             let res = match stream {
                 Stream::Stdout => {
                     let mut o = std::io::stdout().lock();
@@ -181,7 +324,42 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             }
         }
     };
-    let rep = run_task(&host, &spec, &mut on_event, interrupted()).await;
+    let (rep, work) = match &repo {
+        None => (
+            run_task(&host, &spec, &mut on_event, interrupted()).await,
+            None,
+        ),
+        Some((r, p)) => {
+            gate.allow_protected |= p.allow_protected;
+            let creds = dough_core::repo::Credentials::from_env();
+            let run = dough_core::repo::run(
+                &host,
+                spec,
+                r,
+                p,
+                &creds,
+                &gate,
+                &mut on_event,
+                interrupted(),
+            )
+            .await;
+            match run.report {
+                Some(rep) => (rep, run.work),
+                None => {
+                    let e = match run.work {
+                        Some(Err(e)) => e,
+                        _ => RepoError::Host("the task did not run".into()),
+                    };
+                    let code = match e {
+                        RepoError::Invalid(_) => crate::EXIT_USAGE,
+                        _ => EXIT_DOUGH,
+                    };
+                    report_work(json, &task_id, None, Err(&e));
+                    return Ok(code);
+                }
+            }
+        }
+    };
     for e in &rep.teardown_errors {
         eprintln!("dough: warning: teardown: {e}");
     }
@@ -190,8 +368,32 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             eprintln!("dough: warning: could not write the task's output: {e}");
         }
     }
+    if let Some(w) = &work {
+        let code = match &rep.result {
+            Ok(Outcome::Exited(st)) => Some(st.shell_code()),
+            _ => None,
+        };
+        report_work(json, &task_id, code, w.as_ref());
+        return Ok(match w {
+            Ok(_) => 0,
+            Err(RepoError::CloneFailed(_)) => EXIT_CLONE,
+            Err(_) => EXIT_DOUGH,
+        });
+    }
+    if json {
+        let (state, code) = match &rep.result {
+            Ok(Outcome::Exited(st)) => ("failed", Some(st.shell_code())),
+            _ => ("failed", None),
+        };
+        let v = serde_json::json!({"task_id": task_id, "state": state, "exit_code": code, "reason": "the task did not succeed; nothing was pushed"});
+        println!("{v}");
+    }
     match rep.result {
         Ok(Outcome::Exited(st)) => Ok(st.shell_code().clamp(0, 255) as u8),
+        Ok(Outcome::CloneFailed(msg)) => {
+            eprintln!("dough: the guest could not clone the repository: {msg}");
+            Ok(EXIT_CLONE)
+        }
         Ok(Outcome::OutOfMemory(st)) => {
             eprintln!(
                 "dough: the task ran out of memory (oom): the guest has {} MiB; try a larger --memory",
@@ -221,4 +423,71 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         crate::print_error(&e);
         Ok(EXIT_DOUGH)
     })
+}
+
+/// Exit status when the guest could not clone the repository.
+pub const EXIT_CLONE: u8 = 3;
+
+/// The end of a repository task: the pull request URL on stdout (the
+/// branch when there is none), or the whole result as JSON.
+fn report_work(
+    json: bool,
+    task_id: &str,
+    exit_code: Option<i32>,
+    w: Result<&Finalized, &RepoError>,
+) {
+    match w {
+        Ok(f) => {
+            if json {
+                let mut v = serde_json::to_value(f).unwrap_or_default();
+                v["task_id"] = task_id.into();
+                v["state"] = "succeeded".into();
+                v["exit_code"] = exit_code.into();
+                v["commits"] = f
+                    .commits
+                    .iter()
+                    .map(|(sha, subject)| serde_json::json!({"sha": sha, "subject": subject}))
+                    .collect();
+                println!("{v}");
+                return;
+            }
+            if let Some(n) = &f.note {
+                eprintln!("dough: {n}");
+            }
+            if f.pushed {
+                eprintln!(
+                    "dough: pushed {} ({} commit{}) onto {}",
+                    f.branch,
+                    f.commits.len(),
+                    if f.commits.len() == 1 { "" } else { "s" },
+                    f.base
+                );
+            }
+            if let Some(u) = &f.pr_url {
+                println!("{u}");
+            }
+        }
+        Err(e) => {
+            if json {
+                let v = serde_json::json!({
+                    "task_id": task_id, "state": "failed", "exit_code": exit_code,
+                    "reason": e.reason(), "detail": e.to_string(),
+                });
+                println!("{v}");
+            }
+            eprintln!("dough: {e} [{}]", e.reason());
+            match e {
+                RepoError::PullRequest(_) => {
+                    eprintln!("dough: the branch was pushed; only the pull request is missing")
+                }
+                RepoError::Gate(_)
+                | RepoError::Push { .. }
+                | RepoError::Work { .. }
+                | RepoError::NoReport => {
+                    eprintln!("dough: nothing was pushed")
+                }
+                _ => {}
+            }
+        }
+    }
 }

@@ -114,6 +114,9 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     cfg.heartbeat_timeout = Duration::from_secs(a.heartbeat_timeout);
     cfg.cancel_grace = Duration::from_secs(a.cancel_grace);
     cfg.output_cap = a.output_limit << 20;
+    // Host credentials: from the daemon's environment, never from a task.
+    cfg.creds = dough_core::repo::Credentials::from_env();
+    cfg.gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
 
     let local = tokio::task::LocalSet::new();
     local

@@ -85,7 +85,7 @@ impl Harness {
 
     /// Nothing of this test's VMs may remain: no run directory (so no
     /// socket, scratch disk or log), no process naming the state dir, no uid
-    /// lease, no jail root.
+    /// lease, no jail root, no repository work directory.
     pub fn assert_clean(&self) {
         // Processes get a moment to be reaped by the kernel after SIGKILL.
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -117,7 +117,7 @@ impl Harness {
             })
             .collect();
         assert!(left.is_empty(), "leftover network: {left:?}");
-        for d in ["uids", "jails"] {
+        for d in ["uids", "jails", "work"] {
             let left: Vec<_> = std::fs::read_dir(self.state.path().join(d))
                 .map(|rd| rd.flatten().map(|e| e.path()).collect())
                 .unwrap_or_default();

@@ -1,0 +1,314 @@
+//! The gate with real git: bundles made the way a guest (honest or not)
+//! could make them, checked and pushed by `repo::finalize` into a real bare
+//! repository standing in for the remote (a local path: no HTTP needed to
+//! test the rules; the HTTP path is covered by `dough/tests/vm_git.rs`).
+//! Every rejection names its rule and leaves the remote untouched.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dough_core::repo::{finalize, Credentials, GateConfig, Plan, TaskFacts};
+use dough_core::supervisor::WorkOutput;
+use dough_proto::Work;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "T")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "T")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+struct Repo {
+    tmp: tempfile::TempDir,
+    remote: PathBuf,
+    /// A clone, as the guest has it.
+    work: PathBuf,
+    base: String,
+}
+
+impl Repo {
+    fn new() -> Repo {
+        let tmp = tempfile::tempdir().unwrap();
+        let seed = tmp.path().join("seed");
+        std::fs::create_dir(&seed).unwrap();
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::create_dir_all(seed.join(".github/workflows")).unwrap();
+        std::fs::write(seed.join(".github/workflows/ci.yml"), "on: push\n").unwrap();
+        std::fs::write(seed.join("README.md"), "hi\n").unwrap();
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["commit", "-q", "-m", "base"]);
+        let remote = tmp.path().join("remote.git");
+        git(tmp.path(), &["clone", "-q", "--bare", "seed", "remote.git"]);
+        let work = tmp.path().join("work");
+        git(tmp.path(), &["clone", "-q", "remote.git", "work"]);
+        let base = git(&work, &["rev-parse", "HEAD"]);
+        git(&work, &["checkout", "-q", "-b", "dough/t"]);
+        Repo {
+            tmp,
+            remote,
+            work,
+            base,
+        }
+    }
+
+    fn commit(&self, file: &str, content: &str, msg: &str) -> String {
+        let p = self.work.join(file);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", msg]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    fn bundle(&self, revs: &[&str]) -> PathBuf {
+        let dir = self.tmp.path().join(format!("job{}", revs.join("_").len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("work.bundle");
+        let mut args = vec!["bundle", "create", "-q", path.to_str().unwrap()];
+        args.extend(revs);
+        git(&self.work, &args);
+        path
+    }
+
+    fn plan(&self) -> Plan {
+        Plan {
+            url: self.remote.display().to_string(),
+            base_branch: "main".into(),
+            base_commit: self.base.clone(),
+            branch: "dough/t".into(),
+            branch_exists: None,
+            private: false,
+            author_name: "D".into(),
+            author_email: "d@x".into(),
+            commit_message: "m".into(),
+            pr: Default::default(),
+        }
+    }
+
+    fn remote_refs(&self) -> String {
+        git(
+            &self.remote,
+            &["for-each-ref", "--format=%(refname) %(objectname)"],
+        )
+    }
+
+    /// The whole host side after the VM: gate, then push.
+    fn finalize(
+        &self,
+        plan: &Plan,
+        bundle: &Path,
+        gate: &GateConfig,
+    ) -> Result<dough_core::repo::Finalized, dough_core::repo::RepoError> {
+        let len = std::fs::metadata(bundle).unwrap().len();
+        let out = WorkOutput {
+            cloned: Some(self.base.clone()),
+            report: Some(Work::Bundle {
+                head: String::new(),
+                commits: 0,
+                bytes: len,
+            }),
+            bundle_bytes: len,
+            oversized: false,
+        };
+        finalize(
+            plan,
+            &out,
+            bundle,
+            bundle.parent().unwrap(),
+            gate,
+            &Credentials::default(),
+            &TaskFacts::default(),
+        )
+    }
+
+    fn rejected(&self, plan: &Plan, bundle: &Path, gate: &GateConfig, rule: &str) -> String {
+        let before = self.remote_refs();
+        let err = self.finalize(plan, bundle, gate).unwrap_err();
+        assert_eq!(err.reason(), format!("gate:{rule}"), "{err}");
+        assert_eq!(self.remote_refs(), before, "nothing may be pushed");
+        err.to_string()
+    }
+}
+
+#[test]
+fn a_good_bundle_is_pushed_with_its_commit_list() {
+    let r = Repo::new();
+    let c1 = r.commit("a.txt", "a", "Add a");
+    let c2 = r.commit("b.txt", "b", "Add b");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let fin = r.finalize(&r.plan(), &b, &GateConfig::default()).unwrap();
+    assert!(fin.pushed);
+    assert_eq!(
+        fin.commits,
+        vec![(c1, "Add a".to_string()), (c2.clone(), "Add b".to_string())]
+    );
+    assert_eq!(git(&r.remote, &["rev-parse", "refs/heads/dough/t"]), c2);
+    assert!(fin.pr_url.is_none() && fin.note.unwrap().contains("no DOUGH_FORGE_TOKEN"));
+}
+
+#[test]
+fn another_branch_or_an_extra_ref_is_refused() {
+    let r = Repo::new();
+    r.commit("a.txt", "a", "Add a");
+    git(&r.work, &["branch", "other"]);
+    let b = r.bundle(&["refs/heads/other", &format!("^{}", r.base)]);
+    let msg = r.rejected(&r.plan(), &b, &GateConfig::default(), "bundle_refs");
+    assert!(msg.contains("refs/heads/other"), "{msg}");
+    git(&r.work, &["tag", "v9"]);
+    let b = r.bundle(&[
+        "refs/heads/dough/t",
+        "refs/tags/v9",
+        &format!("^{}", r.base),
+    ]);
+    let msg = r.rejected(&r.plan(), &b, &GateConfig::default(), "bundle_refs");
+    assert!(msg.contains("refs/tags/v9"), "{msg}");
+}
+
+#[test]
+fn history_that_does_not_descend_from_base_is_refused() {
+    let r = Repo::new();
+    // An unrelated history under the right name.
+    git(&r.work, &["checkout", "-q", "--orphan", "tmp"]);
+    r.commit("x.txt", "x", "Unrelated");
+    git(&r.work, &["branch", "-f", "dough/t", "tmp"]);
+    let b = r.bundle(&["refs/heads/dough/t"]);
+    let msg = r.rejected(&r.plan(), &b, &GateConfig::default(), "not_descendant");
+    assert!(msg.contains("does not descend"), "{msg}");
+    // Built on a commit the remote has never seen.
+    git(&r.work, &["checkout", "-q", "dough/t"]);
+    let hidden = r.commit("y.txt", "y", "Hidden parent");
+    r.commit("z.txt", "z", "On top");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{hidden}")]);
+    r.rejected(&r.plan(), &b, &GateConfig::default(), "not_descendant");
+}
+
+#[test]
+fn protected_paths_are_refused_unless_allowed() {
+    let r = Repo::new();
+    r.commit(
+        ".github/workflows/ci.yml",
+        "on: push\nrun: evil\n",
+        "CI tweak",
+    );
+    // Reverted later: the commit that touched it still counts.
+    r.commit(".github/workflows/ci.yml", "on: push\n", "Revert");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let msg = r.rejected(&r.plan(), &b, &GateConfig::default(), "protected_path");
+    assert!(
+        msg.contains(".github/workflows/ci.yml (matches .github/workflows/**)"),
+        "{msg}"
+    );
+    let allowed = GateConfig {
+        allow_protected: true,
+        ..GateConfig::default()
+    };
+    assert!(r.finalize(&r.plan(), &b, &allowed).unwrap().pushed);
+}
+
+#[test]
+fn size_and_commit_limits_are_enforced() {
+    let r = Repo::new();
+    r.commit("a.txt", &"a".repeat(5000), "Add a");
+    r.commit("b.txt", "b", "Add b");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let small = GateConfig {
+        max_bundle_bytes: 200,
+        ..GateConfig::default()
+    };
+    let msg = r.rejected(&r.plan(), &b, &small, "bundle_size");
+    assert!(msg.contains("limit is 200"), "{msg}");
+    let few = GateConfig {
+        max_commits: 1,
+        ..GateConfig::default()
+    };
+    r.rejected(&r.plan(), &b, &few, "commit_count");
+    // The supervisor saw more bytes than allowed (the file holds a prefix).
+    let before = r.remote_refs();
+    let out = WorkOutput {
+        report: Some(Work::Bundle {
+            head: String::new(),
+            commits: 2,
+            bytes: 1,
+        }),
+        bundle_bytes: 1 << 30,
+        oversized: true,
+        ..WorkOutput::default()
+    };
+    let err = finalize(
+        &r.plan(),
+        &out,
+        &b,
+        b.parent().unwrap(),
+        &GateConfig::default(),
+        &Credentials::default(),
+        &TaskFacts::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "gate:bundle_size");
+    assert_eq!(r.remote_refs(), before);
+}
+
+#[test]
+fn an_existing_branch_is_only_fast_forwarded() {
+    let r = Repo::new();
+    // Someone else's commit is already on the remote branch.
+    let other = r.tmp.path().join("other");
+    git(r.tmp.path(), &["clone", "-q", "remote.git", "other"]);
+    std::fs::write(other.join("o.txt"), "o").unwrap();
+    git(&other, &["add", "-A"]);
+    git(&other, &["commit", "-q", "-m", "Theirs"]);
+    git(&other, &["push", "-q", "origin", "HEAD:refs/heads/dough/t"]);
+    let theirs = git(&other, &["rev-parse", "HEAD"]);
+    r.commit("a.txt", "a", "Ours");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let mut plan = r.plan();
+    plan.branch_exists = Some(theirs);
+    let msg = r.rejected(&plan, &b, &GateConfig::default(), "non_fast_forward");
+    assert!(msg.contains("no force pushes"), "{msg}");
+}
+
+#[test]
+fn guest_reports_decide_nothing_on_their_own() {
+    let r = Repo::new();
+    let b = r.bundle(&["refs/heads/main"]);
+    let run = |report: Option<Work>| {
+        let out = WorkOutput {
+            report,
+            ..WorkOutput::default()
+        };
+        finalize(
+            &r.plan(),
+            &out,
+            &b,
+            b.parent().unwrap(),
+            &GateConfig::default(),
+            &Credentials::default(),
+            &TaskFacts::default(),
+        )
+    };
+    let fin = run(Some(Work::NothingToDo)).unwrap();
+    assert!(!fin.pushed && fin.note.unwrap().contains("nothing to do"));
+    assert_eq!(run(None).unwrap_err().reason(), "work_failed");
+    let e = run(Some(Work::Failed {
+        stage: "commit".into(),
+        message: "index.lock exists".into(),
+    }))
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("could not commit") && e.to_string().contains("index.lock"),
+        "{e}"
+    );
+}
