@@ -151,10 +151,12 @@ fn a_good_bundle_is_pushed_with_its_commit_list() {
     let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
     let fin = r.finalize(&r.plan(), &b, &GateConfig::default()).unwrap();
     assert!(fin.pushed);
-    assert_eq!(
-        fin.commits,
-        vec![(c1, "Add a".to_string()), (c2.clone(), "Add b".to_string())]
-    );
+    let got: Vec<(&str, &str)> = fin
+        .commits
+        .iter()
+        .map(|c| (c.sha.as_str(), c.subject.as_str()))
+        .collect();
+    assert_eq!(got, [(c1.as_str(), "Add a"), (c2.as_str(), "Add b")]);
     assert_eq!(git(&r.remote, &["rev-parse", "refs/heads/dough/t"]), c2);
     assert!(fin.pr_url.is_none() && fin.note.unwrap().contains("no DOUGH_FORGE_TOKEN"));
 }

@@ -493,7 +493,34 @@ pub fn openapi_doc() -> serde_json::Value {
                     "workdir": {"type": "string"},
                     "egress": {"type": "string", "enum": ["open", "none", "allowlist"]},
                     "allow_hosts": {"type": "array", "items": {"type": "string"}},
-                    "allow_cidrs": {"type": "array", "items": {"type": "string"}}
+                    "allow_cidrs": {"type": "array", "items": {"type": "string"}},
+                    "repo": {"$ref": "#/components/schemas/Repo"},
+                    "pull_request": {"$ref": "#/components/schemas/PullRequest"},
+                    "prompt": {"type": "string", "description": "given to the task as the file $DOUGH_PROMPT_FILE"},
+                    "secret_env": {"type": "array", "items": {"type": "string"}, "description": "names of the daemon's environment variables passed to the task; values are never stored"}
+                }
+            },
+            "Repo": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["url"],
+                "properties": {
+                    "url": {"type": "string", "description": "https:// (or http://) URL, without credentials"},
+                    "base": {"type": "string", "description": "default: the remote's default branch"},
+                    "branch": {"type": "string", "description": "default: dough/<task id>"},
+                    "commit_message": {"type": "string"},
+                    "author": {"type": "string", "description": "Name <email>"}
+                }
+            },
+            "PullRequest": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "title": {"type": "string"},
+                    "body": {"type": "string"},
+                    "forge": {"type": "string", "enum": ["github", "gitea"]},
+                    "api": {"type": "string"},
+                    "allow_protected": {"type": "boolean", "default": false}
                 }
             }}
         },
@@ -504,4 +531,64 @@ pub fn openapi_doc() -> serde_json::Value {
 
 async fn openapi() -> Response {
     axum::Json(openapi_doc()).into_response()
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    /// The documented request schema and `TaskRequest` name the same fields:
+    /// an object with every documented property parses, and every field a
+    /// full request serializes is documented.
+    #[test]
+    fn openapi_request_schema_matches_task_request() {
+        let doc = openapi_doc();
+        let schemas = &doc["components"]["schemas"];
+        let props = |name: &str| -> Vec<String> {
+            schemas[name]["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
+        let full = json!({
+            "command": ["true"], "env": {"A": "b"}, "vcpus": 1, "memory_mib": 512,
+            "timeout_secs": 5, "labels": {"k": "v"}, "priority": 1, "root": false,
+            "workdir": "/tmp", "egress": "allowlist", "allow_hosts": ["x.example"],
+            "allow_cidrs": ["203.0.113.0/24"],
+            "repo": {"url": "https://g.example/o/r", "base": "main", "branch": "b",
+                     "commit_message": "m", "author": "A <a@b>"},
+            "pull_request": {"title": "t", "body": "b", "forge": "gitea",
+                             "api": "https://g.example/api/v1", "allow_protected": true},
+            "prompt": "p", "secret_env": ["KEY"],
+        });
+        let mut documented = props("TaskRequest");
+        documented.sort();
+        let mut given: Vec<String> = full.as_object().unwrap().keys().cloned().collect();
+        given.sort();
+        assert_eq!(
+            documented, given,
+            "the example must use every documented field"
+        );
+        let req: TaskRequest =
+            serde_json::from_value(full.clone()).expect("documented fields parse");
+        let back = serde_json::to_value(&req).unwrap();
+        for (obj, schema) in [
+            (&back, "TaskRequest"),
+            (&back["repo"], "Repo"),
+            (&back["pull_request"], "PullRequest"),
+        ] {
+            let doc_props = props(schema);
+            for k in obj.as_object().unwrap().keys() {
+                assert!(doc_props.contains(k), "{schema}.{k} is not documented");
+            }
+            for k in &doc_props {
+                assert!(
+                    obj.get(k).is_some(),
+                    "{schema}.{k} is documented but not a field"
+                );
+            }
+        }
+    }
 }

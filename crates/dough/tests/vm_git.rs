@@ -374,3 +374,102 @@ fn clone_failures_are_clear_and_a_task_without_changes_opens_nothing() {
     assert!(e.forge.taken().is_empty());
     e.h.assert_clean();
 }
+
+/// The same through the service: `dough serve` (credentials in its own
+/// environment) and `dough submit --wait` with the repository flags; the
+/// stored task carries the result (branch, commits, pull request URL) and
+/// the secret named by `--secret-env` came from the daemon's environment.
+#[test]
+fn a_repo_task_through_the_service_records_its_pull_request() {
+    let e = setup("s");
+    e.git.make_repo("public", &[("README.md", "# public\n")]);
+    let mut serve: Command = e.h.cmd();
+    in_netns(&mut serve, &e.w.host);
+    serve
+        .env("DOUGH_DNS", DNS.to_string())
+        .env("DOUGH_HOST_NAT", "0")
+        .env("DOUGH_GIT_USER", GIT_USER)
+        .env("DOUGH_GIT_TOKEN", token())
+        .env("DOUGH_FORGE_TOKEN", "forge-secret-2")
+        .env("AGENT_API_KEY", "sk-daemon-side")
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut daemon = serve.spawn().unwrap();
+    let url_file = e.h.state.path().join("api-url");
+    wait_until(
+        "the daemon to listen",
+        std::time::Duration::from_secs(20),
+        || url_file.exists(),
+    );
+    let mut submit: Command = e.h.cmd();
+    in_netns(&mut submit, &e.w.host);
+    let out = submit
+        .env_remove("AGENT_API_KEY")
+        .args([
+            "submit",
+            "--wait",
+            "--json",
+            "--repo",
+            &e.url(GIT_ADDR, "public"),
+            "--forge",
+            "gitea",
+            "--forge-api",
+            &format!("{}/api/v1", e.forge_api()),
+            "--prompt",
+            "write the key's length",
+            "--secret-env",
+            "AGENT_API_KEY",
+            "--",
+            "sh",
+            "-c",
+            "printf '%s' \"$AGENT_API_KEY\" | wc -c > keylen.txt; cat \"$DOUGH_PROMPT_FILE\"; echo",
+        ])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("write the key's length"), "{stdout}");
+    let t: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: stdout:\n{stdout}\nstderr:\n{stderr}"));
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let id = t["id"].as_str().unwrap();
+    let branch = format!("dough/{id}");
+    assert_eq!(t["result"]["branch"], branch.as_str(), "{t}");
+    assert_eq!(t["result"]["pr_url"], "http://forge.example/pulls/1", "{t}");
+    assert_eq!(t["result"]["commits"].as_array().unwrap().len(), 1, "{t}");
+    // Only the secret's name is stored.
+    assert_eq!(t["request"]["secret_env"][0], "AGENT_API_KEY");
+    assert!(!stdout.contains("sk-daemon-side"));
+    let tip = e
+        .git
+        .branches("public")
+        .into_iter()
+        .find(|(b, _)| *b == branch)
+        .expect("branch pushed")
+        .1;
+    assert_eq!(
+        git(
+            &e.git.repo_path("public"),
+            &["show", &format!("{tip}:keylen.txt")]
+        )
+        .trim(),
+        "sk-daemon-side".len().to_string()
+    );
+    let reqs = e.forge.taken();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].path, "/api/v1/repos/git/public/pulls");
+    assert_eq!(
+        reqs[0].header("authorization"),
+        Some("token forge-secret-2")
+    );
+    assert!(reqs[0].body["body"].as_str().unwrap().contains(id));
+    signal(daemon.id(), nix::sys::signal::Signal::SIGTERM);
+    let _ = daemon.wait();
+    e.h.assert_clean();
+}

@@ -64,7 +64,7 @@ pub fn api_base(plan: &Plan) -> Result<String, String> {
 
 /// The pull request's body: the request's own text, then a record of the
 /// task that made it.
-pub fn pr_body(plan: &Plan, facts: &TaskFacts, commits: &[(String, String)]) -> String {
+pub fn pr_body(plan: &Plan, facts: &TaskFacts, commits: &[super::Commit]) -> String {
     let mut b = String::new();
     if let Some(body) = &plan.pr.body {
         b.push_str(body.trim_end());
@@ -78,8 +78,12 @@ pub fn pr_body(plan: &Plan, facts: &TaskFacts, commits: &[(String, String)]) -> 
         plan.base_branch, plan.base_commit
     ));
     b.push_str(&format!("- commits ({}):\n", commits.len()));
-    for (sha, subject) in commits {
-        b.push_str(&format!("  - `{}` {subject}\n", &sha[..sha.len().min(12)]));
+    for c in commits {
+        b.push_str(&format!(
+            "  - `{}` {}\n",
+            &c.sha[..c.sha.len().min(12)],
+            c.subject
+        ));
     }
     b
 }
@@ -207,7 +211,10 @@ mod tests {
                 image_digest: "abc".into(),
                 command: vec!["sh".into(), "-c".into(), "echo `hi`".into()],
             },
-            &[("0123456789abcdef".into(), "Add x".into())],
+            &[crate::repo::Commit {
+                sha: "0123456789abcdef".into(),
+                subject: "Add x".into(),
+            }],
         );
         assert!(
             body.contains("task `t1`") && body.contains("`0123456789ab` Add x"),

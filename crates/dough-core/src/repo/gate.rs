@@ -108,8 +108,8 @@ impl GateError {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub head: String,
-    /// Oldest first: (sha, subject).
-    pub commits: Vec<(String, String)>,
+    /// Oldest first.
+    pub commits: Vec<super::Commit>,
 }
 
 /// The ref the gate keeps the checked tip under, in its repository.
@@ -245,10 +245,13 @@ pub fn check(
     }
     let range = format!("{}..{head}", plan.base_commit);
     let log = git(&["log", "--reverse", "--format=%H%x09%s", &range]).map_err(host)?;
-    let commits: Vec<(String, String)> = log
+    let commits: Vec<super::Commit> = log
         .lines()
         .filter_map(|l| l.split_once('\t'))
-        .map(|(h, s)| (h.to_string(), s.to_string()))
+        .map(|(h, s)| super::Commit {
+            sha: h.to_string(),
+            subject: s.to_string(),
+        })
         .collect();
     if commits.len() > cfg.max_commits as usize {
         return Err(GateError::new(

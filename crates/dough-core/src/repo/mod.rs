@@ -449,14 +449,21 @@ pub(crate) fn url_host(url: &str) -> Option<String> {
     Some(host.to_string())
 }
 
+/// One commit of the pushed branch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Commit {
+    pub sha: String,
+    pub subject: String,
+}
+
 /// What became of the work.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Finalized {
     pub branch: String,
     pub base: String,
     pub base_commit: String,
-    /// The pushed branch's commits, oldest first: (sha, subject).
-    pub commits: Vec<(String, String)>,
+    /// The pushed branch's commits, oldest first.
+    pub commits: Vec<Commit>,
     pub head: Option<String>,
     pub pushed: bool,
     pub pr_url: Option<String>,

@@ -443,11 +443,6 @@ fn report_work(
                 v["task_id"] = task_id.into();
                 v["state"] = "succeeded".into();
                 v["exit_code"] = exit_code.into();
-                v["commits"] = f
-                    .commits
-                    .iter()
-                    .map(|(sha, subject)| serde_json::json!({"sha": sha, "subject": subject}))
-                    .collect();
                 println!("{v}");
                 return;
             }
