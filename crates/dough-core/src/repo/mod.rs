@@ -255,18 +255,23 @@ pub(crate) fn host_git(cred: Option<(&str, &str)>) -> Command {
         .env("GIT_ASKPASS", "/bin/false")
         .env_remove("GIT_DIR")
         .stdin(std::process::Stdio::null());
+    // A remote that stalls is given up after a minute below 1 KB/s.
+    c.env("GIT_CONFIG_KEY_0", "http.lowSpeedLimit")
+        .env("GIT_CONFIG_VALUE_0", "1000")
+        .env("GIT_CONFIG_KEY_1", "http.lowSpeedTime")
+        .env("GIT_CONFIG_VALUE_1", "60");
     if let Some((user, token)) = cred {
-        c.env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+        c.env("GIT_CONFIG_COUNT", "3")
+            .env("GIT_CONFIG_KEY_2", "http.extraHeader")
             .env(
-                "GIT_CONFIG_VALUE_0",
+                "GIT_CONFIG_VALUE_2",
                 format!(
                     "Authorization: Basic {}",
                     base64(&format!("{user}:{token}"))
                 ),
             );
     } else {
-        c.env("GIT_CONFIG_COUNT", "0");
+        c.env("GIT_CONFIG_COUNT", "2");
     }
     c
 }
