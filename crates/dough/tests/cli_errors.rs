@@ -107,6 +107,91 @@ fn bad_network_flags_are_rejected_before_anything_starts() {
     assert!(!h.runs_dir().exists());
 }
 
+/// Repository flags are checked before anything is contacted or started.
+#[test]
+fn bad_repository_flags_are_rejected_before_anything_starts() {
+    let h = Harness::new();
+    let repo = "https://git.example/o/r";
+    for (args, env, needle) in [
+        (
+            vec!["--repo", "ssh://git.example/o/r"],
+            None,
+            "only https://",
+        ),
+        (
+            vec!["--repo", "https://me:pw@git.example/o/r"],
+            None,
+            "carries credentials",
+        ),
+        (
+            vec!["--repo", "https://git.example/"],
+            None,
+            "names no repository",
+        ),
+        (
+            vec!["--repo", repo, "--branch", "a..b"],
+            None,
+            "not a valid git branch",
+        ),
+        (vec!["--repo", repo, "--base=-x"], None, "base branch"),
+        (
+            vec!["--repo", repo, "--commit-author", "nobody"],
+            None,
+            "expected `Name <email>`",
+        ),
+        (vec!["--branch", "x"], None, "--repo <URL>"),
+        (vec!["--pr-title", "x"], None, "--repo <URL>"),
+        (
+            vec!["--repo", repo, "--forge", "gitlab"],
+            None,
+            "invalid value 'gitlab'",
+        ),
+        (
+            vec!["--repo", repo, "--forge-api", "ftp://x"],
+            None,
+            "not an http(s) URL",
+        ),
+        (
+            vec!["--secret-env", "DOUGH_TEST_SURELY_UNSET_1"],
+            None,
+            "is not set in this environment",
+        ),
+        (
+            vec!["--secret-env", "DOUGH_GIT_TOKEN"],
+            Some(("DOUGH_GIT_TOKEN", "t")),
+            "never go to a task",
+        ),
+        (
+            vec!["--prompt-file", "/nonexistent/prompt.md"],
+            None,
+            "--prompt-file /nonexistent/prompt.md",
+        ),
+        (
+            vec!["--prompt", "a", "--prompt-file", "/etc/hostname"],
+            None,
+            "cannot be used with",
+        ),
+        (
+            vec!["--repo", repo],
+            Some(("DOUGH_MAX_BUNDLE_MIB", "0")),
+            "DOUGH_MAX_BUNDLE_MIB",
+        ),
+    ] {
+        let mut full = args.clone();
+        full.extend(["--", "true"]);
+        let mut c = h.cmd();
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.arg("run").args(&full).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!h.runs_dir().exists());
+    assert!(!h.state.path().join("work").exists());
+}
+
 /// A full slot pool fails at set-up time with the reason, and leaves
 /// nothing. The pool is one slot (a /30 no other test uses), held by a
 /// lease of this test process.
