@@ -17,7 +17,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 
-PKGS=(qemu-system-x86 qemu-system-data seabios debootstrap cpio e2fsprogs lz4 nftables libnftables1 iproute2 kmod git curl ca-certificates)
+PKGS=(qemu-system-x86 qemu-system-data seabios debootstrap cpio e2fsprogs lz4 nftables libnftables1 iproute2 kmod git curl ca-certificates
+      build-essential flex bison bc libelf-dev libssl-dev xz-utils)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -19,6 +19,8 @@ use crate::cmdline::BootConfig;
 pub const MODULES_EARLY: &str = "/lib/dough/modules.early";
 pub const MODULES_LATE: &str = "/lib/dough/modules.late";
 const MODULE_DIR: &str = "/lib/dough/modules";
+/// The kernel release the modules belong to.
+const MODULES_RELEASE: &str = "/lib/dough/modules.release";
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -49,6 +51,16 @@ pub fn load_modules(list: &str) -> Result<usize> {
     let Ok(order) = fs::read_to_string(list) else {
         return Ok(0);
     };
+    // The modules are built for one kernel release; another kernel (the
+    // minimal one, drivers built in) needs none of them.
+    if let Ok(release) = fs::read_to_string(MODULES_RELEASE) {
+        let running = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if release.trim() != running {
+            return Ok(0);
+        }
+    }
     let params = CString::default();
     let mut n = 0;
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {

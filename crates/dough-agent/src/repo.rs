@@ -50,19 +50,24 @@ fn git(user: &TaskUser, dir: &str, args: &[&str]) -> Command {
     c
 }
 
-/// Run to completion; `Ok(stdout)` on exit 0, else git's last stderr line.
-fn output(reaper: &Reaper, mut cmd: Command, what: &str) -> Result<String, String> {
-    let (mut child, status) = reaper
-        .spawn(&mut cmd)
-        .map_err(|e| format!("{what}: cannot run git: {e}"))?;
+/// Collect a child's stderr on a thread (so a full pipe never blocks it).
+fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
     let mut err = child.stderr.take();
-    let errt = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut s = String::new();
         if let Some(e) = err.as_mut() {
             let _ = e.read_to_string(&mut s);
         }
         s
-    });
+    })
+}
+
+/// Run to completion; `Ok(stdout)` on exit 0, else git's last stderr line.
+fn output(reaper: &Reaper, mut cmd: Command, what: &str) -> Result<String, String> {
+    let (mut child, status) = reaper
+        .spawn(&mut cmd)
+        .map_err(|e| format!("{what}: cannot run git: {e}"))?;
+    let errt = collect_stderr(&mut child);
     let mut out = String::new();
     if let Some(o) = child.stdout.as_mut() {
         let _ = o.read_to_string(&mut out);
@@ -257,14 +262,7 @@ fn send_bundle(
     let (mut child, status) = reaper
         .spawn(&mut cmd)
         .map_err(|e| format!("cannot run git bundle: {e}"))?;
-    let mut err = child.stderr.take();
-    let errt = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    let errt = collect_stderr(&mut child);
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
     let mut total = 0u64;
     let mut buf = vec![0u8; BUNDLE_CHUNK];

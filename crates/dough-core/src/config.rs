@@ -25,6 +25,11 @@ pub struct HostConfig {
     /// Masquerade VM traffic behind the host's address (`DOUGH_HOST_NAT=0`
     /// turns it off where the pool is routed to the host).
     pub host_nat: bool,
+    /// Which of the image's kernels VMs boot (`--kernel`, `DOUGH_KERNEL`).
+    pub kernel: dough_image::KernelChoice,
+    /// CPU vulnerability mitigations inside the guest (on by default;
+    /// `--guest-mitigations off` trades them for a faster boot).
+    pub guest_mitigations: bool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dough";
@@ -43,6 +48,8 @@ impl HostConfig {
             slot_pool: dough_net::DEFAULT_POOL.parse().expect("default pool"),
             dns_upstream: None,
             host_nat: true,
+            kernel: dough_image::KernelChoice::Auto,
+            guest_mitigations: true,
         }
     }
 

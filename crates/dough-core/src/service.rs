@@ -550,13 +550,9 @@ impl Service {
                     cancelled,
                 )
                 .await;
-                match run.report {
-                    Some(rep) => (rep, run.work),
-                    None => {
-                        let e = match run.work {
-                            Some(Err(e)) => e,
-                            _ => crate::repo::RepoError::Host("no run".into()),
-                        };
+                match run.split() {
+                    Ok(parts) => parts,
+                    Err(e) => {
                         self.finish(&t, State::Failed, &e.reason(), &error_chain(&e), None, "ok");
                         return;
                     }

@@ -197,6 +197,8 @@ struct Live {
     writer: Option<OwnedWriteHalf>,
     /// The agent is still connected and can be asked to shut down.
     agent_ok: bool,
+    /// What the agent said at boot.
+    hello: Option<Hello>,
 }
 
 struct Ctx<'a> {
@@ -290,6 +292,7 @@ async fn run_vm(
     // leaves nothing behind.
     let prepared = (|| -> Result<(Image, Box<dyn Vmm>, Accel), RunError> {
         let image = Image::load(&host.image_dir)?;
+        image.kernel_for(host.kernel)?;
         let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
         debug!(backend = %sel.vmm.backend(), accel = %sel.accel, why = %sel.why, "vmm selected");
         Ok((image, sel.vmm, sel.accel))
@@ -346,7 +349,16 @@ async fn run_vm(
         return rep;
     }
     let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
+    if !host.guest_mitigations {
+        // Opt-in (docs/boot.md): no CPU vulnerability mitigations inside
+        // the guest; boots faster under TCG.
+        kernel_args.push("mitigations=off".into());
+    }
     kernel_args.extend(extra_args.iter().cloned());
+    // Diagnostics only (e.g. `initcall_debug`): never set in production.
+    if let Ok(extra) = std::env::var("DOUGH_DEBUG_KERNEL_ARGS") {
+        kernel_args.extend(extra.split_whitespace().map(str::to_string));
+    }
     // The network: a namespace of its own, made before the VMM that joins it.
     let net = match &spec.network {
         None => None,
@@ -377,10 +389,14 @@ async fn run_vm(
             }
         }
     };
+    let kernel = image
+        .kernel_for(host.kernel)
+        .unwrap_or((image.kernel.clone(), dough_image::KernelKind::Debian));
     let vmspec = VmSpec {
         id: vm_id.clone(),
         paths: paths.clone(),
-        kernel: image.kernel.clone(),
+        kernel: kernel.0,
+        acpi: kernel.1.needs_acpi(),
         initramfs: Some(image.initramfs.clone()),
         rootfs: image.rootfs.clone(),
         scratch: paths.scratch(),
@@ -411,6 +427,7 @@ async fn run_vm(
     )
     .instrument(span.clone())
     .await;
+    rep.hello = live.hello.take();
     if let Err(e) = &rep.result {
         debug!(parent: &span, error = %e, "vm failed");
     }
@@ -520,6 +537,7 @@ async fn drive(
     let version = dough_proto::negotiate(dough_proto::supported_versions(), hello.versions)
         .map_err(RunError::Protocol)?;
     debug!(kernel = %hello.kernel, boot_ms = hello.boot_ms, version, "hello");
+    live.hello = Some(hello);
     ctx.phase(Phase::Hello);
 
     let assign = Assign {

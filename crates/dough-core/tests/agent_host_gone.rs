@@ -30,10 +30,12 @@ async fn agent_powers_off_when_the_host_goes_away() {
     let listener = vsock::listen(&paths.vsock_uds(), dough_proto::CONTROL_PORT).unwrap();
     let facts = HostFacts::probe();
     let sel = dough_vmm::select(&facts, BackendChoice::Qemu, AccelChoice::Auto).unwrap();
+    let (kernel, kind) = image.kernel_for(Default::default()).unwrap();
     let spec = VmSpec {
         id: "hostgone0001".into(),
         paths: paths.clone(),
-        kernel: image.kernel.clone(),
+        kernel,
+        acpi: kind.needs_acpi(),
         initramfs: Some(image.initramfs.clone()),
         rootfs: image.rootfs.clone(),
         scratch: paths.scratch(),

@@ -10,6 +10,14 @@ use crate::manifest::{now_rfc3339, sha256_file, sha256_hex, Manifest, PartInfo};
 use crate::{elf, io_err, Image, ImageError};
 
 pub const KERNEL: &str = "vmlinux";
+pub const KERNEL_MINIMAL: &str = "vmlinux-minimal";
+
+/// Debian's kernel source package the minimal kernel is built from.
+const KERNEL_SOURCE: &str = "linux-source-6.1";
+/// Firecracker's guest kernel config for 6.1, unchanged.
+const MINIMAL_BASE_CONFIG: &str = include_str!("../kernel/microvm-kernel-ci-x86_64-6.1.config");
+/// Dough's changes to it.
+const MINIMAL_FRAGMENT: &str = include_str!("../kernel/dough.fragment");
 pub const INITRAMFS: &str = "initramfs.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
 
@@ -81,6 +89,9 @@ pub struct BuildOptions {
     pub suite: String,
     /// Rebuild every part even if its inputs are unchanged.
     pub force: bool,
+    /// Build Dough's minimal kernel too (about 10 minutes on 2 cores, once:
+    /// cached by the hash of source version and config).
+    pub minimal_kernel: bool,
 }
 
 /// Progress lines on stderr, with the time since the build started.
@@ -168,7 +179,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
     // 2. Initramfs: agent + modules. The modules' contents are fixed by the
     // kernel package version, which `kernel_inputs` names.
     let mut initramfs_src = format!(
-        "initramfs/3\nagent {}\nkernel {kernel_inputs}\n",
+        "initramfs/4\nagent {}\nkernel {kernel_inputs}\n",
         sha256_hex(&agent)
     );
     for module in all_modules() {
@@ -190,7 +201,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
             .join("lib/modules")
             .join(&release)
             .join("kernel");
-        write_initramfs(&ipath, &agent, &mod_root)?;
+        write_initramfs(&ipath, &agent, &mod_root, &release)?;
         m.initramfs = part_info(
             &ipath,
             initramfs_inputs,
@@ -203,6 +214,39 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
     }
     if let Some(k) = kver {
         m.kernel_version = k;
+    }
+
+    // 2b. Dough's minimal kernel, from Debian's kernel source.
+    if opts.minimal_kernel {
+        let (version, fragment) = minimal_inputs()?;
+        let inputs = sha256_hex(
+            format!(
+                "kernel-minimal/1\n{KERNEL_SOURCE} {version}\n{MINIMAL_BASE_CONFIG}\n{fragment}"
+            )
+            .as_bytes(),
+        );
+        let path = opts.dir.join(KERNEL_MINIMAL);
+        let fresh = old
+            .kernel_minimal
+            .as_ref()
+            .is_some_and(|k| part_fresh(k, &inputs, &path));
+        if fresh {
+            progress.say("[2b] minimal kernel: unchanged, skipped");
+        } else {
+            let release =
+                build_minimal_kernel(opts, &version, &fragment, &inputs, &path, progress)?;
+            m.kernel_minimal = Some(part_info(
+                &path,
+                inputs,
+                format!(
+                    "{KERNEL_SOURCE} {version} + Firecracker's 6.1 guest config + kernel/dough.fragment"
+                ),
+            )?);
+            m.kernel_minimal_version = release;
+        }
+    } else if m.kernel_minimal.take().is_some() {
+        m.kernel_minimal_version.clear();
+        let _ = std::fs::remove_file(opts.dir.join(KERNEL_MINIMAL));
     }
 
     // 3. Rootfs.
@@ -317,6 +361,11 @@ fn fetch_kernel(pkg: &str, version: &str, cache: &Path, tree: &Path) -> Result<(
     if tree.join("boot").exists() {
         return Ok(());
     }
+    fetch_deb(pkg, version, cache, tree)
+}
+
+/// `apt-get download PKG=VERSION` into the cache, unpacked at `tree`.
+fn fetch_deb(pkg: &str, version: &str, cache: &Path, tree: &Path) -> Result<(), ImageError> {
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(io_err(&debs))?;
     run(Command::new("apt-get")
@@ -395,7 +444,12 @@ fn extract_vmlinux(tree: &Path, out: &Path) -> Result<(), ImageError> {
     std::fs::rename(&tmp, out).map_err(io_err(out))
 }
 
-fn write_initramfs(out: &Path, agent: &[u8], mod_root: &Path) -> Result<(), ImageError> {
+fn write_initramfs(
+    out: &Path,
+    agent: &[u8],
+    mod_root: &Path,
+    release: &str,
+) -> Result<(), ImageError> {
     let tmp = out.with_extension("tmp");
     let f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let mut w = CpioWriter::new(std::io::BufWriter::new(f));
@@ -414,6 +468,13 @@ fn write_initramfs(out: &Path, agent: &[u8], mod_root: &Path) -> Result<(), Imag
             w.dir(d, 0o755)?;
         }
         w.file("init", 0o755, agent)?;
+        // The modules are Debian's: a kernel of another release (the
+        // minimal one, drivers built in) skips them.
+        w.file(
+            "lib/dough/modules.release",
+            0o644,
+            format!("{release}\n").as_bytes(),
+        )?;
         for (list, modules) in [
             ("modules.early", MODULES_EARLY),
             ("modules.late", MODULES_LATE),
@@ -556,4 +617,184 @@ fn dir_size(p: &Path) -> u64 {
         }
     }
     total
+}
+
+/// The source version to build and the fragment in effect.
+fn minimal_inputs() -> Result<(String, String), ImageError> {
+    let show = run(Command::new("apt-cache").args(["show", "--no-all-versions", KERNEL_SOURCE]))?;
+    let version = show
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "apt knows no {KERNEL_SOURCE}; run `apt-get update` (scripts/setup.sh does)"
+            ))
+        })?
+        .trim()
+        .to_string();
+    Ok((version, MINIMAL_FRAGMENT.to_string()))
+}
+
+/// `NAME=y|n` lines of a fragment.
+fn fragment_options(fragment: &str) -> Vec<(&str, bool)> {
+    fragment
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim() == "y"))
+        .collect()
+}
+
+/// Configure and compile the minimal kernel; cached under the cache dir by
+/// `inputs` (so switching options back reuses the earlier build). Returns
+/// its release string.
+fn build_minimal_kernel(
+    opts: &BuildOptions,
+    version: &str,
+    fragment: &str,
+    inputs: &str,
+    out: &Path,
+    progress: &Progress,
+) -> Result<String, ImageError> {
+    let cached = opts.cache_dir.join("kernels").join(&inputs[..16]);
+    let cached_vmlinux = cached.join("vmlinux");
+    let cached_release = cached.join("release");
+    if !cached_vmlinux.exists() || !cached_release.exists() {
+        for (tool, pkg) in [
+            ("make", "make"),
+            ("gcc", "build-essential"),
+            ("flex", "flex"),
+            ("bison", "bison"),
+            ("bc", "bc"),
+        ] {
+            if which(tool).is_none() {
+                return Err(ImageError::MissingTool {
+                    tool: tool.into(),
+                    hint: format!("apt-get install {pkg}, or run scripts/setup.sh"),
+                });
+            }
+        }
+        let src = opts.cache_dir.join(format!("{KERNEL_SOURCE}_{version}"));
+        if !src.join("usr/src").exists() {
+            progress.say(&format!(
+                "[2b] minimal kernel: fetching {KERNEL_SOURCE} {version}"
+            ));
+            fetch_deb(KERNEL_SOURCE, version, &opts.cache_dir, &src)?;
+        }
+        let tarball = std::fs::read_dir(src.join("usr/src"))
+            .map_err(io_err(&src))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().ends_with(".tar.xz"))
+            .ok_or_else(|| {
+                ImageError::Invalid(format!("no kernel source tarball in {}", src.display()))
+            })?;
+        let tree = opts.cache_dir.join("kernel-build");
+        let _ = std::fs::remove_dir_all(&tree);
+        std::fs::create_dir_all(&tree).map_err(io_err(&tree))?;
+        progress.say("[2b] minimal kernel: unpacking the source");
+        run(Command::new("tar")
+            .args(["-xf"])
+            .arg(&tarball)
+            .args(["--strip-components=1", "-C"])
+            .arg(&tree))?;
+        std::fs::write(tree.join(".config"), MINIMAL_BASE_CONFIG).map_err(io_err(&tree))?;
+        let mut cfg = Command::new(tree.join("scripts/config"));
+        cfg.arg("--file").arg(tree.join(".config"));
+        let options = fragment_options(fragment);
+        for (name, on) in &options {
+            cfg.arg(if *on { "-e" } else { "-d" }).arg(name);
+        }
+        run(&mut cfg)?;
+        run(Command::new("make")
+            .args(["-s", "olddefconfig"])
+            .current_dir(&tree))?;
+        let config = std::fs::read_to_string(tree.join(".config")).map_err(io_err(&tree))?;
+        for (name, on) in &options {
+            let set = config.lines().any(|l| l == format!("CONFIG_{name}=y"));
+            if set != *on {
+                return Err(ImageError::Invalid(format!(
+                    "kernel option {name} is {} after olddefconfig, the fragment asks for {}",
+                    if set { "on" } else { "off" },
+                    if *on { "on" } else { "off" }
+                )));
+            }
+        }
+        let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+        progress.say(&format!(
+            "[2b] minimal kernel: compiling with {jobs} jobs (about 10 minutes on 2 cores; once)"
+        ));
+        compile_kernel(&tree, jobs, progress)?;
+        let release = run(Command::new("make")
+            .args(["-s", "kernelrelease"])
+            .current_dir(&tree))?
+        .trim()
+        .to_string();
+        std::fs::create_dir_all(&cached).map_err(io_err(&cached))?;
+        std::fs::copy(tree.join("vmlinux"), &cached_vmlinux).map_err(io_err(&cached_vmlinux))?;
+        std::fs::write(&cached_release, &release).map_err(io_err(&cached_release))?;
+        let _ = std::fs::remove_dir_all(&tree);
+    } else {
+        progress.say("[2b] minimal kernel: from the build cache");
+    }
+    let tmp = out.with_extension("tmp");
+    std::fs::copy(&cached_vmlinux, &tmp).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    let release = std::fs::read_to_string(&cached_release).map_err(io_err(&cached_release))?;
+    progress.say(&format!(
+        "[2b] minimal kernel: {} ({} MB)",
+        release.trim(),
+        std::fs::metadata(out).map(|m| m.len() >> 20).unwrap_or(0)
+    ));
+    Ok(release.trim().to_string())
+}
+
+/// `make vmlinux`, with a progress line every 30 s (objects compiled).
+fn compile_kernel(tree: &Path, jobs: usize, progress: &Progress) -> Result<(), ImageError> {
+    let mut child = Command::new("make")
+        .arg(format!("-j{jobs}"))
+        .arg("vmlinux")
+        .current_dir(tree)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| ImageError::Command {
+            command: "make vmlinux".into(),
+            detail: e.to_string(),
+        })?;
+    let stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut tail: std::collections::VecDeque<String> = Default::default();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tail.len() == 20 {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        tail.into_iter().collect::<Vec<_>>().join("\n")
+    });
+    let mut objects = 0u32;
+    let mut last = Instant::now();
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.trim_start().starts_with("CC") {
+            objects += 1;
+        }
+        if last.elapsed().as_secs() >= 30 {
+            progress.say(&format!("      make: {objects} files compiled"));
+            last = Instant::now();
+        }
+    }
+    let status = child.wait().map_err(io_err(tree))?;
+    let err = err_thread.join().unwrap_or_default();
+    if !status.success() {
+        return Err(ImageError::Command {
+            command: "make vmlinux".into(),
+            detail: format!("{status}: {err}"),
+        });
+    }
+    Ok(())
 }

@@ -55,11 +55,54 @@ pub(crate) fn io_err(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> I
     move |source| ImageError::Io { path, source }
 }
 
+/// Which kernel a VM boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    /// The minimal kernel when the image has one, else Debian's.
+    #[default]
+    Auto,
+    Minimal,
+    Debian,
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KernelChoice::Auto),
+            "minimal" => Ok(KernelChoice::Minimal),
+            "debian" => Ok(KernelChoice::Debian),
+            _ => Err(format!("kernel {s:?}: expected auto, minimal or debian")),
+        }
+    }
+}
+
+/// The kernel actually booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// Dough's build: drivers built in, virtio-mmio devices from the
+    /// command line, so the VMM runs it without ACPI.
+    Minimal,
+    /// Debian's cloud kernel: drivers as modules (in the initramfs), devices
+    /// found through ACPI.
+    Debian,
+}
+
+impl KernelKind {
+    /// Whether the VMM must describe devices through ACPI.
+    pub fn needs_acpi(self) -> bool {
+        self == KernelKind::Debian
+    }
+}
+
 /// A built image, ready to boot.
 #[derive(Debug, Clone)]
 pub struct Image {
     pub dir: PathBuf,
+    /// Debian's cloud kernel (needs the initramfs's modules and ACPI).
     pub kernel: PathBuf,
+    /// Dough's minimal kernel, when built.
+    pub kernel_minimal: Option<PathBuf>,
     pub initramfs: PathBuf,
     pub rootfs: PathBuf,
     pub manifest: Manifest,
@@ -82,11 +125,18 @@ impl Image {
         let img = Image {
             dir: dir.to_path_buf(),
             kernel: dir.join(build::KERNEL),
+            kernel_minimal: manifest
+                .kernel_minimal
+                .as_ref()
+                .map(|_| dir.join(build::KERNEL_MINIMAL)),
             initramfs: dir.join(build::INITRAMFS),
             rootfs: dir.join(build::ROOTFS),
             manifest,
         };
-        for p in [&img.kernel, &img.initramfs, &img.rootfs] {
+        for p in [&img.kernel, &img.initramfs, &img.rootfs]
+            .into_iter()
+            .chain(img.kernel_minimal.as_ref())
+        {
             if !p.exists() {
                 return Err(ImageError::Incomplete {
                     dir: dir.to_path_buf(),
@@ -97,10 +147,31 @@ impl Image {
         Ok(img)
     }
 
+    /// The kernel to boot for `choice`, and which one it is.
+    pub fn kernel_for(&self, choice: KernelChoice) -> Result<(PathBuf, KernelKind), ImageError> {
+        match (choice, &self.kernel_minimal) {
+            (KernelChoice::Debian, _) | (KernelChoice::Auto, None) => {
+                Ok((self.kernel.clone(), KernelKind::Debian))
+            }
+            (KernelChoice::Auto | KernelChoice::Minimal, Some(k)) => {
+                Ok((k.clone(), KernelKind::Minimal))
+            }
+            (KernelChoice::Minimal, None) => Err(ImageError::Invalid(format!(
+                "the image in {} has no minimal kernel; run `dough image build` (without --kernel debian)",
+                self.dir.display()
+            ))),
+        }
+    }
+
     /// Re-hash every part and compare with the manifest; the names of parts
     /// that differ.
     pub fn verify(&self) -> Result<Vec<String>, ImageError> {
         let mut bad = Vec::new();
+        if let (Some(p), Some(part)) = (&self.kernel_minimal, &self.manifest.kernel_minimal) {
+            if manifest::sha256_file(p)? != part.sha256 {
+                bad.push("kernel_minimal".to_string());
+            }
+        }
         for (name, path, part) in [
             ("kernel", &self.kernel, &self.manifest.kernel),
             ("initramfs", &self.initramfs, &self.manifest.initramfs),

@@ -31,6 +31,13 @@ pub struct Manifest {
     /// `uname -r` of the guest kernel.
     pub kernel_version: String,
     pub kernel: PartInfo,
+    /// Dough's own minimal kernel (`vmlinux-minimal`): everything built in,
+    /// no modules. Absent in images built with `--kernel debian`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_minimal: Option<PartInfo>,
+    /// Its `uname -r`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kernel_minimal_version: String,
     pub initramfs: PartInfo,
     pub rootfs: PartInfo,
     /// sha256 over the three parts' hashes: names the image as a whole.
@@ -52,13 +59,14 @@ impl Manifest {
     }
 
     pub fn compute_digest(&mut self) {
-        self.digest = sha256_hex(
-            format!(
-                "{}\n{}\n{}\n",
-                self.kernel.sha256, self.initramfs.sha256, self.rootfs.sha256
-            )
-            .as_bytes(),
+        let mut text = format!(
+            "{}\n{}\n{}\n",
+            self.kernel.sha256, self.initramfs.sha256, self.rootfs.sha256
         );
+        if let Some(k) = &self.kernel_minimal {
+            text.push_str(&format!("minimal {}\n", k.sha256));
+        }
+        self.digest = sha256_hex(text.as_bytes());
     }
 }
 

@@ -247,6 +247,10 @@ pub struct VmSpec {
     pub id: String,
     pub paths: VmPaths,
     pub kernel: PathBuf,
+    /// The kernel finds its virtio-mmio devices through ACPI (Debian's
+    /// kernel); false: on the command line (Dough's minimal kernel), and
+    /// QEMU runs the machine without ACPI.
+    pub acpi: bool,
     pub initramfs: Option<PathBuf>,
     /// Read-only base rootfs (`/dev/vda` in the guest).
     pub rootfs: PathBuf,

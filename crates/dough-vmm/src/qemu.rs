@@ -82,7 +82,13 @@ impl Qemu {
             "-object",
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
             "-M",
-            "microvm,memory-backend=mem,rtc=on",
+            if spec.acpi {
+                "microvm,memory-backend=mem,rtc=on"
+            } else {
+                // QEMU then lists the devices as virtio_mmio.device=… on the
+                // kernel command line.
+                "microvm,memory-backend=mem,rtc=on,acpi=off"
+            },
         ]);
         // The console is QEMU's stdout, kept bounded by Dough (process::spawn_console).
         push(&[
@@ -272,6 +278,7 @@ mod tests {
             id: "abc".into(),
             paths: VmPaths::new("/r"),
             kernel: "/i/vmlinux".into(),
+            acpi: true,
             initramfs: Some("/i/initramfs.cpio".into()),
             rootfs: "/i/rootfs.ext4".into(),
             scratch: "/r/scratch.ext4".into(),
@@ -308,7 +315,17 @@ mod tests {
             a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
             "{a}"
         );
-        assert!(a.contains("-M microvm,memory-backend=mem"), "{a}");
+        assert!(
+            a.contains("-M microvm,memory-backend=mem,rtc=on -chardev"),
+            "{a}"
+        );
+        let mut no_acpi = spec(Accel::Tcg);
+        no_acpi.acpi = false;
+        let b = q().args(&no_acpi).join(" ");
+        assert!(
+            b.contains("-M microvm,memory-backend=mem,rtc=on,acpi=off "),
+            "{b}"
+        );
         assert!(a.contains("-smp 2"), "{a}");
         assert!(
             a.contains("file=/i/rootfs.ext4,format=raw,if=none,readonly=on"),

@@ -157,6 +157,7 @@ fn configurations() -> Vec<VmSpec> {
                         id: "0123456789ab".into(),
                         paths: VmPaths::new("/var/lib/dough/vms/0123456789ab"),
                         kernel: "/var/lib/dough/images/default/vmlinux".into(),
+                        acpi: true,
                         initramfs: initrd
                             .then(|| "/var/lib/dough/images/default/initramfs.cpio".into()),
                         rootfs: "/var/lib/dough/images/default/rootfs.ext4".into(),

@@ -26,6 +26,21 @@ pub struct Cli {
     /// The guest image directory (default: STATE_DIR/images/default).
     #[arg(long, global = true, env = "DOUGH_IMAGE_DIR", value_name = "DIR")]
     pub image_dir: Option<PathBuf>,
+    /// The guest kernel VMs boot: auto (the image's minimal kernel when it
+    /// has one, else Debian's), minimal, or debian.
+    #[arg(
+        long,
+        global = true,
+        env = "DOUGH_KERNEL",
+        default_value = "auto",
+        value_name = "KERNEL"
+    )]
+    pub kernel: dough_image::KernelChoice,
+    /// CPU vulnerability mitigations inside the guest kernel. `off` boots
+    /// faster under TCG but weakens isolation between the task's own
+    /// processes inside the VM (never the VM boundary); see docs/boot.md.
+    #[arg(long, global = true, env = "DOUGH_GUEST_MITIGATIONS", default_value = "on", value_parser = ["on", "off"], value_name = "ON|OFF")]
+    pub guest_mitigations: String,
     /// More logging on stderr (-v debug, -vv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

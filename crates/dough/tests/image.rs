@@ -12,7 +12,12 @@ fn unchanged_rebuild_is_skipped_and_the_manifest_kept() {
     let out = h.cmd().args(["image", "build"]).output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
-    for part in ["[1/3] kernel", "[2/3] initramfs", "[3/3] rootfs"] {
+    for part in [
+        "[1/3] kernel",
+        "[2/3] initramfs",
+        "[2b] minimal kernel",
+        "[3/3] rootfs",
+    ] {
         let line = err
             .lines()
             .find(|l| l.contains(part))
@@ -30,6 +35,15 @@ fn unchanged_rebuild_is_skipped_and_the_manifest_kept() {
         .as_str()
         .unwrap()
         .contains("cloud-amd64"));
+    assert_eq!(m["kernel_minimal"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(m["kernel_minimal"]["source"]
+        .as_str()
+        .unwrap()
+        .contains("linux-source-6.1"));
+    assert!(m["kernel_minimal_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("6.1."));
 }
 
 #[test]

@@ -32,11 +32,46 @@ fn exit_code_and_separate_streams_as_the_task_user_in_the_guest_kernel() {
             .unwrap()
             .stdout,
     );
-    assert_eq!(lines[0], manifest["kernel_version"].as_str().unwrap());
+    // The default kernel is Dough's minimal one (the image has it).
+    assert_eq!(
+        lines[0],
+        manifest["kernel_minimal_version"].as_str().unwrap()
+    );
     assert_ne!(lines[0], host_kernel.trim());
     assert_eq!(lines[1], "1000", "unprivileged by default");
     assert!(lines[2].starts_with("dough-"), "hostname {}", lines[2]);
     assert_eq!(lines[3], "0", "zombies in the guest");
+    h.assert_clean();
+}
+
+/// Debian's kernel stays available: `--kernel debian` boots it (ACPI on, its
+/// modules loaded by the agent) with the same image and network.
+#[test]
+fn the_debian_kernel_is_the_fallback() {
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .args(["--kernel", "debian", "run", "--root", "--", "sh", "-c"])
+        .arg("uname -r; ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/firmware/acpi/tables/DSDT >/dev/null 2>&1 && echo acpi")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {}", text(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image_dir().join("manifest.json")).unwrap()).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], manifest["kernel_version"].as_str().unwrap());
+    assert!(lines[0].contains("cloud-amd64"), "{stdout}");
+    assert_eq!(lines[1].trim(), "eth0 lo", "{stdout}");
+    assert_eq!(lines.get(2), Some(&"acpi"), "{stdout}");
+    // And the default (minimal) kernel runs without ACPI.
+    let out = h.run(&[
+        "--",
+        "sh",
+        "-c",
+        "ls /sys/firmware/acpi/tables 2>/dev/null | wc -l",
+    ]);
+    assert_eq!(text(&out.stdout).trim(), "0", "{}", text(&out.stderr));
     h.assert_clean();
 }
 

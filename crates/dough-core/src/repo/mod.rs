@@ -570,6 +570,21 @@ pub struct RepoRun {
     pub work: Option<Result<Finalized, RepoError>>,
 }
 
+impl RepoRun {
+    /// The VM's report with the repository's verdict, or the error that
+    /// kept the task from reaching a VM.
+    #[allow(clippy::type_complexity)]
+    pub fn split(
+        self,
+    ) -> Result<(crate::RunReport, Option<Result<Finalized, RepoError>>), RepoError> {
+        match (self.report, self.work) {
+            (Some(rep), work) => Ok((rep, work)),
+            (None, Some(Err(e))) => Err(e),
+            (None, _) => Err(RepoError::Host("the task did not run".into())),
+        }
+    }
+}
+
 /// Resolve the repository, run the task on a clone of it, and turn what it
 /// left into a branch and a pull request. Progress goes to `on_event`.
 #[allow(clippy::too_many_arguments)]

@@ -17,6 +17,8 @@ pub enum BenchCmd {
     Net(super::bench_net::NetArgs),
     /// The daemon: POST throughput, scheduler latency, memory per VM.
     Serve(super::bench_serve::ServeBenchArgs),
+    /// Task asked → command running, per start path (Debian vs minimal kernel).
+    Start(super::bench_start::StartArgs),
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +54,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::Boot(a) => a,
         BenchCmd::Net(n) => return super::bench_net::run(n),
         BenchCmd::Serve(s) => return super::bench_serve::run(s),
+        BenchCmd::Start(s) => return super::bench_start::run(cli, s).await,
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {

@@ -184,6 +184,25 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
                 &img.manifest.digest[..12.min(img.manifest.digest.len())],
                 img.manifest.rootfs.built_at
             );
+            match img.kernel_for(host.kernel) {
+                Ok((path, kind)) => println!(
+                    "  VMs boot: {} kernel {} ({}; --kernel {:?})",
+                    match kind {
+                        dough_image::KernelKind::Minimal => "minimal",
+                        dough_image::KernelKind::Debian => "Debian's",
+                    },
+                    match kind {
+                        dough_image::KernelKind::Minimal => &img.manifest.kernel_minimal_version,
+                        dough_image::KernelKind::Debian => &img.manifest.kernel_version,
+                    },
+                    path.display(),
+                    host.kernel
+                ),
+                Err(e) => {
+                    ok = false;
+                    println!("  {e}");
+                }
+            }
             if a.verify {
                 let bad = img.verify()?;
                 if bad.is_empty() {

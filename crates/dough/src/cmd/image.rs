@@ -29,6 +29,12 @@ pub struct BuildArgs {
     /// Rebuild every part.
     #[arg(long)]
     pub force: bool,
+    /// Kernels to build: `all` (Debian's cloud kernel and Dough's minimal
+    /// kernel, compiled once from Debian's linux-source — about 10 minutes on
+    /// 2 cores, then cached) or `debian` (skip the compile).
+    #[arg(long = "kernels", default_value = "all", value_parser = ["all", "debian"])]
+    pub kernels: String,
+
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
@@ -68,6 +74,7 @@ pub fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
                 mirror: a.mirror.clone(),
                 suite: a.suite.clone(),
                 force: a.force,
+                minimal_kernel: a.kernels == "all",
             };
             let img =
                 dough_image::build(&opts, &Progress::new(a.quiet)).context("image build failed")?;

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod bench_net;
 pub mod bench_serve;
+pub mod bench_start;
 pub mod client;
 pub mod doctor;
 pub mod gc;
@@ -16,6 +17,8 @@ use crate::Cli;
 pub fn host_config(cli: &Cli, accel: AccelChoice, backend: BackendChoice) -> HostConfig {
     let mut h = HostConfig::new(cli.state_dir.clone(), cli.image_dir.clone(), accel);
     h.backend = backend;
+    h.kernel = cli.kernel;
+    h.guest_mitigations = cli.guest_mitigations == "on";
     h
 }
 

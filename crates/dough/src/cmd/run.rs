@@ -343,13 +343,9 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 interrupted(),
             )
             .await;
-            match run.report {
-                Some(rep) => (rep, run.work),
-                None => {
-                    let e = match run.work {
-                        Some(Err(e)) => e,
-                        _ => RepoError::Host("the task did not run".into()),
-                    };
+            match run.split() {
+                Ok(parts) => parts,
+                Err(e) => {
                     let code = match e {
                         RepoError::Invalid(_) => crate::EXIT_USAGE,
                         _ => EXIT_DOUGH,
