@@ -2,10 +2,12 @@
 # Set up a fresh Debian 12 host for Dough, as root. Idempotent: a second run
 # only checks, and rebuilds what changed.
 #
-#   apt packages  → QEMU, debootstrap, mkfs, lz4, cpio, nftables, iproute2
+#   apt packages  → QEMU, debootstrap, mkfs, lz4, cpio, nftables, iproute2,
+#                   and a C toolchain for the minimal guest kernel
 #   cargo tools   → vhost-device-vsock 0.3.0 (vsock for QEMU without /dev/vhost-vsock)
 #   build         → dough (release) and the static guest agent
-#   guest image   → dough image build (kernel, initramfs, rootfs; unchanged parts skipped)
+#   guest image   → dough image build (kernels, initramfs, rootfs; unchanged parts skipped;
+#                   the minimal kernel compiles once, ~10-15 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
