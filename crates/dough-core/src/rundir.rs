@@ -281,6 +281,28 @@ mod tests {
         assert!(live.path.exists() && !dead.path.exists());
     }
 
+    /// A repository task's host-side work directory (bundle, gate repo)
+    /// left by a dead `dough` is reclaimed by the host-wide gc too.
+    #[test]
+    fn gc_host_reclaims_dead_repo_work_dirs() {
+        let state = tempfile::tempdir().unwrap();
+        let host =
+            crate::HostConfig::new(Some(state.path().to_path_buf()), None, Default::default());
+        let live = crate::repo::work_dir(&host, "live000000cc").unwrap();
+        let dead = crate::repo::work_dir(&host, "dead000000dd").unwrap();
+        std::fs::write(crate::repo::bundle_path(&dead.path), b"partial").unwrap();
+        let mut rec: OwnerRecord =
+            serde_json::from_slice(&std::fs::read(dead.path.join(OWNER)).unwrap()).unwrap();
+        rec.owner_start += 1;
+        std::fs::write(dead.path.join(OWNER), serde_json::to_vec(&rec).unwrap()).unwrap();
+        let r = gc_host(&host);
+        assert!(
+            r.removed.contains(&"work/dead000000dd".to_string()),
+            "{r:?}"
+        );
+        assert!(live.path.exists() && !dead.path.exists());
+    }
+
     #[test]
     fn start_time_of_self_is_readable() {
         assert!(proc_start_time(std::process::id()).is_some());
