@@ -707,6 +707,12 @@ pub fn validate(r: &TaskRequest, lim: &Limits) -> Result<(), SubmitError> {
     if let Err(e) = egress_of(r) {
         return bad(format!("egress: {e}"));
     }
+    if r.repo.is_some() && r.egress.as_deref() == Some("none") {
+        return bad(
+            "repo: needs the VM's network (the guest clones over it); egress `none` has none"
+                .into(),
+        );
+    }
     match (&r.repo, &r.pull_request) {
         (Some(repo), _) => {
             if let Err(e) = crate::repo::validate(repo) {

@@ -636,13 +636,13 @@ fn minimal_inputs() -> Result<(String, String), ImageError> {
 }
 
 /// `NAME=y|n` lines of a fragment.
-fn fragment_options(fragment: &str) -> Vec<(&str, bool)> {
+fn fragment_options(fragment: &str) -> Vec<(&str, &str)> {
     fragment
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim(), v.trim() == "y"))
+        .map(|(k, v)| (k.trim(), v.trim()))
         .collect()
 }
 
@@ -702,21 +702,30 @@ fn build_minimal_kernel(
         let mut cfg = Command::new(tree.join("scripts/config"));
         cfg.arg("--file").arg(tree.join(".config"));
         let options = fragment_options(fragment);
-        for (name, on) in &options {
-            cfg.arg(if *on { "-e" } else { "-d" }).arg(name);
+        for (name, value) in &options {
+            match *value {
+                "y" => cfg.arg("-e").arg(name),
+                "n" => cfg.arg("-d").arg(name),
+                v => cfg.arg("--set-val").arg(name).arg(v),
+            };
         }
         run(&mut cfg)?;
         run(Command::new("make")
             .args(["-s", "olddefconfig"])
             .current_dir(&tree))?;
         let config = std::fs::read_to_string(tree.join(".config")).map_err(io_err(&tree))?;
-        for (name, on) in &options {
-            let set = config.lines().any(|l| l == format!("CONFIG_{name}=y"));
-            if set != *on {
+        for (name, value) in &options {
+            let line = config
+                .lines()
+                .find(|l| l.starts_with(&format!("CONFIG_{name}=")));
+            let ok = match *value {
+                "n" => line.is_none_or(|l| !l.ends_with("=y")),
+                v => line == Some(&format!("CONFIG_{name}={v}")),
+            };
+            if !ok {
                 return Err(ImageError::Invalid(format!(
-                    "kernel option {name} is {} after olddefconfig, the fragment asks for {}",
-                    if set { "on" } else { "off" },
-                    if *on { "on" } else { "off" }
+                    "kernel option {name} is {} after olddefconfig; kernel/dough.fragment asks for {value}",
+                    line.unwrap_or("unset")
                 )));
             }
         }

@@ -139,6 +139,16 @@ fn bad_repository_flags_are_rejected_before_anything_starts() {
             None,
             "expected `Name <email>`",
         ),
+        (
+            vec!["--repo", repo, "--no-network"],
+            None,
+            "needs the VM's network",
+        ),
+        (
+            vec!["--repo", repo, "--egress", "none"],
+            None,
+            "needs the VM's network",
+        ),
         (vec!["--branch", "x"], None, "--repo <URL>"),
         (vec!["--pr-title", "x"], None, "--repo <URL>"),
         (

@@ -250,6 +250,11 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             (None, None) => None,
         };
         let repo = a.repo.request();
+        if repo.is_some() && matches!(network, None | Some(Egress::None)) {
+            anyhow::bail!(
+                "--repo needs the VM's network (the guest clones over it): drop --no-network / --egress none"
+            );
+        }
         if let Some((r, p)) = &repo {
             dough_core::repo::validate(r).map_err(|e| anyhow::anyhow!("--repo: {e}"))?;
             if let Some(api) = &p.api {
