@@ -9,9 +9,10 @@
 //! ```
 //! Teardown runs on every path, keeps going past errors and reports them.
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use dough_image::{Image, ImageError};
+use dough_image::{Image, ImageError, KernelKind};
 use dough_proto::{Assign, ExitStatus, GuestMsg, Hello, HostMsg, ProtoError, Stream};
 use dough_vmm::{vsock, Accel, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
 use tokio::net::unix::OwnedWriteHalf;
@@ -290,14 +291,15 @@ async fn run_vm(
     };
     // Checks that create nothing come first: a bad image or a missing tool
     // leaves nothing behind.
-    let prepared = (|| -> Result<(Image, Box<dyn Vmm>, Accel), RunError> {
+    type Prepared = (Image, Box<dyn Vmm>, Accel, (PathBuf, KernelKind));
+    let prepared = (|| -> Result<Prepared, RunError> {
         let image = Image::load(&host.image_dir)?;
-        image.kernel_for(host.kernel)?;
+        let kernel = image.kernel_for(host.kernel)?;
         let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
         debug!(backend = %sel.vmm.backend(), accel = %sel.accel, why = %sel.why, "vmm selected");
-        Ok((image, sel.vmm, sel.accel))
+        Ok((image, sel.vmm, sel.accel, kernel))
     })();
-    let (image, vmm, accel) = match prepared {
+    let (image, vmm, accel, kernel) = match prepared {
         Ok(p) => p,
         Err(e) => {
             rep.result = Err(e);
@@ -389,9 +391,6 @@ async fn run_vm(
             }
         }
     };
-    let kernel = image
-        .kernel_for(host.kernel)
-        .unwrap_or((image.kernel.clone(), dough_image::KernelKind::Debian));
     let vmspec = VmSpec {
         id: vm_id.clone(),
         paths: paths.clone(),
