@@ -722,10 +722,12 @@ pub fn validate(r: &TaskRequest, lim: &Limits) -> Result<(), SubmitError> {
         (None, Some(_)) => return bad("pull_request: needs a repo".into()),
         (None, None) => {}
     }
-    if let Some(Some(api)) = r.pull_request.as_ref().map(|p| p.api.as_ref()) {
-        if !api.starts_with("https://") && !api.starts_with("http://") {
-            return bad(format!("pull_request.api: {api:?} is not an http(s) URL"));
-        }
+    if let Some(Err(e)) = r
+        .pull_request
+        .as_ref()
+        .map(crate::repo::validate_pull_request)
+    {
+        return bad(format!("pull_request: {e}"));
     }
     for name in &r.secret_env {
         let valid = !name.is_empty()

@@ -175,8 +175,6 @@ pub struct RunReport {
 /// The repository side of a run, as received from the guest (untrusted).
 #[derive(Debug, Default, Clone)]
 pub struct WorkOutput {
-    /// The commit the guest says it cloned.
-    pub cloned: Option<String>,
     /// The guest's report after the task.
     pub report: Option<dough_proto::Work>,
     /// Bundle bytes received (all of them, also past the limit).
@@ -604,7 +602,9 @@ async fn drive(
                     GuestMsg::SpawnFailed { message } => { ctx.phase(Phase::Done); return Ok(Outcome::SpawnFailed(message)) }
                     GuestMsg::Log { message } => debug!(%message, "agent"),
                     GuestMsg::Cloned { commit } if spec.repo.is_some() => {
-                        work.cloned = Some(commit);
+                        // Informational: the gate checks descent from the
+                        // host's own base, not this claim.
+                        debug!(%commit, "cloned");
                         ctx.phase(Phase::Cloned);
                     }
                     GuestMsg::CloneFailed { message } if spec.repo.is_some() => {

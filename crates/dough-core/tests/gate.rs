@@ -114,7 +114,6 @@ impl Repo {
     ) -> Result<dough_core::repo::Finalized, dough_core::repo::RepoError> {
         let len = std::fs::metadata(bundle).unwrap().len();
         let out = WorkOutput {
-            cloned: Some(self.base.clone()),
             report: Some(Work::Bundle {
                 head: String::new(),
                 commits: 0,
@@ -247,7 +246,6 @@ fn size_and_commit_limits_are_enforced() {
         }),
         bundle_bytes: 1 << 30,
         oversized: true,
-        ..WorkOutput::default()
     };
     let err = finalize(
         &r.plan(),

@@ -207,6 +207,16 @@ pub fn validate(req: &RepoRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// Check the pull request part of a request.
+pub fn validate_pull_request(pr: &PullRequestRequest) -> Result<(), String> {
+    match &pr.api {
+        Some(api) if !api.starts_with("https://") && !api.starts_with("http://") => {
+            Err(format!("api {api:?} is not an http(s) URL"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A branch name git and forges accept (a subset of `git check-ref-format`).
 pub fn check_branch(b: &str) -> Result<(), &'static str> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "._/-+".contains(c);

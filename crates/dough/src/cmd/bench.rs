@@ -32,7 +32,7 @@ pub struct BootArgs {
     pub backend: BackendChoice,
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(super) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     if v.is_empty() {
         return Duration::ZERO;

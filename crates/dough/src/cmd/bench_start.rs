@@ -9,6 +9,7 @@ use dough_core::{run_task, Outcome, TaskSpec};
 use dough_image::KernelChoice;
 use dough_vmm::{AccelChoice, BackendChoice};
 
+use super::bench::median;
 use crate::Cli;
 
 #[derive(Args, Debug)]
@@ -20,15 +21,6 @@ pub struct StartArgs {
     pub accel: AccelChoice,
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    match v.len() {
-        0 => Duration::ZERO,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2,
-    }
 }
 
 pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {

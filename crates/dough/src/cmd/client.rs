@@ -159,14 +159,7 @@ pub fn submit(cli: &Cli, a: &SubmitArgs) -> anyhow::Result<u8> {
         body["repo"] = serde_json::to_value(repo)?;
         body["pull_request"] = serde_json::to_value(pr)?;
     }
-    let prompt = match (&a.repo.prompt, &a.repo.prompt_file) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => Some(
-            std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?,
-        ),
-        (None, None) => None,
-    };
-    if let Some(p) = prompt {
+    if let Some(p) = a.repo.prompt_text()? {
         body["prompt"] = json!(p);
     }
     if !a.repo.secret_env.is_empty() {

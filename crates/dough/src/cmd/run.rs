@@ -158,6 +158,18 @@ pub struct RepoArgs {
 }
 
 impl RepoArgs {
+    /// `--prompt`, or the contents of `--prompt-file`.
+    pub fn prompt_text(&self) -> anyhow::Result<Option<String>> {
+        Ok(match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("--prompt-file {}", f.display()))?,
+            ),
+            (None, None) => None,
+        })
+    }
+
     pub fn request(&self) -> Option<(RepoRequest, PullRequestRequest)> {
         let url = self.repo.clone()?;
         Some((
@@ -241,14 +253,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             }
             env.push((name.clone(), v));
         }
-        let prompt = match (&a.repo.prompt, &a.repo.prompt_file) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("--prompt-file {}", f.display()))?,
-            ),
-            (None, None) => None,
-        };
+        let prompt = a.repo.prompt_text()?;
         let repo = a.repo.request();
         if repo.is_some() && matches!(network, None | Some(Egress::None)) {
             anyhow::bail!(
@@ -257,11 +262,8 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         }
         if let Some((r, p)) = &repo {
             dough_core::repo::validate(r).map_err(|e| anyhow::anyhow!("--repo: {e}"))?;
-            if let Some(api) = &p.api {
-                if !api.starts_with("https://") && !api.starts_with("http://") {
-                    anyhow::bail!("--forge-api {api:?}: not an http(s) URL");
-                }
-            }
+            dough_core::repo::validate_pull_request(p)
+                .map_err(|e| anyhow::anyhow!("--forge-api: {e}"))?;
         }
         let gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
         Ok((host, network, env, prompt, repo, gate))
