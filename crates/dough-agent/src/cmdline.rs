@@ -14,6 +14,9 @@ pub struct BootConfig {
     pub scratch_dev: String,
     /// Power off at once (bare-boot benchmark baseline).
     pub bench_poweroff: bool,
+    /// A warm-pool VM (`dough.warm=1`): while it waits, load what every
+    /// task starts with (the shell, the C library) into the page cache.
+    pub warm: bool,
     /// eth0's configuration (`dough.ip=A/N dough.gw=G [dough.dns=D]`); None:
     /// no network.
     pub net: Option<GuestNet>,
@@ -35,6 +38,7 @@ impl Default for BootConfig {
             root_dev: "/dev/vda".into(),
             scratch_dev: "/dev/vdb".into(),
             bench_poweroff: false,
+            warm: false,
             net: None,
         }
     }
@@ -57,6 +61,7 @@ pub fn parse(cmdline: &str) -> BootConfig {
                 }
             }
             "dough.root" if v.starts_with("/dev/") => c.root_dev = v.to_string(),
+            "dough.warm" => c.warm = v == "1",
             "dough.scratch" if v.starts_with("/dev/") => c.scratch_dev = v.to_string(),
             "dough.bench" => c.bench_poweroff = v == "poweroff",
             "dough.ip" => {
@@ -98,6 +103,7 @@ mod tests {
         assert_eq!(c.root_dev, "/dev/vda");
         assert!(!c.bench_poweroff);
         assert!(parse("dough.bench=poweroff").bench_poweroff);
+        assert!(!c.warm && parse("dough.warm=1").warm && !parse("dough.warm=0").warm);
         assert_eq!(c.net, None);
         let n = parse("dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 dough.dns=172.16.0.1")
             .net

@@ -86,6 +86,15 @@ fn main() {
         let r = reaper.clone();
         std::thread::spawn(move || r.run());
     }
+    if cfg.warm {
+        let (r, root) = (reaper.clone(), root.clone());
+        std::thread::spawn(move || {
+            if root.wait().is_ok() {
+                task::prewarm(&r);
+                log(&format!("page cache warmed at {} ms", boot_ms()));
+            }
+        });
+    }
     let conn = dial(cfg.port);
     log(&format!("connected to the host at {} ms", boot_ms()));
     serve(conn, reaper, root);

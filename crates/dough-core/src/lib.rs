@@ -3,6 +3,8 @@
 //! * [`supervisor`] — **where a VM boots, runs one task and is torn down**:
 //!   run directory → scratch disk → vsock listener → VMM → Hello → Assign →
 //!   output/heartbeats → Exit → Shutdown → stop → delete.
+//! * [`pool`] — **where warm VMs wait for tasks**: per-shape pools of VMs
+//!   booted to Hello, claimed by tasks, refilled and replaced in the background.
 //! * [`rundir`] — the per-VM run directory, its owner record (written before
 //!   anything is created) and `gc` of what a crashed Dough left behind.
 //! * [`conn`] — the async side of the control protocol.
@@ -13,6 +15,7 @@
 pub mod config;
 pub mod conn;
 pub mod leases;
+pub mod pool;
 pub mod repo;
 pub mod rundir;
 pub mod service;
@@ -20,7 +23,9 @@ pub mod store;
 pub mod supervisor;
 
 pub use config::HostConfig;
-pub use supervisor::{run_task, Event, Outcome, Phase, RunError, RunReport, TaskSpec};
+pub use supervisor::{
+    run_task, run_task_in, BootedVm, Event, Outcome, Phase, RunError, RunReport, TaskSpec,
+};
 
 /// A fresh random id (12 hex digits) for a VM.
 pub fn new_id() -> String {

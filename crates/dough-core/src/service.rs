@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, oneshot, Notify};
 use tracing::{info, warn};
 
+use crate::pool::{PoolConfig, PoolSettings, Pools, Shape};
 use crate::store::{now_ms, State, Store, StoreError, TaskRecord, TaskRequest};
 use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
@@ -83,6 +84,10 @@ pub struct ServiceConfig {
     pub creds: crate::repo::Credentials,
     /// The gate's rules for repository tasks.
     pub gate: crate::repo::GateConfig,
+    /// Warm pools (see [`crate::pool`]); empty: every task boots its VM.
+    pub pools: Vec<PoolConfig>,
+    /// How often idle pooled VMs are checked.
+    pub pool_check_every: Duration,
 }
 
 impl ServiceConfig {
@@ -96,6 +101,8 @@ impl ServiceConfig {
             output_cap: 16 << 20,
             creds: crate::repo::Credentials::default(),
             gate: crate::repo::GateConfig::default(),
+            pools: vec![],
+            pool_check_every: Duration::from_millis(250),
         }
     }
 }
@@ -157,6 +164,7 @@ struct Inner {
     channels: Mutex<HashMap<String, broadcast::Sender<TaskEvent>>>,
     cancels: Mutex<HashMap<String, oneshot::Sender<i32>>>,
     stopping: std::sync::atomic::AtomicBool,
+    pools: std::sync::OnceLock<Pools>,
 }
 
 /// The service. Cheap to clone.
@@ -190,14 +198,60 @@ impl Service {
                 channels: Mutex::new(HashMap::new()),
                 cancels: Mutex::new(HashMap::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
+                pools: std::sync::OnceLock::new(),
             }),
         };
         let rec = svc.recover()?;
+        if !svc.inner.cfg.pools.is_empty() {
+            let cfg = &svc.inner.cfg;
+            let weak = Arc::downgrade(&svc.inner);
+            let pools = Pools::start(
+                cfg.host.clone(),
+                PoolSettings {
+                    boot_timeout: cfg.boot_timeout,
+                    heartbeat_timeout: cfg.heartbeat_timeout,
+                    check_every: cfg.pool_check_every,
+                },
+                &cfg.pools,
+                Box::new(move |shape| {
+                    weak.upgrade()
+                        .is_some_and(|inner| Service { inner }.room_for_pool(shape))
+                }),
+            );
+            let _ = svc.inner.pools.set(pools);
+        }
         let s = svc.clone();
         tokio::task::spawn_local(async move { s.schedule_loop().await });
         // Tasks queued before this start (or re-queued just now) may run.
         svc.inner.wake.notify_one();
         Ok((svc, rec))
+    }
+
+    /// The warm pools, when configured.
+    pub fn pools(&self) -> Option<&Pools> {
+        self.inner.pools.get()
+    }
+
+    /// Whether a pool may boot one more VM of `shape`: no task is waiting
+    /// and the host's limits hold it next to the tasks' VMs and every other
+    /// pooled VM.
+    fn room_for_pool(&self, shape: Shape) -> bool {
+        if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
+        if !matches!(self.inner.store.queued(1), Ok(q) if q.is_empty()) {
+            return false;
+        }
+        let (rv, rm, rn) = self.pools().map_or((0, 0, 0), |p| p.reserved());
+        let lim = self.inner.cfg.limits;
+        let u = self.inner.usage.lock().unwrap();
+        u.running_vms + rn < lim.max_vms
+            && u.vcpus + rv + shape.vcpus <= lim.vcpu_capacity()
+            && u.memory_mib + rm + shape.memory_mib as u64 <= lim.memory_mib
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -225,9 +279,7 @@ impl Service {
         let st = &self.inner.store;
         let mut r = Recovery::default();
         let in_flight = st.in_flight()?;
-        if in_flight.is_empty() {
-            return Ok(r);
-        }
+        // Always: a dead daemon's pooled VMs belong to no task.
         let gc = crate::rundir::gc_host(&self.inner.cfg.host);
         r.reclaimed
             .extend(gc.removed.iter().map(|v| format!("vm {v}")));
@@ -371,6 +423,14 @@ impl Service {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Tear down every pooled VM (after [`Service::stop_admitting`]).
+    pub async fn shutdown_pools(&self) -> Vec<String> {
+        match self.pools() {
+            Some(p) => p.shutdown().await,
+            None => vec![],
+        }
+    }
+
     async fn schedule_loop(self) {
         loop {
             self.inner.wake.notified().await;
@@ -401,11 +461,20 @@ impl Service {
         }
         for t in self.inner.store.queued(room)? {
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
+            // A warm VM of the task's shape: its room is already counted.
+            let warm = self.pools().and_then(|p| {
+                p.claim(Shape {
+                    vcpus: v,
+                    memory_mib: m as u32,
+                })
+            });
             {
+                let (rv, rm, rn) = self.pools().map_or((0, 0, 0), |p| p.reserved());
                 let mut u = self.inner.usage.lock().unwrap();
-                if u.running_vms >= lim.max_vms
-                    || u.vcpus + v > lim.vcpu_capacity()
-                    || u.memory_mib + m > lim.memory_mib
+                if warm.is_none()
+                    && (u.running_vms + rn >= lim.max_vms
+                        || u.vcpus + rv + v > lim.vcpu_capacity()
+                        || u.memory_mib + rm + m > lim.memory_mib)
                 {
                     return Ok(());
                 }
@@ -413,29 +482,33 @@ impl Service {
                 u.vcpus += v;
                 u.memory_mib += m;
             }
-            let vm_id = crate::new_id();
+            let vm_id = warm
+                .as_ref()
+                .map_or_else(crate::new_id, |vm| vm.vm_id().to_string());
             // Intent before action: the VM id and the resources named by it
             // are on record before anything exists.
             let st = &self.inner.store;
-            st.set_vm(&t.id, &vm_id)?;
-            st.add_resource(&t.id, "vm", &vm_id)?;
-            st.add_resource(
-                &t.id,
-                "run_dir",
-                &self
-                    .inner
-                    .cfg
-                    .host
-                    .runs_dir()
-                    .join(&vm_id)
-                    .display()
-                    .to_string(),
-            )?;
-            st.add_resource(
-                &t.id,
-                "netns",
-                &dough_net::netns_path(&vm_id).display().to_string(),
-            )?;
+            let recorded = (|| -> Result<(), StoreError> {
+                st.set_vm(&t.id, &vm_id)?;
+                st.add_resource(&t.id, "vm", &vm_id)?;
+                let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
+                st.add_resource(&t.id, "run_dir", &run_dir.display().to_string())?;
+                st.add_resource(
+                    &t.id,
+                    "netns",
+                    &dough_net::netns_path(&vm_id).display().to_string(),
+                )
+            })();
+            if let Err(e) = recorded {
+                // Nothing was started: give the room back, drop the claim.
+                let mut u = self.inner.usage.lock().unwrap();
+                u.running_vms = u.running_vms.saturating_sub(1);
+                u.vcpus = u.vcpus.saturating_sub(v);
+                u.memory_mib = u.memory_mib.saturating_sub(m);
+                drop(u);
+                tokio::task::spawn_local(discard(warm));
+                return Err(e);
+            }
             self.transition(&t.id, State::Provisioning, None, None, None);
             if let Some(freed) = self.inner.room_freed.lock().unwrap().take() {
                 let mut u = self.inner.usage.lock().unwrap();
@@ -447,17 +520,26 @@ impl Service {
             let (tx, rx) = oneshot::channel();
             self.inner.cancels.lock().unwrap().insert(t.id.clone(), tx);
             let s = self.clone();
-            tokio::task::spawn_local(async move { s.run(t, vm_id, rx).await });
+            tokio::task::spawn_local(async move { s.run(t, vm_id, warm, rx).await });
         }
         Ok(())
     }
 
-    async fn run(self, t: TaskRecord, vm_id: String, cancel: oneshot::Receiver<i32>) {
+    /// Run one admitted task: in `warm` (a VM claimed from a pool) when
+    /// given, else in a VM booted for it.
+    async fn run(
+        self,
+        t: TaskRecord,
+        vm_id: String,
+        warm: Option<crate::BootedVm>,
+        cancel: oneshot::Receiver<i32>,
+    ) {
         let cfg = &self.inner.cfg;
         let r = &t.request;
         let network = match egress_of(r) {
             Ok(e) => Some(e),
             Err(e) => {
+                discard(warm).await;
                 self.finish(&t, State::Failed, "invalid", &e, None, "ok");
                 return;
             }
@@ -469,6 +551,7 @@ impl Service {
                 Ok(v) => env.push((name.clone(), v)),
                 Err(_) => {
                     let m = format!("secret_env: {name} is not set in the daemon's environment");
+                    discard(warm).await;
                     self.finish(&t, State::Failed, "invalid", &m, None, "ok");
                     return;
                 }
@@ -530,9 +613,13 @@ impl Service {
                 Err(_) => std::future::pending().await,
             }
         };
+        if warm.is_some() {
+            // Booted already: claimed from a pool.
+            self.transition(&t.id, State::Booting, None, None, None);
+        }
         let (rep, work) = match &r.repo {
             None => (
-                crate::run_task(&cfg.host, &spec, &mut on_event, cancelled).await,
+                crate::run_task_in(&cfg.host, &spec, warm, &mut on_event, cancelled).await,
                 None,
             ),
             Some(repo) => {
@@ -546,6 +633,7 @@ impl Service {
                     &pr,
                     &cfg.creds,
                     &gate,
+                    warm,
                     &mut on_event,
                     cancelled,
                 )
@@ -655,6 +743,18 @@ impl Service {
         }
         *self.inner.room_freed.lock().unwrap() = Some(Instant::now());
         self.inner.wake.notify_one();
+        if let Some(p) = self.pools() {
+            p.nudge();
+        }
+    }
+}
+
+/// Tear down a claimed VM its task will not use.
+async fn discard(vm: Option<crate::BootedVm>) {
+    if let Some(vm) = vm {
+        for e in vm.discard().await {
+            warn!(error = %e, "discard a claimed vm");
+        }
     }
 }
 

@@ -48,7 +48,7 @@ pub struct TaskSpec {
     /// Silence from the guest longer than this means it is lost.
     pub heartbeat_timeout: Duration,
     /// The VM's network: its own namespace with this egress policy; None:
-    /// no NIC at all.
+    /// no NIC at all (a pooled VM keeps its NIC, with egress `none`).
     pub network: Option<Egress>,
     /// The VM id to use (the service records it before the VM exists);
     /// None: a fresh one.
@@ -96,6 +96,8 @@ pub enum Phase {
     Spawned,
     /// Agent's Hello received.
     Hello,
+    /// The task was sent to the agent (Assign written).
+    Assigned,
     /// The repository is cloned (repo tasks).
     Cloned,
     /// Task process started in the guest.
@@ -222,7 +224,22 @@ pub async fn run_task(
     on_event: &mut (dyn FnMut(Event<'_>) + Send),
     cancel: impl Future<Output = i32>,
 ) -> RunReport {
-    run_vm(host, spec, &[], on_event, cancel).await
+    run_task_in(host, spec, None, on_event, cancel).await
+}
+
+/// [`run_task`] in `vm` when given (a VM claimed from a warm pool: the
+/// boot is skipped), else in a VM booted for it.
+pub async fn run_task_in(
+    host: &HostConfig,
+    spec: &TaskSpec,
+    vm: Option<BootedVm>,
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+    cancel: impl Future<Output = i32>,
+) -> RunReport {
+    match vm {
+        Some(vm) => vm.run(spec, on_event, cancel).await,
+        None => run_vm(host, spec, &[], on_event, cancel).await,
+    }
 }
 
 /// Boot the image with `dough.bench=poweroff`: the agent powers off as its
@@ -270,22 +287,81 @@ async fn run_vm(
     on_event: &mut (dyn FnMut(Event<'_>) + Send),
     cancel: impl Future<Output = i32>,
 ) -> RunReport {
-    let vm_id = spec.vm_id.clone().unwrap_or_else(crate::new_id);
-    let span = info_span!("vm", vm_id = %vm_id, task_id = %spec.task_id);
-    let mut rep = RunReport {
-        vm_id: vm_id.clone(),
-        accel: None,
-        result: Ok(Outcome::Cancelled(0)),
-        hello: None,
-        phases: vec![],
-        teardown_errors: vec![],
-        vmm_ended_by: "never started",
-        work: WorkOutput::default(),
-    };
     let mut ctx = Ctx {
         t0: Instant::now(),
         phases: vec![],
         on_event,
+    };
+    tokio::pin!(cancel);
+    match boot_vm(host, spec, extra_args, false, &mut ctx, &mut cancel).await {
+        Ok(vm) => vm.run_with(spec, ctx, cancel).await,
+        Err((parts, result)) => parts.finish(result, ctx, WorkOutput::default()).await,
+    }
+}
+
+/// Boot a VM of `spec`'s shape to Hello, for a warm pool: its network is up
+/// with egress `none` (the claiming task's policy replaces it, see
+/// [`BootedVm::set_egress`]) and the guest's resolver points at the gateway.
+pub async fn boot_idle(host: &HostConfig, spec: &TaskSpec) -> Result<BootedVm, RunError> {
+    let mut ignore = |_: Event<'_>| {};
+    let mut ctx = Ctx {
+        t0: Instant::now(),
+        phases: vec![],
+        on_event: &mut ignore,
+    };
+    let spec = TaskSpec {
+        network: Some(Egress::None),
+        ..spec.clone()
+    };
+    let cancel = std::future::pending::<i32>();
+    tokio::pin!(cancel);
+    let warm = ["dough.warm=1".to_string()];
+    match boot_vm(host, &spec, &warm, true, &mut ctx, &mut cancel).await {
+        Ok(vm) => Ok(vm),
+        Err((parts, result)) => {
+            let rep = parts.finish(result, ctx, WorkOutput::default()).await;
+            Err(rep.result.err().unwrap_or(RunError::AgentLost {
+                reason: "boot ended without a VM".into(),
+                serial_tail: String::new(),
+            }))
+        }
+    }
+}
+
+/// Everything a VM is made of, as far as it has been made; [`Parts::finish`]
+/// undoes it all.
+struct Parts {
+    vm_id: String,
+    task_id: String,
+    accel: Option<Accel>,
+    rd: Option<RunDir>,
+    lease: Option<UidLease>,
+    net: Option<VmNet>,
+    live: Live,
+}
+
+type BootFailure = (Parts, Result<Outcome, RunError>);
+
+/// Make the VM's resources, spawn the VMM and wait for the agent's Hello
+/// (answered with Welcome). `resolver`: give the guest the gateway's DNS
+/// forwarder whatever the policy (pooled VMs).
+async fn boot_vm(
+    host: &HostConfig,
+    spec: &TaskSpec,
+    extra_args: &[String],
+    resolver: bool,
+    ctx: &mut Ctx<'_>,
+    cancel: &mut std::pin::Pin<&mut impl Future<Output = i32>>,
+) -> Result<BootedVm, BootFailure> {
+    let vm_id = spec.vm_id.clone().unwrap_or_else(crate::new_id);
+    let mut parts = Parts {
+        vm_id: vm_id.clone(),
+        task_id: spec.task_id.clone(),
+        accel: None,
+        rd: None,
+        lease: None,
+        net: None,
+        live: Live::default(),
     };
     // Checks that create nothing come first: a bad image or a missing tool
     // leaves nothing behind.
@@ -299,34 +375,22 @@ async fn run_vm(
     })();
     let (image, vmm, accel, kernel) = match prepared {
         Ok(p) => p,
-        Err(e) => {
-            rep.result = Err(e);
-            return rep;
-        }
+        Err(e) => return Err((parts, Err(e))),
     };
-    rep.accel = Some(accel);
+    parts.accel = Some(accel);
     let rd = match RunDir::create(&host.runs_dir(), &vm_id) {
-        Ok(rd) => rd,
-        Err(e) => {
-            rep.result = Err(RunError::RunDir(e));
-            return rep;
-        }
+        Ok(rd) => parts.rd.insert(rd),
+        Err(e) => return Err((parts, Err(RunError::RunDir(e)))),
     };
     // The uid lease is the record of the jail (its root and cgroup are
     // named by the VM id), taken before either exists.
-    let lease = if host.confine {
+    if host.confine {
         match UidLease::acquire(&host.uids_dir(), &vm_id) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                rep.result = Err(RunError::Lease(e));
-                let _ = rd.remove();
-                return rep;
-            }
+            Ok(l) => parts.lease = Some(l),
+            Err(e) => return Err((parts, Err(RunError::Lease(e)))),
         }
-    } else {
-        None
-    };
-    let jail = lease.as_ref().map(|l| JailSpec {
+    }
+    let jail = parts.lease.as_ref().map(|l| JailSpec {
         uid: l.uid,
         gid: l.uid,
         groups: if accel == Accel::Kvm {
@@ -341,12 +405,7 @@ async fn run_vm(
     // run directory itself and its owner record stay root's.
     let paths = VmPaths::new(rd.path.join("vm"));
     if let Err(e) = std::fs::create_dir(&paths.run_dir) {
-        rep.result = Err(RunError::RunDir(e));
-        let _ = rd.remove();
-        if let Some(l) = lease {
-            let _ = l.release();
-        }
-        return rep;
+        return Err((parts, Err(RunError::RunDir(e))));
     }
     let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
     if !host.guest_mitigations {
@@ -360,35 +419,28 @@ async fn run_vm(
         kernel_args.extend(extra.split_whitespace().map(str::to_string));
     }
     // The network: a namespace of its own, made before the VMM that joins it.
-    let net = match &spec.network {
-        None => None,
-        Some(egress) => {
-            let t = Instant::now();
-            let made = host
-                .net_config()
-                .and_then(|cfg| {
-                    let n = VmNet::setup(&cfg, &vm_id, egress, lease.as_ref().map(|l| l.uid))?;
-                    dough_net::prepare_host(&cfg)?;
-                    Ok(n)
-                })
-                .map_err(RunError::Net);
-            match made {
-                Ok(n) => {
-                    debug!(slot = n.slot, addr = %n.slot_addr, egress = egress.name(), ms = t.elapsed().as_millis() as u64, "network ready");
-                    kernel_args.extend(dough_net::guest_kernel_args(egress));
-                    Some(n)
-                }
-                Err(e) => {
-                    rep.result = Err(e);
-                    let _ = rd.remove();
-                    if let Some(l) = lease {
-                        let _ = l.release();
-                    }
-                    return rep;
-                }
+    if let Some(egress) = &spec.network {
+        let t = Instant::now();
+        let made = host
+            .net_config()
+            .and_then(|cfg| {
+                let n = VmNet::setup(&cfg, &vm_id, egress, parts.lease.as_ref().map(|l| l.uid))?;
+                dough_net::prepare_host(&cfg)?;
+                Ok(n)
+            })
+            .map_err(RunError::Net);
+        match made {
+            Ok(n) => {
+                debug!(slot = n.slot, addr = %n.slot_addr, egress = egress.name(), ms = t.elapsed().as_millis() as u64, "network ready");
+                kernel_args.extend(dough_net::guest_kernel_args(
+                    resolver || !matches!(egress, Egress::None),
+                ));
+                parts.net = Some(n);
             }
+            Err(e) => return Err((parts, Err(e))),
         }
-    };
+    }
+    let net = parts.net.as_ref();
     let vmspec = VmSpec {
         id: vm_id.clone(),
         paths: paths.clone(),
@@ -401,49 +453,224 @@ async fn run_vm(
         memory_mib: spec.memory_mib,
         accel,
         kernel_args,
-        tap: net.as_ref().map(|_| dough_net::TAP.to_string()),
-        netns: net.as_ref().map(|n| n.netns.clone()),
+        tap: net.map(|_| dough_net::TAP.to_string()),
+        netns: net.map(|n| n.netns.clone()),
         mac: dough_net::GUEST_MAC.to_string(),
         tap_fd: net
-            .as_ref()
             .and_then(|n| n.tap.as_ref())
             .map(std::os::fd::AsRawFd::as_raw_fd),
         guest_cid: GUEST_CID,
         guest_port: dough_proto::CONTROL_PORT,
         jail,
     };
-    let mut live = Live::default();
-    rep.result = drive(
-        vmm.as_ref(),
-        &vmspec,
-        spec,
-        &mut live,
-        &mut ctx,
-        &mut rep.work,
-        cancel,
-    )
-    .instrument(span.clone())
-    .await;
-    rep.hello = live.hello.take();
-    if let Err(e) = &rep.result {
-        debug!(parent: &span, error = %e, "vm failed");
+    let span = info_span!("vm", vm_id = %vm_id, task_id = %spec.task_id);
+    let booted = drive_boot(vmm.as_ref(), &vmspec, spec, &mut parts.live, ctx, cancel)
+        .instrument(span)
+        .await;
+    match booted {
+        Ok(Ok(rx)) => Ok(BootedVm {
+            paths,
+            rx,
+            booted_at: Instant::now(),
+            last_seen: Instant::now(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            parts,
+        }),
+        Ok(Err(sig)) => Err((parts, Ok(Outcome::Cancelled(sig)))),
+        Err(e) => Err((parts, Err(e))),
     }
-    // Teardown, on every path.
-    let (mut errors, ended_by) = teardown(&mut live, &rd).instrument(span).await;
-    // After the VMM: it holds tap0, and with it the namespace.
-    if let Some(n) = net {
-        errors.extend(n.teardown().into_iter().map(|e| format!("network: {e}")));
+}
+
+/// A VM booted to Hello that has no task yet. A warm pool keeps these;
+/// [`BootedVm::run`] gives it its one task, [`BootedVm::discard`] tears it
+/// down unused.
+pub struct BootedVm {
+    parts: Parts,
+    paths: VmPaths,
+    rx: tokio::sync::mpsc::Receiver<Incoming>,
+    booted_at: Instant,
+    last_seen: Instant,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl BootedVm {
+    pub fn vm_id(&self) -> &str {
+        &self.parts.vm_id
     }
-    if let Some(l) = lease {
-        if let Err(e) = l.release() {
-            errors.push(format!("release uid lease: {e}"));
+
+    /// When the agent said Hello.
+    pub fn booted_at(&self) -> Instant {
+        self.booted_at
+    }
+
+    /// The VMM's process id.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.parts.live.vm.as_ref().and_then(|v| v.vmm.id())
+    }
+
+    /// Give the VM its task's egress policy (one nftables transaction in
+    /// its namespace; see [`VmNet::set_egress`]).
+    pub fn set_egress(&self, egress: &Egress) -> Result<(), RunError> {
+        match &self.parts.net {
+            Some(n) => n.set_egress(egress).map_err(RunError::Net),
+            None => Err(RunError::Net(dough_net::NetError::Config(
+                "this vm has no network".into(),
+            ))),
         }
     }
-    rep.teardown_errors = errors;
-    rep.vmm_ended_by = ended_by;
-    ctx.phase(Phase::TornDown);
-    rep.phases = ctx.phases;
-    rep
+
+    /// Whether an idle VM is still well: reads what the agent sent since
+    /// the last check (heartbeats). An error: the VM is lost and must be
+    /// discarded.
+    pub fn check(&mut self, heartbeat_timeout: Duration) -> Result<(), RunError> {
+        use tokio::sync::mpsc::error::TryRecvError;
+        loop {
+            match self.rx.try_recv() {
+                Ok(Incoming::Msg(GuestMsg::Heartbeat { .. })) => self.last_seen = Instant::now(),
+                Ok(Incoming::Msg(GuestMsg::Log { message })) => {
+                    self.last_seen = Instant::now();
+                    debug!(vm_id = %self.parts.vm_id, %message, "agent");
+                }
+                Ok(Incoming::Msg(m)) => {
+                    self.parts.live.agent_ok = false;
+                    return Err(RunError::AgentLost {
+                        reason: format!("an idle vm's agent sent {m:?}"),
+                        serial_tail: serial_tail(&self.paths),
+                    });
+                }
+                Ok(Incoming::Failed(e)) => {
+                    self.parts.live.agent_ok = false;
+                    return Err(RunError::Protocol(e));
+                }
+                Ok(Incoming::Closed) | Err(TryRecvError::Disconnected) => {
+                    self.parts.live.agent_ok = false;
+                    return Err(RunError::AgentLost {
+                        reason: "control connection closed while idle".into(),
+                        serial_tail: serial_tail(&self.paths),
+                    });
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if self.last_seen.elapsed() > heartbeat_timeout {
+            return Err(RunError::AgentLost {
+                reason: format!("no heartbeat for {} s", heartbeat_timeout.as_secs()),
+                serial_tail: serial_tail(&self.paths),
+            });
+        }
+        Ok(())
+    }
+
+    /// Tear the VM down unused; returns teardown's problems.
+    pub async fn discard(self) -> Vec<String> {
+        let mut ignore = |_: Event<'_>| {};
+        let ctx = Ctx {
+            t0: Instant::now(),
+            phases: vec![],
+            on_event: &mut ignore,
+        };
+        let rep = self
+            .parts
+            .finish(Ok(Outcome::Cancelled(0)), ctx, WorkOutput::default())
+            .await;
+        rep.teardown_errors
+    }
+
+    /// Run `spec`'s task (Assign) in this VM, then tear it down. Phases are
+    /// timed from this call; the boot's are not repeated. The VM's shape
+    /// and network come from its boot: `spec.vcpus`, `memory_mib` and
+    /// `network` are not looked at (set the egress first).
+    pub async fn run(
+        mut self,
+        spec: &TaskSpec,
+        on_event: &mut (dyn FnMut(Event<'_>) + Send),
+        cancel: impl Future<Output = i32>,
+    ) -> RunReport {
+        self.parts.task_id = spec.task_id.clone();
+        let ctx = Ctx {
+            t0: Instant::now(),
+            phases: vec![],
+            on_event,
+        };
+        // The task's egress policy, before it can send a packet (no NIC
+        // asked for: nothing gets out).
+        let egress = spec.network.clone().unwrap_or(Egress::None);
+        if let Err(e) = self.set_egress(&egress) {
+            return self.parts.finish(Err(e), ctx, WorkOutput::default()).await;
+        }
+        debug!(vm_id = %self.parts.vm_id, egress = egress.name(), "claimed; egress set");
+        tokio::pin!(cancel);
+        self.run_with(spec, ctx, cancel).await
+    }
+
+    async fn run_with(
+        mut self,
+        spec: &TaskSpec,
+        mut ctx: Ctx<'_>,
+        cancel: std::pin::Pin<&mut impl Future<Output = i32>>,
+    ) -> RunReport {
+        let span = info_span!("vm", vm_id = %self.parts.vm_id, task_id = %spec.task_id);
+        let mut work = WorkOutput::default();
+        let result = drive_task(
+            &self.paths,
+            spec,
+            &mut self.parts.live,
+            &mut self.rx,
+            &mut ctx,
+            &mut work,
+            cancel,
+        )
+        .instrument(span)
+        .await;
+        self.parts.finish(result, ctx, work).await
+    }
+}
+
+impl Parts {
+    /// Tear down whatever exists, on every path, and report.
+    async fn finish(
+        mut self,
+        result: Result<Outcome, RunError>,
+        mut ctx: Ctx<'_>,
+        work: WorkOutput,
+    ) -> RunReport {
+        let span = info_span!("vm", vm_id = %self.vm_id, task_id = %self.task_id);
+        if let Err(e) = &result {
+            debug!(parent: &span, error = %e, "vm failed");
+        }
+        let mut rep = RunReport {
+            vm_id: self.vm_id.clone(),
+            accel: self.accel,
+            result,
+            hello: self.live.hello.take(),
+            phases: vec![],
+            teardown_errors: vec![],
+            vmm_ended_by: "never started",
+            work,
+        };
+        let Some(rd) = self.rd.take() else {
+            // Nothing was made.
+            rep.phases = ctx.phases;
+            return rep;
+        };
+        let (mut errors, ended_by) = teardown(&mut self.live, &rd).instrument(span).await;
+        // After the VMM: it holds tap0, and with it the namespace.
+        if let Some(n) = self.net.take() {
+            errors.extend(n.teardown().into_iter().map(|e| format!("network: {e}")));
+        }
+        if let Some(l) = self.lease.take() {
+            if let Err(e) = l.release() {
+                errors.push(format!("release uid lease: {e}"));
+            }
+        }
+        rep.teardown_errors = errors;
+        rep.vmm_ended_by = ended_by;
+        ctx.phase(Phase::TornDown);
+        rep.phases = ctx.phases;
+        rep
+    }
 }
 
 /// The serial console's last lines; a kernel panic line, the most useful
@@ -473,26 +700,16 @@ fn vmm_exited(paths: &VmPaths, status: std::io::Result<std::process::ExitStatus>
     }
 }
 
-async fn drive(
+/// Scratch disk, vsock listener, VMM; then wait for the agent's Hello and
+/// answer Welcome. `Ok(Err(signal))`: cancelled while booting.
+async fn drive_boot(
     vmm: &dyn Vmm,
     vmspec: &VmSpec,
     spec: &TaskSpec,
     live: &mut Live,
     ctx: &mut Ctx<'_>,
-    work: &mut WorkOutput,
-    cancel: impl Future<Output = i32>,
-) -> Result<Outcome, RunError> {
-    tokio::pin!(cancel);
-    let mut bundle = match &spec.bundle_path {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| {
-            RunError::Vmm(VmmError::Io {
-                path: p.clone(),
-                source: e,
-            })
-        })?),
-        None => None,
-    };
-    let bundle_limit = spec.repo.as_ref().map_or(0, |r| r.max_bundle_bytes);
+    cancel: &mut std::pin::Pin<&mut impl Future<Output = i32>>,
+) -> Result<Result<tokio::sync::mpsc::Receiver<Incoming>, i32>, RunError> {
     let paths = &vmspec.paths;
     dough_vmm::disk::create_scratch(&vmspec.scratch, spec.scratch_mib).await?;
     let listener = vsock::listen(&paths.vsock_uds(), dough_proto::CONTROL_PORT)?;
@@ -509,7 +726,7 @@ async fn drive(
         r = listener.accept() => r.map_err(|e| RunError::Vmm(VmmError::Io { path: paths.vsock_uds(), source: e }))?.0,
         st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
         _ = tokio::time::sleep_until(boot_deadline) => return Err(boot_timeout()),
-        sig = &mut cancel => return Ok(Outcome::Cancelled(sig)),
+        sig = cancel.as_mut() => return Ok(Err(sig)),
     };
     drop(listener);
     let (r, w) = stream.into_split();
@@ -529,14 +746,49 @@ async fn drive(
         },
         st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
         _ = tokio::time::sleep_until(boot_deadline) => return Err(boot_timeout()),
-        sig = &mut cancel => return Ok(Outcome::Cancelled(sig)),
+        sig = cancel.as_mut() => return Ok(Err(sig)),
     };
     let version = dough_proto::negotiate(dough_proto::supported_versions(), hello.versions)
         .map_err(RunError::Protocol)?;
     debug!(kernel = %hello.kernel, boot_ms = hello.boot_ms, version, "hello");
     live.hello = Some(hello);
     ctx.phase(Phase::Hello);
+    conn::send(w, &HostMsg::Welcome { version })
+        .await
+        .map_err(|e| RunError::AgentLost {
+            reason: format!("cannot send to the agent: {e}"),
+            serial_tail: serial_tail(paths),
+        })?;
+    Ok(Ok(rx))
+}
 
+/// Assign the task, then stream its output and watch heartbeats until it
+/// ends (or times out, is cancelled, or the guest is lost).
+async fn drive_task(
+    paths: &VmPaths,
+    spec: &TaskSpec,
+    live: &mut Live,
+    rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
+    ctx: &mut Ctx<'_>,
+    work: &mut WorkOutput,
+    mut cancel: std::pin::Pin<&mut impl Future<Output = i32>>,
+) -> Result<Outcome, RunError> {
+    let mut bundle = match &spec.bundle_path {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| {
+            RunError::Vmm(VmmError::Io {
+                path: p.clone(),
+                source: e,
+            })
+        })?),
+        None => None,
+    };
+    let bundle_limit = spec.repo.as_ref().map_or(0, |r| r.max_bundle_bytes);
+    let (Some(vm), Some(w)) = (live.vm.as_mut(), live.writer.as_mut()) else {
+        return Err(RunError::AgentLost {
+            reason: "the vm has no control connection".into(),
+            serial_tail: serial_tail(paths),
+        });
+    };
     let assign = Assign {
         task_id: spec.task_id.clone(),
         command: spec.command.clone(),
@@ -546,16 +798,13 @@ async fn drive(
         repo: spec.repo.clone(),
         prompt: spec.prompt.clone(),
     };
-    let send_err = |e: ProtoError| RunError::AgentLost {
-        reason: format!("cannot send to the agent: {e}"),
-        serial_tail: serial_tail(paths),
-    };
-    conn::send(w, &HostMsg::Welcome { version })
-        .await
-        .map_err(send_err)?;
     conn::send(w, &HostMsg::Assign(Box::new(assign)))
         .await
-        .map_err(send_err)?;
+        .map_err(|e| RunError::AgentLost {
+            reason: format!("cannot send to the agent: {e}"),
+            serial_tail: serial_tail(paths),
+        })?;
+    ctx.phase(Phase::Assigned);
 
     let task_deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
     let task_timeout = async {

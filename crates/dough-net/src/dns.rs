@@ -13,8 +13,22 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use crate::nft::Nft;
 use crate::policy::{Cidr, Egress, VM_TABLE};
+
+/// The VM's egress policy as it is now, and the nftables context (in the
+/// VM's namespace) that enforces it. Shared by the forwarder and
+/// [`crate::VmNet::set_egress`], which replaces both at once.
+pub struct Policy {
+    pub egress: Egress,
+    pub nft: Nft,
+}
+
+pub(crate) fn lock(p: &Mutex<Policy>) -> MutexGuard<'_, Policy> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// An answered address stays allowed for at least this long, however short
 /// its TTL (the guest connects right after resolving).
@@ -117,8 +131,7 @@ pub(crate) fn serve(
     down: UdpSocket,
     up: UdpSocket,
     upstream: SocketAddr,
-    egress: Egress,
-    mut nft: Option<Nft>,
+    policy: Arc<Mutex<Policy>>,
     stop: OwnedFd,
 ) {
     let mut pending: HashMap<u16, Pending> = HashMap::new();
@@ -165,7 +178,8 @@ pub(crate) fn serve(
                 match question(q) {
                     None => {}
                     Some((name, _qtype, end)) => {
-                        if !egress.allows_name(&name) {
+                        let allowed = lock(&policy).egress.allows_name(&name);
+                        if !allowed {
                             debug!(%name, "dns: refused (not on the allowlist)");
                             let _ = down.send_to(&reply_with(q, end, 5), guest);
                         } else {
@@ -204,7 +218,9 @@ pub(crate) fn serve(
                 if question(resp).map(|q| q.0) != Some(p.name.clone()) {
                     continue;
                 }
-                if let (Egress::Allow { .. }, Some(nft)) = (&egress, nft.as_mut()) {
+                let mut pol = lock(&policy);
+                let Policy { egress, nft, .. } = &mut *pol;
+                if let Egress::Allow { .. } = egress {
                     let elems: Vec<String> = answers_a(resp)
                         .into_iter()
                         .filter(|(ip, _)| !private.iter().any(|c| c.contains(*ip)))
@@ -227,6 +243,7 @@ pub(crate) fn serve(
                         debug!(name = %p.name, addrs = %elems.join(", "), "dns: allowed");
                     }
                 }
+                drop(pol);
                 resp[0..2].copy_from_slice(&p.id);
                 let _ = down.send_to(resp, p.guest);
             }

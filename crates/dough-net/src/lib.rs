@@ -22,7 +22,7 @@ pub mod tun;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -154,13 +154,15 @@ pub fn resolv_conf_upstream(path: &Path) -> Result<SocketAddr, NetError> {
         })
 }
 
-/// Kernel command line for the guest agent to configure eth0.
-pub fn guest_kernel_args(egress: &Egress) -> Vec<String> {
+/// Kernel command line for the guest agent to configure eth0; `resolver`:
+/// the gateway's DNS forwarder goes into its resolv.conf (a VM whose policy
+/// may change at claim gets it even while its policy is `none`).
+pub fn guest_kernel_args(resolver: bool) -> Vec<String> {
     let mut v = vec![
         format!("dough.ip={GUEST}/{GUEST_PREFIX}"),
         format!("dough.gw={GATEWAY}"),
     ];
-    if !matches!(egress, Egress::None) {
+    if resolver {
         v.push(format!("dough.dns={GATEWAY}"));
     }
     v
@@ -363,11 +365,17 @@ pub struct VmNet {
     stop: Option<OwnedFd>,
     dns: Option<JoinHandle<()>>,
     lease: PathBuf,
+    /// The egress policy in force (shared with the DNS forwarder).
+    policy: Option<Arc<Mutex<dns::Policy>>>,
+    /// What the VM's ruleset is built from besides the policy.
+    host_addrs: Vec<Ipv4Addr>,
+    pool: Cidr,
 }
 
 struct Built {
     slot_addr: Ipv4Addr,
     tap: std::fs::File,
+    policy: Arc<Mutex<dns::Policy>>,
 }
 
 impl VmNet {
@@ -412,6 +420,9 @@ impl VmNet {
             stop: None,
             dns: None,
             lease: cfg.slot_lease(slot),
+            policy: None,
+            host_addrs: host_addrs.clone(),
+            pool: cfg.pool,
         };
         let (stop_r, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
@@ -426,11 +437,10 @@ impl VmNet {
             .stack_size(256 << 10)
             .spawn(
                 move || match build(&cfg2, host, &host_addrs, &id, slot, &eg, tap_owner) {
-                    Ok((built, dns)) => {
+                    Ok((built, (down, up))) => {
+                        let policy = built.policy.clone();
                         let _ = tx.send(Ok(built));
-                        if let Some((down, up, nft)) = dns {
-                            dns::serve(down, up, cfg2.dns_upstream, eg, nft, stop_r);
-                        }
+                        dns::serve(down, up, cfg2.dns_upstream, policy, stop_r);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -443,6 +453,7 @@ impl VmNet {
             Ok(Ok(b)) => {
                 net.slot_addr = b.slot_addr;
                 net.tap = Some(b.tap);
+                net.policy = Some(b.policy);
                 Ok(net)
             }
             Ok(Err(e)) => {
@@ -456,6 +467,31 @@ impl VmNet {
         }
     }
 
+    /// Replace the VM's egress policy: its nftables table in one atomic
+    /// transaction (the old table and every address the forwarder had
+    /// allowed go; there is no moment with neither ruleset) and the
+    /// forwarder's name policy with it. A pooled VM boots with `none` and
+    /// gets its task's policy here, at claim.
+    pub fn set_egress(&self, egress: &Egress) -> Result<(), NetError> {
+        let Some(policy) = &self.policy else {
+            return Err(NetError::Config("the network is not set up".into()));
+        };
+        let mut p = dns::lock(policy);
+        let batch = format!(
+            "add table inet {t}\ndelete table inet {t}\n{rules}",
+            t = policy::VM_TABLE,
+            rules = policy::vm_ruleset(egress, self.slot_addr, &self.host_addrs, self.pool)
+        );
+        p.nft.run(&batch)?;
+        p.egress = egress.clone();
+        Ok(())
+    }
+
+    /// The egress policy in force.
+    pub fn egress(&self) -> Option<Egress> {
+        self.policy.as_ref().map(|p| dns::lock(p).egress.clone())
+    }
+
     /// Remove the namespace (and with it tap0 and the VM's rules), the host
     /// veth and the slot lease. Keeps going past errors and returns them.
     pub fn teardown(mut self) -> Vec<String> {
@@ -467,6 +503,7 @@ impl VmNet {
         // The forwarder's sockets, its nft context and the tap hold the
         // namespace.
         drop(self.tap.take());
+        drop(self.policy.take());
         drop(self.stop.take());
         if let Some(th) = self.dns.take() {
             let _ = th.join();
@@ -510,7 +547,9 @@ fn remove_netns(path: &Path) -> Result<(), String> {
     }
 }
 
-type DnsParts = (UdpSocket, UdpSocket, Option<nft::Nft>);
+/// The forwarder's sockets: on the gateway, and upstream in the host's
+/// namespace.
+type DnsParts = (UdpSocket, UdpSocket);
 
 /// Runs on the VM's network thread: starts in the host namespace, ends in
 /// the VM's.
@@ -522,16 +561,14 @@ fn build(
     slot: u32,
     egress: &Egress,
     tap_owner: Option<u32>,
-) -> Result<(Built, Option<DnsParts>), NetError> {
+) -> Result<(Built, DnsParts), NetError> {
     use nix::sched::{unshare, CloneFlags};
     let (host_end, ns_end) = cfg.slot_addrs(slot);
     // `host` (netlink) and the upstream DNS socket were opened in the host
-    // namespace and stay there after this thread leaves it.
-    let up = if matches!(egress, Egress::None) {
-        None
-    } else {
-        Some(UdpSocket::bind("0.0.0.0:0").map_err(io("dns upstream socket"))?)
-    };
+    // namespace and stay there after this thread leaves it. The forwarder
+    // runs whatever the policy (with `none` it refuses every name), so a
+    // later `set_egress` needs nothing new.
+    let up = UdpSocket::bind("0.0.0.0:0").map_err(io("dns upstream socket"))?;
 
     // The namespace: this thread moves into a new one, which is then named.
     let path = netns_path(vm_id);
@@ -581,21 +618,19 @@ fn build(
     let mut nft = nft::Nft::new()?;
     nft.run(&policy::vm_ruleset(egress, ns_end, host_addrs, cfg.pool))?;
 
-    let dns = match up {
-        None => None,
-        Some(up) => {
-            let down = UdpSocket::bind(SocketAddr::new(GATEWAY.into(), 53))
-                .map_err(io("dns listener on the gateway"))?;
-            let nft = matches!(egress, Egress::Allow { .. }).then_some(nft);
-            Some((down, up, nft))
-        }
-    };
+    let down = UdpSocket::bind(SocketAddr::new(GATEWAY.into(), 53))
+        .map_err(io("dns listener on the gateway"))?;
+    let policy = Arc::new(Mutex::new(dns::Policy {
+        egress: egress.clone(),
+        nft,
+    }));
     Ok((
         Built {
             slot_addr: ns_end,
             tap,
+            policy,
         },
-        dns,
+        (down, up),
     ))
 }
 

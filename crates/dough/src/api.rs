@@ -68,6 +68,12 @@ pub const ROUTES: &[(&str, &str, bool, &str)] = &[
         true,
         "Server-Sent Events: state changes and output as they happen",
     ),
+    (
+        "get",
+        "/v1/pools",
+        true,
+        "Warm pools: shape, size, idle and booting VMs, claims, replacements",
+    ),
 ];
 
 pub fn router(api: Api) -> Router {
@@ -78,7 +84,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tasks", post(create).get(list))
         .route("/v1/tasks/{id}", get(show).delete(cancel))
         .route("/v1/tasks/{id}/logs", get(logs))
-        .route("/v1/tasks/{id}/events", get(events));
+        .route("/v1/tasks/{id}/events", get(events))
+        .route("/v1/pools", get(pools));
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(api.clone(), auth))
@@ -364,6 +371,11 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+async fn pools(State(api): State<Api>) -> Response {
+    let pools = api.svc.pools().map(|p| p.status()).unwrap_or_default();
+    axum::Json(json!({ "pools": pools })).into_response()
+}
+
 async fn metrics(State(api): State<Api>) -> Response {
     use std::fmt::Write;
     let mut s = String::new();
@@ -428,6 +440,46 @@ async fn metrics(State(api): State<Api>) -> Response {
         ),
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    let pools = api.svc.pools().map(|p| p.status()).unwrap_or_default();
+    for (name, help, get) in [
+        (
+            "dough_pool_idle_vms",
+            "Idle VMs in a warm pool.",
+            (|p: &dough_core::pool::PoolStatus| p.idle as u64) as fn(&_) -> u64,
+        ),
+        ("dough_pool_booting_vms", "Pooled VMs booting.", |p| {
+            p.booting as u64
+        }),
+        (
+            "dough_pool_claims_total",
+            "VMs handed from a pool to tasks.",
+            |p| p.claimed,
+        ),
+        (
+            "dough_pool_replaced_total",
+            "Idle pooled VMs lost and replaced.",
+            |p| p.replaced,
+        ),
+    ] {
+        if pools.is_empty() {
+            break;
+        }
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in &pools {
+            let _ = writeln!(
+                s,
+                "{name}{{vcpus=\"{}\",memory_mib=\"{}\"}} {}",
+                p.vcpus,
+                p.memory_mib,
+                get(p)
+            );
+        }
     }
     let mut lat = api.svc.sched_latency_us();
     lat.sort_unstable();

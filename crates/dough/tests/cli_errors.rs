@@ -345,3 +345,41 @@ fn doctor_explains_the_choice() {
     assert!(s.contains("image"), "{s}");
     assert_eq!(out.status.code(), Some(0), "this machine is set up: {s}");
 }
+
+/// `dough serve` refuses warm pools it cannot parse or that do not fit the
+/// limits they count against, before it listens or boots anything.
+#[test]
+fn bad_pool_settings_stop_serve_before_it_starts() {
+    let h = Harness::new();
+    for (args, needle) in [
+        (vec!["--pool", "2"], "give SHAPE=N"),
+        (vec!["--pool", "2x1024"], "give SHAPE=N"),
+        (vec!["--pool", "0x512=1"], "at least 1 vCPU"),
+        (vec!["--pool", "axb=1"], "VCPUSxMEMORY_MIB"),
+        (vec!["--pool", "1x512=x"], "whole number"),
+        (
+            vec!["--pool-size", "1", "--pool", "1x512=2"],
+            "already given",
+        ),
+        (
+            vec!["--pool-size", "3", "--max-vms", "2"],
+            "do not fit the limits",
+        ),
+        (
+            vec!["--pool", "1x4096=2", "--memory-limit", "4096"],
+            "do not fit the limits",
+        ),
+    ] {
+        let out = h
+            .cmd()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!h.state.path().join("api-url").exists(), "{args:?}");
+    }
+    assert!(!h.runs_dir().exists());
+}

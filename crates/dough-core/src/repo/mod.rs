@@ -605,19 +605,26 @@ pub async fn run(
     pr: &PullRequestRequest,
     creds: &Credentials,
     gate: &GateConfig,
+    vm: Option<crate::BootedVm>,
     on_event: &mut (dyn FnMut(crate::Event<'_>) + Send),
     cancel: impl std::future::Future<Output = i32>,
 ) -> RepoRun {
-    let fail = |e| RepoRun {
-        report: None,
-        work: Some(Err(e)),
+    // A claimed VM the task cannot use is torn down before returning.
+    let fail = |e, vm: Option<crate::BootedVm>| async move {
+        if let Some(vm) = vm {
+            vm.discard().await;
+        }
+        RepoRun {
+            report: None,
+            work: Some(Err(e)),
+        }
     };
     on_event(crate::Event::Progress(&format!("resolving {}", req.url)));
     let (r, p, id, c) = (req.clone(), pr.clone(), spec.task_id.clone(), creds.clone());
     let plan = match tokio::task::spawn_blocking(move || prepare(&r, &p, &id, &c)).await {
         Ok(Ok(p)) => p,
-        Ok(Err(e)) => return fail(e),
-        Err(e) => return fail(RepoError::Host(format!("prepare: {e}"))),
+        Ok(Err(e)) => return fail(e, vm).await,
+        Err(e) => return fail(RepoError::Host(format!("prepare: {e}")), vm).await,
     };
     on_event(crate::Event::Progress(&format!(
         "base {} at {}{}; work goes to {}",
@@ -630,11 +637,20 @@ pub async fn run(
         },
         plan.branch
     )));
-    let vm_id = spec.vm_id.clone().unwrap_or_else(crate::new_id);
+    let vm_id = match &vm {
+        Some(vm) => vm.vm_id().to_string(),
+        None => spec.vm_id.clone().unwrap_or_else(crate::new_id),
+    };
     spec.vm_id = Some(vm_id.clone());
     let dir = match work_dir(host, &vm_id) {
         Ok(d) => d,
-        Err(e) => return fail(RepoError::Host(format!("create the work directory: {e}"))),
+        Err(e) => {
+            return fail(
+                RepoError::Host(format!("create the work directory: {e}")),
+                vm,
+            )
+            .await
+        }
     };
     let guest_dir = spec
         .workdir
@@ -653,7 +669,7 @@ pub async fn run(
     let image_digest = dough_image::Image::load(&host.image_dir)
         .map(|i| i.manifest.digest)
         .unwrap_or_default();
-    let report = crate::run_task(host, &spec, on_event, cancel).await;
+    let report = crate::run_task_in(host, &spec, vm, on_event, cancel).await;
     let work = match &report.result {
         Ok(crate::Outcome::CloneFailed(m)) => Some(Err(RepoError::CloneFailed(m.clone()))),
         Ok(crate::Outcome::Exited(dough_proto::ExitStatus::Code(0))) => {

@@ -44,6 +44,9 @@ pub struct SubmitArgs {
 
 #[derive(Args, Debug)]
 pub struct LsArgs {
+    /// Show the warm pools instead of tasks.
+    #[arg(long, conflicts_with = "state")]
+    pub pools: bool,
     /// Only tasks in this state.
     #[arg(long)]
     pub state: Option<String>,
@@ -198,6 +201,9 @@ fn final_code(t: &Value) -> u8 {
 
 pub fn ls(cli: &Cli, a: &LsArgs) -> anyhow::Result<u8> {
     let c = Client::from_env(cli)?;
+    if a.pools {
+        return ls_pools(&c, a.json);
+    }
     let mut q = format!("/v1/tasks?limit={}", a.limit);
     if let Some(s) = &a.state {
         q.push_str(&format!("&state={s}"));
@@ -229,6 +235,50 @@ pub fn ls(cli: &Cli, a: &LsArgs) -> anyhow::Result<u8> {
                 .unwrap_or("-".into()),
             cmd.join(" ")
         );
+    }
+    Ok(0)
+}
+
+fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
+    let v = c.get_json("/v1/pools")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let pools = v["pools"].as_array().cloned().unwrap_or_default();
+    if pools.is_empty() {
+        println!("no warm pools (start the daemon with `dough serve --pool-size N`)");
+        return Ok(0);
+    }
+    println!(
+        "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  IDLE VMS",
+        "VCPUS", "MEM_MIB", "SIZE", "IDLE", "BOOTING", "CLAIMED", "REPLACED"
+    );
+    for p in &pools {
+        let vms: Vec<&str> = p["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["vm_id"].as_str())
+            .collect();
+        println!(
+            "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {}",
+            p["vcpus"],
+            p["memory_mib"],
+            p["size"],
+            p["idle"],
+            p["booting"],
+            p["claimed"],
+            p["replaced"],
+            if vms.is_empty() {
+                "-".to_string()
+            } else {
+                vms.join(" ")
+            }
+        );
+        if let Some(e) = p["last_error"].as_str() {
+            println!("       last error: {e}");
+        }
     }
     Ok(0)
 }

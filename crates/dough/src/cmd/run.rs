@@ -346,6 +346,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 p,
                 &creds,
                 &gate,
+                None,
                 &mut on_event,
                 interrupted(),
             )

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use dough_core::pool::{PoolConfig, Shape};
 use dough_core::service::{Limits, Service, ServiceConfig};
 use dough_core::store::SqliteStore;
 
@@ -35,6 +36,67 @@ pub struct ServeArgs {
     /// Stored output per task, MiB.
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     pub output_limit: u64,
+    /// Warm VMs to keep booted for tasks of the default shape (1 vCPU,
+    /// 512 MiB); a task of that shape starts without booting. 0: no pool.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub pool_size: usize,
+    /// A warm pool of another shape, VCPUSxMIB=N (e.g. 2x1024=2); repeatable.
+    #[arg(long = "pool", value_name = "SHAPE=N")]
+    pub pools: Vec<String>,
+}
+
+/// The pools asked for, checked against the limits they count against.
+fn pool_configs(a: &ServeArgs, limits: &Limits) -> anyhow::Result<Vec<PoolConfig>> {
+    let mut pools = vec![];
+    if a.pool_size > 0 {
+        pools.push(PoolConfig {
+            shape: Shape {
+                vcpus: 1,
+                memory_mib: 512,
+            },
+            size: a.pool_size,
+        });
+    }
+    for p in &a.pools {
+        let (shape, n) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--pool '{p}': give SHAPE=N, like 2x1024=2"))?;
+        let shape: Shape = shape.parse().map_err(|e| anyhow::anyhow!("--pool: {e}"))?;
+        let size: usize = n
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--pool '{p}': N must be a whole number"))?;
+        if pools.iter().any(|q: &PoolConfig| q.shape == shape) {
+            anyhow::bail!(
+                "--pool '{p}': a pool of shape {}x{} is already given",
+                shape.vcpus,
+                shape.memory_mib
+            );
+        }
+        if size > 0 {
+            pools.push(PoolConfig { shape, size });
+        }
+    }
+    let vms: usize = pools.iter().map(|p| p.size).sum();
+    let vcpus: u64 = pools
+        .iter()
+        .map(|p| p.size as u64 * p.shape.vcpus as u64)
+        .sum();
+    let mem: u64 = pools
+        .iter()
+        .map(|p| p.size as u64 * p.shape.memory_mib as u64)
+        .sum();
+    if vms > limits.max_vms as usize
+        || vcpus > limits.vcpu_capacity() as u64
+        || mem > limits.memory_mib
+    {
+        anyhow::bail!(
+            "the warm pools ({vms} VMs, {vcpus} vCPUs, {mem} MiB) do not fit the limits ({} VMs, {} vCPUs, {} MiB); pooled VMs count against them",
+            limits.max_vms,
+            limits.vcpu_capacity(),
+            limits.memory_mib
+        );
+    }
+    Ok(pools)
 }
 
 fn token_file(dir: &std::path::Path) -> anyhow::Result<String> {
@@ -75,6 +137,16 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     if !a.overcommit.is_finite() || a.overcommit <= 0.0 {
         anyhow::bail!("--overcommit must be a positive number");
     }
+    let mut limits = Limits::for_host();
+    limits.overcommit = a.overcommit;
+    if let Some(m) = a.max_vms {
+        limits.max_vms = m;
+    }
+    if let Some(m) = a.memory_limit {
+        limits.memory_mib = m;
+    }
+    // Refused here, before anything listens or boots.
+    let pools = pool_configs(a, &limits)?;
     // One daemon per state dir: recovery must never touch a live daemon's tasks.
     let lock_path = host.state_dir.join("serve.lock");
     let lock = std::fs::OpenOptions::new()
@@ -101,14 +173,6 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     let store = Arc::new(
         SqliteStore::open(&host.state_dir.join("dough.db")).context("open the task store")?,
     );
-    let mut limits = Limits::for_host();
-    limits.overcommit = a.overcommit;
-    if let Some(m) = a.max_vms {
-        limits.max_vms = m;
-    }
-    if let Some(m) = a.memory_limit {
-        limits.memory_mib = m;
-    }
     let mut cfg = ServiceConfig::new(host.clone());
     cfg.limits = limits;
     cfg.heartbeat_timeout = Duration::from_secs(a.heartbeat_timeout);
@@ -117,6 +181,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     // Host credentials: from the daemon's environment, never from a task.
     cfg.creds = dough_core::repo::Credentials::from_env();
     cfg.gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
+    cfg.pools = pools;
 
     let local = tokio::task::LocalSet::new();
     local
@@ -137,6 +202,12 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
                 limits.vcpu_capacity(),
                 limits.memory_mib
             );
+            for p in &svc.config().pools {
+                eprintln!(
+                    "dough serve: warm pool of {} VMs ({} vCPU, {} MiB) filling",
+                    p.size, p.shape.vcpus, p.shape.memory_mib
+                );
+            }
             let app = crate::api::router(crate::api::Api {
                 svc: svc.clone(),
                 token: Arc::new(token),
@@ -157,6 +228,12 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
             let deadline = tokio::time::Instant::now() + svc.config().cancel_grace + Duration::from_secs(30);
             while !svc.store().in_flight()?.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if svc.pools().is_some() {
+                eprintln!("dough serve: tearing down the warm pools");
+                for e in svc.shutdown_pools().await {
+                    eprintln!("dough serve: pool teardown: {e}");
+                }
             }
             drop(lock);
             Ok::<u8, anyhow::Error>(0)

@@ -1,0 +1,429 @@
+//! **Where warm VMs wait for tasks.** A pool per shape (the host's image ×
+//! vCPUs × memory) keeps N VMs booted to Hello, idle, with egress `none`.
+//! A task of that shape claims one (the supervisor then applies the task's
+//! egress policy in one nftables transaction and sends Assign), and the pool
+//! boots a replacement in the background.
+//!
+//! ```text
+//! boot (supervisor::boot_idle) ─▶ idle ─(claim)─▶ the task's VM
+//!                                   └─(heartbeat lost / VMM gone)─▶ discarded, replaced
+//! shutdown: stop refilling ─▶ discard every idle VM ─▶ wait for boots in flight
+//! ```
+//! Every VM has the same guest address behind its own namespace, so pooled
+//! VMs are interchangeable. Idle and booting VMs count against the host's
+//! limits (the service asks [`Pools::reserved`]); a pool refills only while
+//! there is room and no task is waiting for it.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::supervisor::{boot_idle, BootedVm, TaskSpec};
+use crate::HostConfig;
+
+/// The shape of a pool's VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Shape {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+    /// `VCPUSxMIB`, e.g. `2x1024`.
+    fn from_str(s: &str) -> Result<Shape, String> {
+        let bad = || format!("'{s}' is not a pool shape: give VCPUSxMEMORY_MIB, like 2x1024");
+        let (v, m) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+        let vcpus: u32 = v.trim().parse().map_err(|_| bad())?;
+        let memory_mib: u32 = m.trim().parse().map_err(|_| bad())?;
+        if vcpus == 0 || memory_mib < 64 {
+            return Err(format!(
+                "pool shape '{s}': at least 1 vCPU and 64 MiB of memory"
+            ));
+        }
+        Ok(Shape { vcpus, memory_mib })
+    }
+}
+
+/// One pool's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub shape: Shape,
+    /// Idle VMs to keep (0: none, the pool only reports).
+    pub size: usize,
+}
+
+/// Settings shared by every pool.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub boot_timeout: Duration,
+    /// An idle VM silent this long is replaced.
+    pub heartbeat_timeout: Duration,
+    /// How often idle VMs are checked.
+    pub check_every: Duration,
+}
+
+/// A pool as `dough ls --pools` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub size: usize,
+    pub idle: usize,
+    pub booting: usize,
+    /// Since start: VMs handed to tasks, VMs replaced because they were
+    /// lost while idle, boots that failed.
+    pub claimed: u64,
+    pub replaced: u64,
+    pub boot_failures: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub vms: Vec<IdleVm>,
+}
+
+/// An idle VM in a pool.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleVm {
+    pub vm_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_pid: Option<u32>,
+    pub idle_ms: u64,
+}
+
+struct Pool {
+    cfg: PoolConfig,
+    idle: VecDeque<BootedVm>,
+    booting: usize,
+    claimed: u64,
+    replaced: u64,
+    boot_failures: u64,
+    /// Consecutive failed boots: refilling backs off.
+    failing: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// Whether one more VM of a shape fits on the host now (asked before each
+/// refill boot).
+pub type RoomFn = dyn Fn(Shape) -> bool + Send + Sync;
+
+struct Inner {
+    host: HostConfig,
+    settings: PoolSettings,
+    pools: Mutex<Vec<Pool>>,
+    room: Box<RoomFn>,
+    stopping: AtomicBool,
+    wake: Notify,
+}
+
+/// The warm pools. Cheap to clone; their work runs on the current
+/// `LocalSet`.
+#[derive(Clone)]
+pub struct Pools {
+    inner: Arc<Inner>,
+}
+
+impl Pools {
+    /// Start keeping `configs` filled. Must run inside a
+    /// `tokio::task::LocalSet`.
+    pub fn start(
+        host: HostConfig,
+        settings: PoolSettings,
+        configs: &[PoolConfig],
+        room: Box<RoomFn>,
+    ) -> Pools {
+        let pools = configs
+            .iter()
+            .map(|c| Pool {
+                cfg: *c,
+                idle: VecDeque::new(),
+                booting: 0,
+                claimed: 0,
+                replaced: 0,
+                boot_failures: 0,
+                failing: 0,
+                retry_at: None,
+                last_error: None,
+            })
+            .collect();
+        let p = Pools {
+            inner: Arc::new(Inner {
+                host,
+                settings,
+                pools: Mutex::new(pools),
+                room,
+                stopping: AtomicBool::new(false),
+                wake: Notify::new(),
+            }),
+        };
+        let me = p.clone();
+        tokio::task::spawn_local(async move { me.maintain().await });
+        p
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pool>> {
+        self.inner.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle VM of this shape, if one is ready; the pool refills behind
+    /// it. A VM found lost is discarded (and replaced) and the next tried.
+    pub fn claim(&self, shape: Shape) -> Option<BootedVm> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        let hb = self.inner.settings.heartbeat_timeout;
+        let mut lost = vec![];
+        let got = {
+            let mut pools = self.lock();
+            let pool = pools.iter_mut().find(|p| p.cfg.shape == shape)?;
+            let mut got = None;
+            while let Some(mut vm) = pool.idle.pop_front() {
+                match vm.check(hb) {
+                    Ok(()) => {
+                        pool.claimed += 1;
+                        got = Some(vm);
+                        break;
+                    }
+                    Err(e) => {
+                        pool.replaced += 1;
+                        pool.last_error = Some(format!("idle vm {} lost: {e}", vm.vm_id()));
+                        lost.push(vm);
+                    }
+                }
+            }
+            got
+        };
+        for vm in lost {
+            tokio::task::spawn_local(async move {
+                vm.discard().await;
+            });
+        }
+        self.inner.wake.notify_one();
+        got
+    }
+
+    /// vCPUs, memory (MiB) and VMs held by idle and booting pooled VMs.
+    pub fn reserved(&self) -> (u32, u64, u32) {
+        let pools = self.lock();
+        pools.iter().fold((0, 0, 0), |(v, m, n), p| {
+            let k = (p.idle.len() + p.booting) as u32;
+            (
+                v + k * p.cfg.shape.vcpus,
+                m + k as u64 * p.cfg.shape.memory_mib as u64,
+                n + k,
+            )
+        })
+    }
+
+    /// Refill now (e.g. room freed up).
+    pub fn nudge(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    pub fn status(&self) -> Vec<PoolStatus> {
+        let pools = self.lock();
+        pools
+            .iter()
+            .map(|p| PoolStatus {
+                vcpus: p.cfg.shape.vcpus,
+                memory_mib: p.cfg.shape.memory_mib,
+                size: p.cfg.size,
+                idle: p.idle.len(),
+                booting: p.booting,
+                claimed: p.claimed,
+                replaced: p.replaced,
+                boot_failures: p.boot_failures,
+                last_error: p.last_error.clone(),
+                vms: p
+                    .idle
+                    .iter()
+                    .map(|vm| IdleVm {
+                        vm_id: vm.vm_id().to_string(),
+                        vmm_pid: vm.vmm_pid(),
+                        idle_ms: vm.booted_at().elapsed().as_millis() as u64,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Stop refilling, tear down every idle VM and wait for boots in flight
+    /// (each is torn down as it finishes). Returns teardown problems.
+    pub async fn shutdown(&self) -> Vec<String> {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        let idle: Vec<BootedVm> = {
+            let mut pools = self.lock();
+            pools.iter_mut().flat_map(|p| p.idle.drain(..)).collect()
+        };
+        let mut errors = vec![];
+        for vm in idle {
+            let id = vm.vm_id().to_string();
+            errors.extend(vm.discard().await.into_iter().map(|e| format!("{id}: {e}")));
+        }
+        let deadline = Instant::now() + self.inner.settings.boot_timeout + Duration::from_secs(10);
+        while self.lock().iter().any(|p| p.booting > 0) {
+            if Instant::now() > deadline {
+                errors.push("pooled vms still booting at shutdown".into());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        errors
+    }
+
+    /// Check idle VMs and refill, until shutdown.
+    async fn maintain(self) {
+        let every = self.inner.settings.check_every;
+        loop {
+            tokio::select! {
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            self.check_idle();
+            self.refill();
+        }
+    }
+
+    /// Replace idle VMs that missed heartbeats or whose VMM is gone.
+    fn check_idle(&self) {
+        let hb = self.inner.settings.heartbeat_timeout;
+        let mut lost = vec![];
+        {
+            let mut pools = self.lock();
+            for p in pools.iter_mut() {
+                let mut keep = VecDeque::with_capacity(p.idle.len());
+                while let Some(mut vm) = p.idle.pop_front() {
+                    match vm.check(hb) {
+                        Ok(()) => keep.push_back(vm),
+                        Err(e) => {
+                            warn!(vm_id = vm.vm_id(), error = %e, "pooled vm lost; replacing it");
+                            p.replaced += 1;
+                            p.last_error = Some(format!("idle vm {} lost: {e}", vm.vm_id()));
+                            lost.push(vm);
+                        }
+                    }
+                }
+                p.idle = keep;
+            }
+        }
+        for vm in lost {
+            tokio::task::spawn_local(async move {
+                vm.discard().await;
+            });
+        }
+    }
+
+    /// Start boots for pools below their size, while the host has room.
+    fn refill(&self) {
+        let needs = |p: &Pool, now: Instant| {
+            p.idle.len() + p.booting < p.cfg.size && p.retry_at.is_none_or(|t| now >= t)
+        };
+        loop {
+            let Some(shape) = self
+                .lock()
+                .iter()
+                .find(|p| needs(p, Instant::now()))
+                .map(|p| p.cfg.shape)
+            else {
+                return;
+            };
+            // Asked without the pools' lock: the answer counts them.
+            if !(self.inner.room)(shape) {
+                return;
+            }
+            {
+                let mut pools = self.lock();
+                match pools
+                    .iter_mut()
+                    .find(|p| p.cfg.shape == shape && needs(p, Instant::now()))
+                {
+                    Some(p) => p.booting += 1,
+                    None => continue,
+                }
+            }
+            let me = self.clone();
+            tokio::task::spawn_local(async move { me.boot_one(shape).await });
+        }
+    }
+
+    async fn boot_one(self, shape: Shape) {
+        let s = &self.inner.settings;
+        let spec = TaskSpec {
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+            boot_timeout: s.boot_timeout,
+            heartbeat_timeout: s.heartbeat_timeout,
+            ..TaskSpec::default()
+        };
+        let t = Instant::now();
+        let res = boot_idle(&self.inner.host, &spec).await;
+        let mut discard = None;
+        {
+            let mut pools = self.lock();
+            let Some(p) = pools.iter_mut().find(|p| p.cfg.shape == shape) else {
+                return;
+            };
+            p.booting -= 1;
+            match res {
+                Ok(vm) if self.inner.stopping.load(Ordering::SeqCst) => discard = Some(vm),
+                Ok(vm) => {
+                    debug!(
+                        vm_id = vm.vm_id(),
+                        ms = t.elapsed().as_millis() as u64,
+                        "pooled vm ready"
+                    );
+                    p.failing = 0;
+                    p.retry_at = None;
+                    p.idle.push_back(vm);
+                }
+                Err(e) => {
+                    p.boot_failures += 1;
+                    p.failing += 1;
+                    // 1 s, 2 s, 4 s … at most 32 s between tries.
+                    let backoff = Duration::from_secs(1 << p.failing.min(6).saturating_sub(1));
+                    p.retry_at = Some(Instant::now() + backoff);
+                    p.last_error = Some(format!("boot failed: {e}"));
+                    warn!(error = %e, retry_in_s = backoff.as_secs(), "pooled vm failed to boot");
+                }
+            }
+        }
+        if let Some(vm) = discard {
+            vm.discard().await;
+        }
+        if !self.inner.stopping.load(Ordering::SeqCst) {
+            debug!(?shape, "pool refill step done");
+            self.inner.wake.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse_or_say_what_is_wrong() {
+        assert_eq!(
+            "2x1024".parse::<Shape>(),
+            Ok(Shape {
+                vcpus: 2,
+                memory_mib: 1024
+            })
+        );
+        assert!("2"
+            .parse::<Shape>()
+            .unwrap_err()
+            .contains("VCPUSxMEMORY_MIB"));
+        assert!("0x512".parse::<Shape>().unwrap_err().contains("at least"));
+        assert!("1x32".parse::<Shape>().unwrap_err().contains("at least"));
+        assert!("ax512".parse::<Shape>().is_err());
+    }
+}

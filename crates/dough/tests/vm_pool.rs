@@ -1,0 +1,257 @@
+//! Warm pools with real VMs: `dough serve --pool-size 1` in a test-made
+//! "host" namespace whose uplink leads to a test-made "internet" namespace
+//! (as in vm_net.rs). Tasks claim pooled VMs, get their own egress policy at
+//! claim, the pool refills and replaces a VM killed while idle, and shutdown
+//! leaves nothing. Nothing here touches the machine's own network.
+mod common;
+#[path = "../../dough-net/tests/world/mod.rs"]
+mod world;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use world::*;
+
+struct Daemon {
+    child: Child,
+    url: String,
+    token: String,
+}
+
+impl Daemon {
+    fn start(h: &Harness, ns: &str, args: &[&str]) -> Daemon {
+        let mut cmd: Command = h.cmd();
+        let f = std::fs::File::open(ns_path(ns)).unwrap();
+        // SAFETY: setns is a raw syscall on an fd opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                use std::os::fd::AsRawFd;
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .env("DOUGH_DNS", DNS.to_string())
+            .env("DOUGH_HOST_NAT", "0")
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--heartbeat-timeout",
+                "2",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url_file = h.state.path().join("api-url");
+        wait_until("the daemon to listen", Duration::from_secs(20), || {
+            url_file.exists()
+        });
+        Daemon {
+            child,
+            url: std::fs::read_to_string(url_file)
+                .unwrap()
+                .trim()
+                .to_string(),
+            token: std::fs::read_to_string(h.state.path().join("api-token"))
+                .unwrap()
+                .trim()
+                .to_string(),
+        }
+    }
+
+    /// The daemon listens inside the test's host namespace: reach it from
+    /// a thread that joined it.
+    fn call(&self, ns: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (url, token) = (format!("{}{path}", self.url), self.token.clone());
+        let method = method.to_string();
+        in_ns(ns, move || {
+            let r = ureq::request(&method, &url).set("Authorization", &format!("Bearer {token}"));
+            let resp = match body {
+                Some(b) => r.send_json(b),
+                None => r.call(),
+            };
+            let resp = match resp {
+                Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("{method} {url}: {e}"),
+            };
+            let text = resp.into_string().unwrap();
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        })
+    }
+
+    fn pool(&self, ns: &str) -> Value {
+        self.call(ns, "GET", "/v1/pools", None)["pools"][0].clone()
+    }
+
+    /// The pool's idle VM once there is one: (vm id, VMM pid).
+    fn wait_idle(&self, ns: &str, not: &[String]) -> (String, u32) {
+        let t0 = Instant::now();
+        loop {
+            let p = self.pool(ns);
+            if let Some(vm) = p["vms"].as_array().and_then(|v| v.first()) {
+                let id = vm["vm_id"].as_str().unwrap().to_string();
+                if !not.contains(&id) {
+                    return (id, vm["vmm_pid"].as_u64().unwrap() as u32);
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "no idle pooled vm: {p}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn run(&self, ns: &str, body: Value) -> (Value, String) {
+        let id = self.call(ns, "POST", "/v1/tasks", Some(body))["id"]
+            .as_str()
+            .expect("task id")
+            .to_string();
+        let t0 = Instant::now();
+        loop {
+            let t = self.call(ns, "GET", &format!("/v1/tasks/{id}"), None);
+            if matches!(
+                t["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled" | "timed_out")
+            ) {
+                let logs = match self.call(ns, "GET", &format!("/v1/tasks/{id}/logs"), None) {
+                    Value::String(s) => s,
+                    v => v.to_string(),
+                };
+                return (t, logs);
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "task stuck: {t}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn states(t: &Value) -> Vec<String> {
+    t["transitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["state"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// One pool of one VM, through three tasks with different egress policies
+/// (each on a pooled VM, each replaced after its claim), an idle VM whose
+/// VMM is killed (detected and replaced), and a shutdown that must tear
+/// down every pooled VM.
+#[test]
+fn pooled_vms_take_each_tasks_policy_are_replaced_and_torn_down() {
+    let h = Harness::new();
+    let w = World::new("p");
+    let ns = w.host.clone();
+    let d = Daemon::start(&h, &ns, &["--pool-size", "1"]);
+    let p = d.pool(&ns);
+    assert_eq!(
+        (
+            p["vcpus"].as_u64(),
+            p["memory_mib"].as_u64(),
+            p["size"].as_u64()
+        ),
+        (Some(1), Some(512), Some(1)),
+        "{p}"
+    );
+
+    // Open egress: the task runs on the pooled VM and reaches the internet
+    // from its own slot address.
+    let (a, _) = d.wait_idle(&ns, &[]);
+    let (t, logs) = d.run(
+        &ns,
+        json!({"command": ["sh", "-c", "echo host=$(hostname); curl -sS -m 5 http://198.51.100.10/; exit 3"]}),
+    );
+    assert_eq!(
+        t["vm_id"],
+        a.as_str(),
+        "the task did not run on the idle vm: {t}"
+    );
+    assert_eq!(t["exit_code"], 3, "{t}\n{logs}");
+    assert!(logs.contains(&format!("host=dough-{a}")), "{logs}");
+    let seen = logs
+        .lines()
+        .find(|l| l.starts_with("10."))
+        .unwrap_or_default();
+    assert!(
+        !seen.is_empty(),
+        "the web server saw no slot address: {logs}"
+    );
+    assert_eq!(
+        states(&t),
+        [
+            "queued",
+            "provisioning",
+            "booting",
+            "running",
+            "finalizing",
+            "failed"
+        ],
+        "{t}"
+    );
+
+    // Replaced after the claim; the next task gets an allowlist: the
+    // forwarder now answers only the allowed name, and only its address
+    // passes.
+    let (b, _) = d.wait_idle(&ns, std::slice::from_ref(&a));
+    let (t, logs) = d.run(
+        &ns,
+        json!({"command": ["sh", "-c", "curl -sS -m 5 http://allowed.example/ && echo allowed-ok; getent hosts other.example >/dev/null; echo other-resolves=$?; curl -sS -m 3 -o /dev/null http://198.51.100.11/; echo other-ip=$?"],
+               "allow_hosts": ["allowed.example"]}),
+    );
+    assert_eq!(t["vm_id"], b.as_str(), "{t}");
+    assert_eq!(t["state"], "succeeded", "{t}\n{logs}");
+    assert!(logs.contains("allowed-ok"), "{logs}");
+    assert!(logs.contains("other-resolves=2"), "{logs}");
+    assert!(!logs.contains("other-ip=0"), "{logs}");
+
+    // And `none`: nothing gets out, not even to the address the previous
+    // policy allowed.
+    let (c, _) = d.wait_idle(&ns, &[a.clone(), b.clone()]);
+    let (t, logs) = d.run(
+        &ns,
+        json!({"command": ["sh", "-c", "curl -sS -m 3 -o /dev/null http://198.51.100.10/; echo open-ip=$?"],
+               "egress": "none"}),
+    );
+    assert_eq!(t["vm_id"], c.as_str(), "{t}");
+    assert!(
+        logs.contains("open-ip=") && !logs.contains("open-ip=0"),
+        "{logs}"
+    );
+
+    // An idle VM whose VMM dies is detected and replaced.
+    let (e, pid) = d.wait_idle(&ns, &[a.clone(), b.clone(), c.clone()]);
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let (f, _) = d.wait_idle(&ns, &[a, b, c, e.clone()]);
+    let p = d.pool(&ns);
+    assert_eq!(p["replaced"], 1, "{p}");
+    assert_eq!(p["claimed"], 3, "{p}");
+    assert!(p["last_error"].as_str().unwrap_or("").contains(&e), "{p}");
+    assert!(dough_net::netns_path(&f).exists());
+
+    // Shutdown tears the idle VM down: nothing of any VM is left.
+    signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
+    let mut d = d;
+    let st = d.child.wait().unwrap();
+    assert!(st.success(), "serve exited with {st}");
+    assert!(!dough_net::netns_path(&f).exists());
+    h.assert_clean();
+}
