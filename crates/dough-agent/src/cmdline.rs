@@ -17,6 +17,9 @@ pub struct BootConfig {
     /// A warm-pool VM (`dough.warm=1`): while it waits, load what every
     /// task starts with (the shell, the C library) into the page cache.
     pub warm: bool,
+    /// The control channel is the virtio-serial port `dough.agent`
+    /// (`dough.control=serial`: a VM that can be snapshotted), not vsock.
+    pub serial: bool,
     /// eth0's configuration (`dough.ip=A/N dough.gw=G [dough.dns=D]`); None:
     /// no network.
     pub net: Option<GuestNet>,
@@ -39,6 +42,7 @@ impl Default for BootConfig {
             scratch_dev: "/dev/vdb".into(),
             bench_poweroff: false,
             warm: false,
+            serial: false,
             net: None,
         }
     }
@@ -62,6 +66,7 @@ pub fn parse(cmdline: &str) -> BootConfig {
             }
             "dough.root" if v.starts_with("/dev/") => c.root_dev = v.to_string(),
             "dough.warm" => c.warm = v == "1",
+            "dough.control" => c.serial = v == "serial",
             "dough.scratch" if v.starts_with("/dev/") => c.scratch_dev = v.to_string(),
             "dough.bench" => c.bench_poweroff = v == "poweroff",
             "dough.ip" => {
@@ -104,6 +109,7 @@ mod tests {
         assert!(!c.bench_poweroff);
         assert!(parse("dough.bench=poweroff").bench_poweroff);
         assert!(!c.warm && parse("dough.warm=1").warm && !parse("dough.warm=0").warm);
+        assert!(!c.serial && parse("dough.control=serial").serial);
         assert_eq!(c.net, None);
         let n = parse("dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 dough.dns=172.16.0.1")
             .net

@@ -8,6 +8,7 @@
 mod cmdline;
 mod init;
 mod repo;
+mod snapshot;
 mod task;
 
 use std::fs::File;
@@ -86,18 +87,27 @@ fn main() {
         let r = reaper.clone();
         std::thread::spawn(move || r.run());
     }
+    // Set once the page cache is warm (at once without `dough.warm`).
+    let warmed = RootReady::default();
     if cfg.warm {
-        let (r, root) = (reaper.clone(), root.clone());
+        let (r, root, warmed) = (reaper.clone(), root.clone(), warmed.clone());
         std::thread::spawn(move || {
             if root.wait().is_ok() {
                 task::prewarm(&r);
                 log(&format!("page cache warmed at {} ms", boot_ms()));
             }
+            warmed.set(Ok(()));
         });
+    } else {
+        warmed.set(Ok(()));
     }
-    let conn = dial(cfg.port);
+    let conn = if cfg.serial {
+        snapshot::open_port()
+    } else {
+        dial(cfg.port)
+    };
     log(&format!("connected to the host at {} ms", boot_ms()));
-    serve(conn, reaper, root);
+    serve(conn, cfg.serial, reaper, root, warmed);
     init::power_off();
 }
 
@@ -161,7 +171,10 @@ fn boot_ms() -> u64 {
 }
 
 /// Speak the protocol on `conn` until Shutdown or the host goes away.
-fn serve(conn: File, reaper: task::Reaper, root: RootReady) {
+/// `serial`: `conn` is the virtio-serial port, which reads end-of-file
+/// while no host is connected (e.g. between a snapshot and its restore):
+/// wait for one instead of powering off.
+fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed: RootReady) {
     let Ok(mut writer) = conn.try_clone() else {
         fatal("cannot clone the control connection");
     };
@@ -186,13 +199,20 @@ fn serve(conn: File, reaper: task::Reaper, root: RootReady) {
     if tx.send(hello).is_err() {
         return;
     }
-    start_heartbeat(tx.clone());
+    // Heartbeats stop while the VM is quiesced for a snapshot; the lock
+    // orders the pause against a heartbeat being queued.
+    let paused: Arc<Mutex<bool>> = Arc::default();
+    start_heartbeat(tx.clone(), paused.clone());
 
     let pgid: Arc<Mutex<Option<i32>>> = Arc::default();
     let mut assigned = false;
     loop {
         let frame = match dough_proto::read_frame(&mut reader, MAX_FRAME) {
             Ok(Some(f)) => f,
+            Ok(None) if serial => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             Ok(None) => {
                 log("host closed the control connection; powering off");
                 return;
@@ -240,18 +260,47 @@ fn serve(conn: File, reaper: task::Reaper, root: RootReady) {
                 }
             }
             HostMsg::Shutdown => return,
+            HostMsg::Quiesce => {
+                // The snapshot must hold a finished root and a warm cache.
+                let _ = root.wait();
+                let _ = warmed.wait();
+                let mut p = paused.lock().unwrap_or_else(|p| p.into_inner());
+                *p = true;
+                let _ = tx.send(GuestMsg::Quiesced);
+                log("quiesced for a snapshot");
+            }
+            HostMsg::Restore(r) => {
+                let reply = snapshot::restore(&r);
+                *paused.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                match reply {
+                    Ok(m) => {
+                        let _ = tx.send(m);
+                    }
+                    Err(e) => {
+                        log(&format!("restore: {e}"));
+                        let _ = tx.send(GuestMsg::Log {
+                            message: format!("restore failed: {e}"),
+                        });
+                    }
+                }
+            }
         }
     }
 }
 
-fn start_heartbeat(tx: SyncSender<GuestMsg>) {
+fn start_heartbeat(tx: SyncSender<GuestMsg>, paused: Arc<Mutex<bool>>) {
     std::thread::spawn(move || {
         let mut seq = 0;
         loop {
             std::thread::sleep(Duration::from_millis(dough_proto::HEARTBEAT_INTERVAL_MS));
+            let p = paused.lock().unwrap_or_else(|p| p.into_inner());
+            if *p {
+                continue;
+            }
             if tx.send(GuestMsg::Heartbeat { seq }).is_err() {
                 return;
             }
+            drop(p);
             seq += 1;
         }
     });

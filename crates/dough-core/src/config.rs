@@ -90,6 +90,11 @@ impl HostConfig {
 
     /// Per-VM run directories live here.
     /// Host-side scratch of repository tasks (bundles, gate repositories).
+    /// Snapshot templates (memory file, device state, scratch disk).
+    pub fn templates_dir(&self) -> PathBuf {
+        self.state_dir.join("templates")
+    }
+
     pub fn work_dir(&self) -> PathBuf {
         self.state_dir.join("work")
     }

@@ -5,6 +5,8 @@
 //!   output/heartbeats → Exit → Shutdown → stop → delete.
 //! * [`pool`] — **where warm VMs wait for tasks**: per-shape pools of VMs
 //!   booted to Hello, claimed by tasks, refilled and replaced in the background.
+//! * [`snapshot`] — **where a template VM is snapshotted and clones are
+//!   restored from it** (reseeded, clock set, re-identified).
 //! * [`rundir`] — the per-VM run directory, its owner record (written before
 //!   anything is created) and `gc` of what a crashed Dough left behind.
 //! * [`conn`] — the async side of the control protocol.
@@ -19,6 +21,7 @@ pub mod pool;
 pub mod repo;
 pub mod rundir;
 pub mod service;
+pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
+use crate::snapshot::{clone_vm, make_template, Template};
 use crate::supervisor::{boot_idle, BootedVm, TaskSpec};
 use crate::HostConfig;
 
@@ -65,6 +66,10 @@ pub struct PoolSettings {
     pub heartbeat_timeout: Duration,
     /// How often idle VMs are checked.
     pub check_every: Duration,
+    /// Refill with clones of a snapshot template (one per pool) instead of
+    /// cold boots, and clone for tasks that find the pool empty. A pool
+    /// whose template or clone fails goes back to cold boots.
+    pub clones: bool,
 }
 
 /// A pool as `dough ls --pools` shows it.
@@ -80,6 +85,10 @@ pub struct PoolStatus {
     pub claimed: u64,
     pub replaced: u64,
     pub boot_failures: u64,
+    /// How the pool refills: "clone" (of `template`) or "cold boot".
+    pub refill: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub vms: Vec<IdleVm>,
@@ -105,6 +114,16 @@ struct Pool {
     failing: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
+    template: TemplateState,
+}
+
+enum TemplateState {
+    /// Not wanted (clones off) or given up on: cold boots.
+    Off,
+    /// To be made by the next maintenance pass.
+    Wanted,
+    Making,
+    Ready(Arc<Template>),
 }
 
 /// Whether one more VM of a shape fits on the host now (asked before each
@@ -148,6 +167,11 @@ impl Pools {
                 failing: 0,
                 retry_at: None,
                 last_error: None,
+                template: if settings.clones {
+                    TemplateState::Wanted
+                } else {
+                    TemplateState::Off
+                },
             })
             .collect();
         let p = Pools {
@@ -210,7 +234,8 @@ impl Pools {
     pub fn reserved(&self) -> (u32, u64, u32) {
         let pools = self.lock();
         pools.iter().fold((0, 0, 0), |(v, m, n), p| {
-            let k = (p.idle.len() + p.booting) as u32;
+            let making = matches!(p.template, TemplateState::Making) as usize;
+            let k = (p.idle.len() + p.booting + making) as u32;
             (
                 v + k * p.cfg.shape.vcpus,
                 m + k as u64 * p.cfg.shape.memory_mib as u64,
@@ -237,6 +262,14 @@ impl Pools {
                 claimed: p.claimed,
                 replaced: p.replaced,
                 boot_failures: p.boot_failures,
+                refill: match &p.template {
+                    TemplateState::Ready(_) => "clone",
+                    _ => "cold boot",
+                },
+                template: match &p.template {
+                    TemplateState::Ready(t) => Some(t.id.clone()),
+                    _ => None,
+                },
                 last_error: p.last_error.clone(),
                 vms: p
                     .idle
@@ -266,14 +299,124 @@ impl Pools {
             errors.extend(vm.discard().await.into_iter().map(|e| format!("{id}: {e}")));
         }
         let deadline = Instant::now() + self.inner.settings.boot_timeout + Duration::from_secs(10);
-        while self.lock().iter().any(|p| p.booting > 0) {
+        while self
+            .lock()
+            .iter()
+            .any(|p| p.booting > 0 || matches!(p.template, TemplateState::Making))
+        {
             if Instant::now() > deadline {
                 errors.push("pooled vms still booting at shutdown".into());
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let templates: Vec<Arc<Template>> = self
+            .lock()
+            .iter_mut()
+            .filter_map(
+                |p| match std::mem::replace(&mut p.template, TemplateState::Off) {
+                    TemplateState::Ready(t) => Some(t),
+                    _ => None,
+                },
+            )
+            .collect();
+        for t in templates {
+            if let Err(e) = t.remove() {
+                errors.push(format!("template {}: {e}", t.id));
+            }
+        }
         errors
+    }
+
+    /// The template of `shape`'s pool, if it has one: a task that finds the
+    /// pool empty is started on a clone of it.
+    pub fn template(&self, shape: Shape) -> Option<Arc<Template>> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        let pools = self.lock();
+        match &pools.iter().find(|p| p.cfg.shape == shape)?.template {
+            TemplateState::Ready(t) => Some(t.clone()),
+            _ => None,
+        }
+    }
+
+    /// A clone of `shape`'s template failed: give the template up (its
+    /// files go) and cold-boot from now on.
+    pub fn template_failed(&self, shape: Shape, why: &str) {
+        let gone = {
+            let mut pools = self.lock();
+            let Some(p) = pools.iter_mut().find(|p| p.cfg.shape == shape) else {
+                return;
+            };
+            p.last_error = Some(format!(
+                "snapshot clone failed, refilling with cold boots: {why}"
+            ));
+            match std::mem::replace(&mut p.template, TemplateState::Off) {
+                TemplateState::Ready(t) => Some(t),
+                _ => None,
+            }
+        };
+        if let Some(t) = gone {
+            warn!(template = %t.id, "giving up on the template: {why}");
+            let _ = t.remove();
+        }
+    }
+
+    /// Make the templates pools want (one at a time per pool).
+    fn make_templates(&self) {
+        let wanted: Vec<Shape> = {
+            let mut pools = self.lock();
+            pools
+                .iter_mut()
+                .filter(|p| p.cfg.size > 0 && matches!(p.template, TemplateState::Wanted))
+                .map(|p| {
+                    p.template = TemplateState::Making;
+                    p.cfg.shape
+                })
+                .collect()
+        };
+        for shape in wanted {
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let spec = me.spec(shape);
+                let made = make_template(&me.inner.host, &spec).await;
+                let mut pools = me.lock();
+                let Some(p) = pools.iter_mut().find(|p| p.cfg.shape == shape) else {
+                    return;
+                };
+                match made {
+                    Ok(t) if me.inner.stopping.load(Ordering::SeqCst) => {
+                        let _ = t.remove();
+                        p.template = TemplateState::Off;
+                    }
+                    Ok(t) => {
+                        debug!(template = %t.id, ?shape, "pool template ready");
+                        p.template = TemplateState::Ready(Arc::new(t));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "pool template failed; cold boots instead");
+                        p.last_error = Some(format!(
+                            "snapshot template failed, refilling with cold boots: {e}"
+                        ));
+                        p.template = TemplateState::Off;
+                    }
+                }
+                drop(pools);
+                me.inner.wake.notify_one();
+            });
+        }
+    }
+
+    fn spec(&self, shape: Shape) -> TaskSpec {
+        let s = &self.inner.settings;
+        TaskSpec {
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+            boot_timeout: s.boot_timeout,
+            heartbeat_timeout: s.heartbeat_timeout,
+            ..TaskSpec::default()
+        }
     }
 
     /// Check idle VMs and refill, until shutdown.
@@ -288,6 +431,7 @@ impl Pools {
                 return;
             }
             self.check_idle();
+            self.make_templates();
             self.refill();
         }
     }
@@ -324,7 +468,9 @@ impl Pools {
     /// Start boots for pools below their size, while the host has room.
     fn refill(&self) {
         let needs = |p: &Pool, now: Instant| {
-            p.idle.len() + p.booting < p.cfg.size && p.retry_at.is_none_or(|t| now >= t)
+            p.idle.len() + p.booting < p.cfg.size
+                && p.retry_at.is_none_or(|t| now >= t)
+                && !matches!(p.template, TemplateState::Wanted | TemplateState::Making)
         };
         loop {
             let Some(shape) = self
@@ -355,26 +501,29 @@ impl Pools {
     }
 
     async fn boot_one(self, shape: Shape) {
-        let s = &self.inner.settings;
-        let spec = TaskSpec {
-            vcpus: shape.vcpus,
-            memory_mib: shape.memory_mib,
-            boot_timeout: s.boot_timeout,
-            heartbeat_timeout: s.heartbeat_timeout,
-            ..TaskSpec::default()
-        };
+        let spec = self.spec(shape);
         let t = Instant::now();
-        let res = boot_idle(&self.inner.host, &spec).await;
+        let res = match self.template(shape) {
+            Some(tpl) => {
+                let r = clone_vm(&self.inner.host, &tpl, &spec).await;
+                if let Err(e) = &r {
+                    self.template_failed(shape, &e.to_string());
+                }
+                r
+            }
+            None => boot_idle(&self.inner.host, &spec).await,
+        };
         let mut discard = None;
         {
             let mut pools = self.lock();
             let Some(p) = pools.iter_mut().find(|p| p.cfg.shape == shape) else {
                 return;
             };
-            p.booting -= 1;
             match res {
+                // Still counted as booting until it is gone: shutdown waits.
                 Ok(vm) if self.inner.stopping.load(Ordering::SeqCst) => discard = Some(vm),
                 Ok(vm) => {
+                    p.booting -= 1;
                     debug!(
                         vm_id = vm.vm_id(),
                         ms = t.elapsed().as_millis() as u64,
@@ -385,6 +534,7 @@ impl Pools {
                     p.idle.push_back(vm);
                 }
                 Err(e) => {
+                    p.booting -= 1;
                     p.boot_failures += 1;
                     p.failing += 1;
                     // 1 s, 2 s, 4 s … at most 32 s between tries.
@@ -397,6 +547,9 @@ impl Pools {
         }
         if let Some(vm) = discard {
             vm.discard().await;
+            if let Some(p) = self.lock().iter_mut().find(|p| p.cfg.shape == shape) {
+                p.booting -= 1;
+            }
         }
         if !self.inner.stopping.load(Ordering::SeqCst) {
             debug!(?shape, "pool refill step done");

@@ -163,6 +163,12 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
         .extend(w.removed.into_iter().map(|id| format!("work/{id}")));
     r.killed.extend(w.killed);
     r.errors.extend(w.errors);
+    // Snapshot templates of a dead daemon.
+    let t = gc(&host.templates_dir());
+    r.removed
+        .extend(t.removed.into_iter().map(|id| format!("templates/{id}")));
+    r.killed.extend(t.killed);
+    r.errors.extend(t.errors);
     let gone = |vm: &str| !runs.join(vm).exists();
     // VMs this state directory has records of: only their cgroups are ours
     // to reclaim (cgroups are host-wide; another Dough may own the rest).

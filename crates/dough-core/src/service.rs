@@ -88,6 +88,8 @@ pub struct ServiceConfig {
     pub pools: Vec<PoolConfig>,
     /// How often idle pooled VMs are checked.
     pub pool_check_every: Duration,
+    /// Pools refill with snapshot clones (see [`crate::snapshot`]).
+    pub pool_clones: bool,
 }
 
 impl ServiceConfig {
@@ -103,6 +105,7 @@ impl ServiceConfig {
             gate: crate::repo::GateConfig::default(),
             pools: vec![],
             pool_check_every: Duration::from_millis(250),
+            pool_clones: true,
         }
     }
 }
@@ -211,6 +214,7 @@ impl Service {
                     boot_timeout: cfg.boot_timeout,
                     heartbeat_timeout: cfg.heartbeat_timeout,
                     check_every: cfg.pool_check_every,
+                    clones: cfg.pool_clones,
                 },
                 &cfg.pools,
                 Box::new(move |shape| {
@@ -613,10 +617,34 @@ impl Service {
                 Err(_) => std::future::pending().await,
             }
         };
-        if warm.is_some() {
-            // Booted already: claimed from a pool.
-            self.transition(&t.id, State::Booting, None, None, None);
-        }
+        // The pool is empty: a clone of its template instead of a boot.
+        let shape = Shape {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+        };
+        let warm = match (warm, self.pools().and_then(|p| p.template(shape))) {
+            (Some(vm), _) => {
+                // Booted already: claimed from a pool.
+                self.transition(&t.id, State::Booting, None, None, None);
+                Some(vm)
+            }
+            (None, Some(tpl)) => {
+                self.transition(&t.id, State::Booting, None, None, None);
+                // The clone takes the VM id on record.
+                match crate::snapshot::clone_vm(&cfg.host, &tpl, &spec).await {
+                    Ok(vm) => Some(vm),
+                    Err(e) => {
+                        warn!(task = %t.id, error = %e, "snapshot clone failed; booting instead");
+                        if let Some(p) = self.pools() {
+                            p.template_failed(shape, &e.to_string());
+                        }
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+
         let (rep, work) = match &r.repo {
             None => (
                 crate::run_task_in(&cfg.host, &spec, warm, &mut on_event, cancelled).await,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use dough_image::{Image, ImageError, KernelKind};
 use dough_proto::{Assign, ExitStatus, GuestMsg, Hello, HostMsg, ProtoError, Stream};
-use dough_vmm::{vsock, Accel, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
+use dough_vmm::{vsock, Accel, SnapshotRole, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
 use tokio::net::unix::OwnedWriteHalf;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -193,23 +193,23 @@ impl RunReport {
 
 /// The live parts that teardown must undo.
 #[derive(Default)]
-struct Live {
-    vm: Option<VmProcess>,
-    writer: Option<OwnedWriteHalf>,
+pub(crate) struct Live {
+    pub(crate) vm: Option<VmProcess>,
+    pub(crate) writer: Option<OwnedWriteHalf>,
     /// The agent is still connected and can be asked to shut down.
-    agent_ok: bool,
+    pub(crate) agent_ok: bool,
     /// What the agent said at boot.
-    hello: Option<Hello>,
+    pub(crate) hello: Option<Hello>,
 }
 
-struct Ctx<'a> {
-    t0: Instant,
-    phases: Vec<(Phase, Duration)>,
-    on_event: &'a mut (dyn FnMut(Event<'_>) + Send),
+pub(crate) struct Ctx<'a> {
+    pub(crate) t0: Instant,
+    pub(crate) phases: Vec<(Phase, Duration)>,
+    pub(crate) on_event: &'a mut (dyn FnMut(Event<'_>) + Send),
 }
 
 impl Ctx<'_> {
-    fn phase(&mut self, p: Phase) {
+    pub(crate) fn phase(&mut self, p: Phase) {
         let d = self.t0.elapsed();
         self.phases.push((p, d));
         (self.on_event)(Event::Phase(p, d));
@@ -293,7 +293,12 @@ async fn run_vm(
         on_event,
     };
     tokio::pin!(cancel);
-    match boot_vm(host, spec, extra_args, false, &mut ctx, &mut cancel).await {
+    let opts = BootOpts {
+        extra_args,
+        resolver: false,
+        snapshot: None,
+    };
+    match boot_vm(host, spec, &opts, &mut ctx, &mut cancel).await {
         Ok(vm) => vm.run_with(spec, ctx, cancel).await,
         Err((parts, result)) => parts.finish(result, ctx, WorkOutput::default()).await,
     }
@@ -316,7 +321,12 @@ pub async fn boot_idle(host: &HostConfig, spec: &TaskSpec) -> Result<BootedVm, R
     let cancel = std::future::pending::<i32>();
     tokio::pin!(cancel);
     let warm = ["dough.warm=1".to_string()];
-    match boot_vm(host, &spec, &warm, true, &mut ctx, &mut cancel).await {
+    let opts = BootOpts {
+        extra_args: &warm,
+        resolver: true,
+        snapshot: None,
+    };
+    match boot_vm(host, &spec, &opts, &mut ctx, &mut cancel).await {
         Ok(vm) => Ok(vm),
         Err((parts, result)) => {
             let rep = parts.finish(result, ctx, WorkOutput::default()).await;
@@ -328,28 +338,47 @@ pub async fn boot_idle(host: &HostConfig, spec: &TaskSpec) -> Result<BootedVm, R
     }
 }
 
-/// Everything a VM is made of, as far as it has been made; [`Parts::finish`]
-/// undoes it all.
-struct Parts {
-    vm_id: String,
-    task_id: String,
-    accel: Option<Accel>,
-    rd: Option<RunDir>,
-    lease: Option<UidLease>,
-    net: Option<VmNet>,
-    live: Live,
+/// How [`boot_vm`] boots.
+pub(crate) struct BootOpts<'a> {
+    pub extra_args: &'a [String],
+    /// Give the guest the gateway's DNS forwarder whatever the policy
+    /// (pooled VMs: their policy changes at claim).
+    pub resolver: bool,
+    pub snapshot: Option<SnapshotBoot<'a>>,
 }
 
-type BootFailure = (Parts, Result<Outcome, RunError>);
+/// A VM that takes part in snapshots (see [`crate::snapshot`]).
+pub(crate) enum SnapshotBoot<'a> {
+    /// Booted normally, its RAM in a file, to be snapshotted.
+    Template,
+    /// Restored from `template`; `state` is its device state, open.
+    Clone {
+        template: &'a crate::snapshot::Template,
+        state: std::fs::File,
+    },
+}
+
+/// Everything a VM is made of, as far as it has been made; [`Parts::finish`]
+/// undoes it all.
+pub(crate) struct Parts {
+    pub(crate) vm_id: String,
+    pub(crate) task_id: String,
+    pub(crate) accel: Option<Accel>,
+    pub(crate) rd: Option<RunDir>,
+    pub(crate) lease: Option<UidLease>,
+    pub(crate) net: Option<VmNet>,
+    pub(crate) live: Live,
+}
+
+pub(crate) type BootFailure = (Parts, Result<Outcome, RunError>);
 
 /// Make the VM's resources, spawn the VMM and wait for the agent's Hello
-/// (answered with Welcome). `resolver`: give the guest the gateway's DNS
-/// forwarder whatever the policy (pooled VMs).
-async fn boot_vm(
+/// (answered with Welcome), or for a clone restore it and wait for its
+/// Restored.
+pub(crate) async fn boot_vm(
     host: &HostConfig,
     spec: &TaskSpec,
-    extra_args: &[String],
-    resolver: bool,
+    opts: &BootOpts<'_>,
     ctx: &mut Ctx<'_>,
     cancel: &mut std::pin::Pin<&mut impl Future<Output = i32>>,
 ) -> Result<BootedVm, BootFailure> {
@@ -413,7 +442,10 @@ async fn boot_vm(
         // the guest; boots faster under TCG.
         kernel_args.push("mitigations=off".into());
     }
-    kernel_args.extend(extra_args.iter().cloned());
+    kernel_args.extend(opts.extra_args.iter().cloned());
+    if opts.snapshot.is_some() {
+        kernel_args.push("dough.control=serial".into());
+    }
     // Diagnostics only (e.g. `initcall_debug`): never set in production.
     if let Ok(extra) = std::env::var("DOUGH_DEBUG_KERNEL_ARGS") {
         kernel_args.extend(extra.split_whitespace().map(str::to_string));
@@ -433,7 +465,7 @@ async fn boot_vm(
             Ok(n) => {
                 debug!(slot = n.slot, addr = %n.slot_addr, egress = egress.name(), ms = t.elapsed().as_millis() as u64, "network ready");
                 kernel_args.extend(dough_net::guest_kernel_args(
-                    resolver || !matches!(egress, Egress::None),
+                    opts.resolver || !matches!(egress, Egress::None),
                 ));
                 parts.net = Some(n);
             }
@@ -462,11 +494,37 @@ async fn boot_vm(
         guest_cid: GUEST_CID,
         guest_port: dough_proto::CONTROL_PORT,
         jail,
+        snapshot: match &opts.snapshot {
+            None => None,
+            Some(SnapshotBoot::Template) => Some(SnapshotRole::Template {
+                memory: paths.run_dir.join("memory"),
+            }),
+            Some(SnapshotBoot::Clone { template, state }) => Some(SnapshotRole::Clone {
+                memory: template.memory.clone(),
+                state_fd: std::os::fd::AsRawFd::as_raw_fd(state),
+            }),
+        },
     };
     let span = info_span!("vm", vm_id = %vm_id, task_id = %spec.task_id);
-    let booted = drive_boot(vmm.as_ref(), &vmspec, spec, &mut parts.live, ctx, cancel)
-        .instrument(span)
-        .await;
+    let booted = match &opts.snapshot {
+        Some(SnapshotBoot::Clone { template, .. }) => {
+            crate::snapshot::drive_restore(
+                vmm.as_ref(),
+                &vmspec,
+                spec,
+                template,
+                &mut parts.live,
+                ctx,
+            )
+            .instrument(span)
+            .await
+        }
+        _ => {
+            drive_boot(vmm.as_ref(), &vmspec, spec, &mut parts.live, ctx, cancel)
+                .instrument(span)
+                .await
+        }
+    };
     match booted {
         Ok(Ok(rx)) => Ok(BootedVm {
             paths,
@@ -486,11 +544,11 @@ async fn boot_vm(
 /// [`BootedVm::run`] gives it its one task, [`BootedVm::discard`] tears it
 /// down unused.
 pub struct BootedVm {
-    parts: Parts,
-    paths: VmPaths,
-    rx: tokio::sync::mpsc::Receiver<Incoming>,
-    booted_at: Instant,
-    last_seen: Instant,
+    pub(crate) parts: Parts,
+    pub(crate) paths: VmPaths,
+    pub(crate) rx: tokio::sync::mpsc::Receiver<Incoming>,
+    pub(crate) booted_at: Instant,
+    pub(crate) last_seen: Instant,
     pub vcpus: u32,
     pub memory_mib: u32,
 }
@@ -630,7 +688,7 @@ impl BootedVm {
 
 impl Parts {
     /// Tear down whatever exists, on every path, and report.
-    async fn finish(
+    pub(crate) async fn finish(
         mut self,
         result: Result<Outcome, RunError>,
         mut ctx: Ctx<'_>,
@@ -675,7 +733,7 @@ impl Parts {
 
 /// The serial console's last lines; a kernel panic line, the most useful
 /// line of a crash, is kept even when the backtrace after it is long.
-fn serial_tail(paths: &VmPaths) -> String {
+pub(crate) fn serial_tail(paths: &VmPaths) -> String {
     let tail = dough_vmm::process::log_tail(&paths.serial_log(), 20);
     let all = std::fs::read(paths.serial_log()).unwrap_or_default();
     let all = String::from_utf8_lossy(&all);
@@ -685,7 +743,10 @@ fn serial_tail(paths: &VmPaths) -> String {
     }
 }
 
-fn vmm_exited(paths: &VmPaths, status: std::io::Result<std::process::ExitStatus>) -> RunError {
+pub(crate) fn vmm_exited(
+    paths: &VmPaths,
+    status: std::io::Result<std::process::ExitStatus>,
+) -> RunError {
     let mut status = match status {
         Ok(s) => s.to_string(),
         Err(e) => e.to_string(),
@@ -712,7 +773,14 @@ async fn drive_boot(
 ) -> Result<Result<tokio::sync::mpsc::Receiver<Incoming>, i32>, RunError> {
     let paths = &vmspec.paths;
     dough_vmm::disk::create_scratch(&vmspec.scratch, spec.scratch_mib).await?;
-    let listener = vsock::listen(&paths.vsock_uds(), dough_proto::CONTROL_PORT)?;
+    let listener = match vmspec.snapshot {
+        None => Some(vsock::listen(
+            &paths.vsock_uds(),
+            dough_proto::CONTROL_PORT,
+        )?),
+        // The control port: QEMU listens, Dough connects once it started.
+        Some(_) => None,
+    };
     let vm = live.vm.insert(vmm.start(vmspec).await?);
     ctx.phase(Phase::Spawned);
     let boot_deadline = tokio::time::Instant::now() + spec.boot_timeout;
@@ -722,8 +790,19 @@ async fn drive_boot(
     };
 
     // The agent dials in: that is the readiness signal.
+    let connect = async {
+        match &listener {
+            Some(l) => l.accept().await.map(|(s, _)| s).map_err(|e| {
+                RunError::Vmm(VmmError::Io {
+                    path: paths.vsock_uds(),
+                    source: e,
+                })
+            }),
+            None => crate::snapshot::connect_port(&paths.agent_sock()).await,
+        }
+    };
     let stream = tokio::select! {
-        r = listener.accept() => r.map_err(|e| RunError::Vmm(VmmError::Io { path: paths.vsock_uds(), source: e }))?.0,
+        r = connect => r?,
         st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
         _ = tokio::time::sleep_until(boot_deadline) => return Err(boot_timeout()),
         sig = cancel.as_mut() => return Ok(Err(sig)),
@@ -872,7 +951,7 @@ async fn drive_task(
                         }
                     }
                     GuestMsg::Work(w) => work.report = Some(w),
-                    m @ (GuestMsg::Cloned { .. } | GuestMsg::CloneFailed { .. }) => warn!(?m, "repo message without a repo ignored"),
+                    m @ (GuestMsg::Cloned { .. } | GuestMsg::CloneFailed { .. } | GuestMsg::Quiesced | GuestMsg::Restored { .. }) => warn!(?m, "unexpected message ignored"),
                     GuestMsg::Hello(_) => warn!("second Hello ignored"),
                 }
             }

@@ -50,6 +50,7 @@ async fn agent_powers_off_when_the_host_goes_away() {
         guest_cid: 3,
         guest_port: dough_proto::CONTROL_PORT,
         jail: None,
+        snapshot: None,
     };
     let mut vm = sel.vmm.start(&spec).await.unwrap();
     let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())

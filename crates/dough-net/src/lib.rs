@@ -605,6 +605,7 @@ fn build(
     let lo = ns.index("lo").map_err(io("find lo"))?;
     ns.set_up(lo).map_err(io("bring lo up"))?;
     let tap = tun::create_persistent_tap(TAP, tap_owner).map_err(io(format!("create {TAP}")))?;
+    tun::set_mac(TAP, tun::GATEWAY_MAC).map_err(io("set tap0's address"))?;
     let tidx = ns.index(TAP).map_err(io("find tap0"))?;
     ns.add_addr(tidx, GATEWAY, GUEST_PREFIX)
         .map_err(io("address tap0"))?;

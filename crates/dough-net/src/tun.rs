@@ -52,3 +52,40 @@ pub fn create_persistent_tap(name: &str, owner: Option<u32>) -> io::Result<std::
     }
     Ok(f)
 }
+
+/// The gateway side of every VM's TAP gets this MAC address (locally
+/// administered): a snapshot clone's guest may hold the template's ARP
+/// entry for the gateway, and it stays right in every namespace.
+pub const GATEWAY_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x01];
+
+/// Set `name`'s MAC address (SIOCSIFHWADDR) in the calling thread's
+/// namespace; the link must be down.
+pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
+    }
+    // SAFETY: socket() has no memory arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket() and is owned here.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: all-zero ifreq and sockaddr are valid; the name and address
+    // are copied in.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in addr.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = addr;
+    // SAFETY: SIOCSIFHWADDR takes a pointer to an ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -33,9 +33,10 @@ pub use codec::{
 pub use msg::*;
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks. Version 2 added
-/// repositories to Assign; postcard is not self-describing, so version 1
+/// repositories to Assign; version 3 the snapshot messages (Quiesce,
+/// Restore), which the host sends only to VMs of its own image; postcard is not self-describing, so version 1
 /// peers cannot be understood (an image older than its host is refused at
 /// Hello with both ranges named).
 pub const MIN_PROTOCOL_VERSION: u16 = 2;

@@ -49,6 +49,17 @@ pub enum GuestMsg {
     },
     /// What the task left in the repository; sent before Exit.
     Work(Work),
+    /// Answer to Quiesce: the root is ready, heartbeats are stopped and
+    /// nothing more is written until Restore (the VM may be snapshotted).
+    Quiesced,
+    /// Answer to Restore, after reseeding: random bytes drawn from the
+    /// reseeded generator (the host checks no two clones share them) and
+    /// the guest's clock after it was set.
+    Restored {
+        #[serde(with = "serde_bytes")]
+        sample: Vec<u8>,
+        unix_nanos: u64,
+    },
 }
 
 /// The guest's account of the task's changes. Untrusted: the host's gate
@@ -89,6 +100,22 @@ pub enum HostMsg {
     Signal { signo: i32 },
     /// Power off now.
     Shutdown,
+    /// Get ready to be snapshotted (a template VM): see `GuestMsg::Quiesced`.
+    Quiesce,
+    /// This VM is a fresh clone of a snapshot: mix `entropy` into the
+    /// kernel's RNG and reseed it, set the clock, take `vm_id`'s identity
+    /// (hostname), resume heartbeats, answer `GuestMsg::Restored`.
+    Restore(Restore),
+}
+
+/// What a restored clone must take on before it may run a task.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Restore {
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock (ns since the epoch) when sent.
+    pub unix_nanos: u64,
+    pub vm_id: String,
 }
 
 /// What to run and how.

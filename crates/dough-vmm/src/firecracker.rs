@@ -80,6 +80,47 @@ pub struct Action {
     pub action_type: &'static str,
 }
 
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct VmState {
+    pub state: &'static str,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct SnapshotCreate {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    pub snapshot_type: &'static str,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct MemBackend {
+    pub backend_type: &'static str,
+    pub backend_path: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct UdsOverride {
+    pub uds_path: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct SnapshotLoad {
+    pub snapshot_path: String,
+    pub mem_backend: MemBackend,
+    pub resume_vm: bool,
+    /// Each clone has its own vsock socket (the template's is gone).
+    pub vsock_override: UdsOverride,
+    /// kvmclock advanced by the wall time since the snapshot.
+    pub clock_realtime: bool,
+}
+
+/// Where a Firecracker snapshot lives: the VM state and its guest memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotFiles {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+}
+
 /// One API request: method, path, JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiRequest {
@@ -94,6 +135,13 @@ impl ApiRequest {
             method: "PUT",
             path: path.into(),
             body: serde_json::to_value(body).expect("api bodies serialize"),
+        }
+    }
+
+    fn patch<T: Serialize>(path: impl Into<String>, body: &T) -> ApiRequest {
+        ApiRequest {
+            method: "PATCH",
+            ..ApiRequest::put(path, body)
         }
     }
 
@@ -139,6 +187,14 @@ impl Firecracker {
     /// vCPUs, at most 32.
     pub fn check_spec(spec: &VmSpec) -> Result<(), VmmError> {
         spec.validate()?;
+        if spec.snapshot.is_some() {
+            // The requests exist (snapshot_plan, restore_plan) and are
+            // checked against the spec; restoring through them is not wired
+            // into start() yet.
+            return Err(VmmError::Spec(
+                "snapshot templates and clones run on QEMU here; Firecracker's snapshot restore is not wired yet".into(),
+            ));
+        }
         if spec.vcpus > 32 || (spec.vcpus > 1 && spec.vcpus % 2 == 1) {
             return Err(VmmError::Spec(format!(
                 "firecracker takes 1 or an even number of vcpus up to 32, not {}",
@@ -245,6 +301,46 @@ impl Firecracker {
             },
         ));
         r
+    }
+
+    /// Snapshot a running template VM: pause it, then write a full
+    /// snapshot (state and guest memory). The template is stopped after.
+    pub fn snapshot_plan(files: &SnapshotFiles) -> Vec<ApiRequest> {
+        vec![
+            ApiRequest::patch("/vm", &VmState { state: "Paused" }),
+            ApiRequest::put(
+                "/snapshot/create",
+                &SnapshotCreate {
+                    snapshot_path: s(&files.state),
+                    mem_file_path: s(&files.memory),
+                    snapshot_type: "Full",
+                },
+            ),
+        ]
+    }
+
+    /// Start a clone: on a fresh Firecracker process (only logger and
+    /// metrics configured before), load the template's snapshot with its
+    /// memory file mapped privately (`File` backend: copy-on-write, the
+    /// template's file is never written), this VM's own vsock socket, and
+    /// resume at once. The TAP keeps its name (`tap0` in the clone's own
+    /// namespace), so no network override is needed.
+    pub fn restore_plan(files: &SnapshotFiles, spec: &VmSpec) -> Vec<ApiRequest> {
+        vec![ApiRequest::put(
+            "/snapshot/load",
+            &SnapshotLoad {
+                snapshot_path: s(&files.state),
+                mem_backend: MemBackend {
+                    backend_type: "File",
+                    backend_path: s(&files.memory),
+                },
+                resume_vm: true,
+                vsock_override: UdsOverride {
+                    uds_path: s(&spec.paths.vsock_uds()),
+                },
+                clock_realtime: true,
+            },
+        )]
     }
 
     /// The graceful-stop request (x86: the guest sees Ctrl-Alt-Del).

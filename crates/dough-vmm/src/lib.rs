@@ -16,7 +16,7 @@ pub mod firecracker;
 pub mod jail;
 pub mod process;
 pub mod qemu;
-mod qmp;
+pub mod qmp;
 pub mod tools;
 pub mod vsock;
 
@@ -227,6 +227,14 @@ impl VmPaths {
     pub fn fc_metrics(&self) -> PathBuf {
         self.run_dir.join("metrics.json")
     }
+    /// The virtio-serial control port's socket (QEMU listens).
+    pub fn agent_sock(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+    /// Where a template's QEMU sends its migration stream (Dough listens).
+    pub fn migrate_sock(&self) -> PathBuf {
+        self.run_dir.join("migrate.sock")
+    }
     pub fn scratch(&self) -> PathBuf {
         self.run_dir.join("scratch.ext4")
     }
@@ -277,6 +285,26 @@ pub struct VmSpec {
     pub guest_port: u32,
     /// Confine the VMM and its helpers (None: run them as Dough's user).
     pub jail: Option<jail::JailSpec>,
+    /// A VM that can be snapshotted, or a clone of one (QEMU): its control
+    /// channel is a virtio-serial port instead of vsock (docs/boot.md).
+    pub snapshot: Option<SnapshotRole>,
+}
+
+/// The group that may open snapshot memory files (a clone's QEMU maps its
+/// template's privately, but QEMU opens the file read-write); every clone's
+/// jail gets it as a supplementary group.
+pub const TEMPLATE_GID: u32 = 899_999;
+
+/// How a QEMU VM takes part in snapshots.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotRole {
+    /// Guest RAM lives in `memory` (a shared file mapping), so a snapshot
+    /// needs only the device state; the VM is booted normally.
+    Template { memory: PathBuf },
+    /// Restored from a template: `memory` mapped privately (copy on
+    /// write; the file is never changed), device state read from `state`
+    /// (an open descriptor the VMM inherits).
+    Clone { memory: PathBuf, state_fd: i32 },
 }
 
 impl VmSpec {

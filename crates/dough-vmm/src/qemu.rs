@@ -11,7 +11,7 @@ use crate::jail::{hand_over, Bind, Jail, JailSpec};
 use crate::process::{
     spawn, spawn_console, wait_for_socket, Control, VmProcess, VmmHandle, CONSOLE_LOG_CAP,
 };
-use crate::{tools, Accel, Backend, BoxFuture, VmSpec, Vmm, VmmError};
+use crate::{tools, Accel, Backend, BoxFuture, SnapshotRole, VmSpec, Vmm, VmmError};
 
 /// The QEMU backend with the tools it found.
 #[derive(Debug, Clone)]
@@ -77,10 +77,24 @@ impl Qemu {
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
         push(&["-m", &mem, "-smp", &spec.vcpus.to_string()]);
-        // vhost-user needs guest RAM it can map: a shared memfd.
+        let backend = match &spec.snapshot {
+            // vhost-user needs guest RAM it can map: a shared memfd.
+            None => format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            // RAM in a file: a snapshot then holds only the device state
+            // (migration capability x-ignore-shared) …
+            Some(SnapshotRole::Template { memory }) => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                memory.display()
+            ),
+            // … and a clone maps that file privately.
+            Some(SnapshotRole::Clone { memory, .. }) => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=off",
+                memory.display()
+            ),
+        };
         push(&[
             "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            &backend,
             "-M",
             if spec.acpi {
                 "microvm,memory-backend=mem,rtc=on"
@@ -101,12 +115,28 @@ impl Qemu {
             "-qmp",
             &format!("unix:{},server=on,wait=off", p.qmp().display()),
         ]);
-        push(&[
-            "-chardev",
-            &format!("socket,id=vsc,path={}", p.vhost_user().display()),
-            "-device",
-            "vhost-user-vsock-device,chardev=vsc",
-        ]);
+        if spec.snapshot.is_none() {
+            push(&[
+                "-chardev",
+                &format!("socket,id=vsc,path={}", p.vhost_user().display()),
+                "-device",
+                "vhost-user-vsock-device,chardev=vsc",
+            ]);
+        } else {
+            // QEMU 7.2 cannot migrate vhost-user-vsock: the control protocol
+            // runs over a virtio-serial port instead.
+            push(&[
+                "-device",
+                "virtio-serial-device",
+                "-chardev",
+                &format!(
+                    "socket,id=agent,path={},server=on,wait=off",
+                    p.agent_sock().display()
+                ),
+                "-device",
+                "virtserialport,chardev=agent,name=dough.agent",
+            ]);
+        }
         push(&[
             "-drive",
             &format!(
@@ -140,6 +170,9 @@ impl Qemu {
             push(&["-initrd", &initrd.display().to_string()]);
         }
         push(&["-append", &self.kernel_cmdline(spec)]);
+        if let Some(SnapshotRole::Clone { .. }) = &spec.snapshot {
+            push(&["-incoming", "defer"]);
+        }
         a
     }
 }
@@ -167,6 +200,16 @@ impl Qemu {
         ];
         if let Some(i) = &spec.initramfs {
             binds.push(ro(i));
+        }
+        let mut js = js.clone();
+        if let Some(SnapshotRole::Clone { memory, .. }) = &spec.snapshot {
+            // Opened read-write (QEMU has no read-only private mapping in
+            // 7.2), mapped privately: the file itself is never written.
+            binds.push(Bind {
+                path: memory.clone(),
+                writable: true,
+            });
+            js.groups.push(crate::TEMPLATE_GID);
         }
         let jail = Jail::create(js.clone(), &layout, &spec.id, binds)?;
         let owned = [
@@ -200,47 +243,60 @@ impl Vmm for Qemu {
                     j.destroy();
                 }
             };
-            let mut vh = Command::new(&self.vhost_vsock);
-            vh.arg("--guest-cid")
-                .arg(spec.guest_cid.to_string())
-                .arg("--socket")
-                .arg(p.vhost_user())
-                .arg("--uds-path")
-                .arg(p.vsock_uds());
-            if let Some(j) = &jail {
-                j.apply(&mut vh);
-            }
-            let mut vsock = match spawn("vhost-device-vsock", vh, &p.vsock_log()) {
-                Ok(c) => c,
-                Err(e) => {
+            // A snapshot VM has no vsock (its control port is virtio-serial).
+            let mut helpers = vec![];
+            if spec.snapshot.is_none() {
+                let mut vh = Command::new(&self.vhost_vsock);
+                vh.arg("--guest-cid")
+                    .arg(spec.guest_cid.to_string())
+                    .arg("--socket")
+                    .arg(p.vhost_user())
+                    .arg("--uds-path")
+                    .arg(p.vsock_uds());
+                if let Some(j) = &jail {
+                    j.apply(&mut vh);
+                }
+                let mut vsock = match spawn("vhost-device-vsock", vh, &p.vsock_log()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        fail(&jail);
+                        return Err(e);
+                    }
+                };
+                if let Err(e) = wait_for_socket(
+                    "vhost-device-vsock",
+                    &mut vsock,
+                    &p.vhost_user(),
+                    &p.vsock_log(),
+                    Duration::from_secs(5),
+                )
+                .await
+                {
+                    let _ = vsock.kill().await;
                     fail(&jail);
                     return Err(e);
                 }
-            };
-            if let Err(e) = wait_for_socket(
-                "vhost-device-vsock",
-                &mut vsock,
-                &p.vhost_user(),
-                &p.vsock_log(),
-                Duration::from_secs(5),
-            )
-            .await
-            {
-                let _ = vsock.kill().await;
-                fail(&jail);
-                return Err(e);
+                helpers.push(("vhost-device-vsock".to_string(), vsock));
+            }
+            async fn kill_all(helpers: &mut [(String, tokio::process::Child)]) {
+                for (_, c) in helpers.iter_mut() {
+                    let _ = c.kill().await;
+                }
             }
             let mut q = Command::new(&self.qemu);
             q.args(self.args(spec));
             if let Some(ns) = &spec.netns {
                 if let Err(e) = crate::process::enter_netns(&mut q, ns) {
-                    let _ = vsock.kill().await;
+                    kill_all(&mut helpers).await;
                     fail(&jail);
                     return Err(e);
                 }
             }
             if let Some(fd) = spec.tap_fd {
                 crate::process::inherit_fd(&mut q, fd);
+            }
+            if let Some(SnapshotRole::Clone { state_fd, .. }) = &spec.snapshot {
+                crate::process::inherit_fd(&mut q, *state_fd);
             }
             if let Some(j) = &jail {
                 j.apply(&mut q);
@@ -249,7 +305,7 @@ impl Vmm for Qemu {
                 match spawn_console("qemu", q, &p.serial_log(), CONSOLE_LOG_CAP, &p.vmm_log()) {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = vsock.kill().await;
+                        kill_all(&mut helpers).await;
                         fail(&jail);
                         return Err(e);
                     }
@@ -259,7 +315,7 @@ impl Vmm for Qemu {
                 paths: p.clone(),
                 control: Control::Qmp(p.qmp()),
                 vmm: VmmHandle::Child(vmm),
-                helpers: vec![("vhost-device-vsock".into(), vsock)],
+                helpers,
                 jail,
                 console,
                 drains: vec![],
@@ -293,6 +349,7 @@ mod tests {
             guest_cid: 3,
             guest_port: 1024,
             jail: None,
+            snapshot: None,
         }
     }
 
@@ -302,6 +359,53 @@ mod tests {
             vhost_vsock: "v".into(),
             tsc_khz: Some(2_445_432),
         }
+    }
+
+    /// Template and clone differ only where the notes say they must (RAM
+    /// mapping, `-incoming`); both carry the control protocol on a
+    /// virtio-serial port instead of the unmigratable vhost-user-vsock.
+    #[test]
+    fn snapshot_args_put_ram_in_a_file_and_control_on_virtio_serial() {
+        let mut t = spec(Accel::Tcg);
+        t.snapshot = Some(SnapshotRole::Template {
+            memory: "/r/memory".into(),
+        });
+        let mut c = spec(Accel::Tcg);
+        c.snapshot = Some(SnapshotRole::Clone {
+            memory: "/t/memory".into(),
+            state_fd: 9,
+        });
+        let (ta, ca) = (q().args(&t).join(" "), q().args(&c).join(" "));
+        assert!(
+            ta.contains("memory-backend-file,id=mem,size=512M,mem-path=/r/memory,share=on"),
+            "{ta}"
+        );
+        assert!(
+            ca.contains("memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=off"),
+            "{ca}"
+        );
+        for a in [&ta, &ca] {
+            assert!(!a.contains("vhost-user-vsock"), "{a}");
+            assert!(a.contains("-device virtio-serial-device"), "{a}");
+            assert!(
+                a.contains("virtserialport,chardev=agent,name=dough.agent"),
+                "{a}"
+            );
+            assert!(
+                a.contains("socket,id=agent,path=/r/agent.sock,server=on,wait=off"),
+                "{a}"
+            );
+        }
+        assert!(ca.ends_with("-incoming defer"), "{ca}");
+        assert!(!ta.contains("-incoming"), "{ta}");
+        // Same devices in the same order: migration matches them by order.
+        let devices = |a: &str| {
+            a.split(" -device ")
+                .skip(1)
+                .map(|d| d.split([',', ' ']).next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(devices(&ta), devices(&ca));
     }
 
     #[test]

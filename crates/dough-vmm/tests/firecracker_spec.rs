@@ -173,6 +173,7 @@ fn configurations() -> Vec<VmSpec> {
                         guest_cid: 3,
                         guest_port: 1024,
                         jail: None,
+                        snapshot: None,
                     });
                 }
             }
@@ -218,6 +219,49 @@ fn every_planned_request_conforms_to_the_spec() {
         );
     }
     assert!(checked > 200, "{checked}");
+}
+
+/// The snapshot requests (pause, create; load with resume on a fresh
+/// process) conform to the spec: the load names exactly one memory source,
+/// a private file mapping, and the clone's own vsock socket.
+#[test]
+fn snapshot_and_restore_requests_conform_to_the_spec() {
+    let spec = spec();
+    let files = dough_vmm::firecracker::SnapshotFiles {
+        state: "/t/tpl/vm.state".into(),
+        memory: "/t/tpl/vm.mem".into(),
+    };
+    let snap = Firecracker::snapshot_plan(&files);
+    assert_eq!(
+        snap.iter()
+            .map(|r| (r.method, r.path.as_str()))
+            .collect::<Vec<_>>(),
+        [("PATCH", "/vm"), ("PUT", "/snapshot/create")]
+    );
+    assert_eq!(snap[0].body["state"], "Paused");
+    assert_eq!(snap[1].body["snapshot_type"], "Full");
+    for cfg in configurations() {
+        let load = Firecracker::restore_plan(&files, &cfg);
+        for req in snap.iter().chain(&load) {
+            spec.check(req).unwrap_or_else(|e| panic!("{e}\n{req:?}"));
+        }
+        let b = &load[0].body;
+        assert_eq!(load[0].path, "/snapshot/load");
+        assert_eq!(b["resume_vm"], true);
+        assert_eq!(b["mem_backend"]["backend_type"], "File");
+        assert!(
+            b.get("mem_file_path").is_none(),
+            "exactly one memory source"
+        );
+        assert_eq!(
+            b["vsock_override"]["uds_path"],
+            cfg.paths.vsock_uds().display().to_string()
+        );
+    }
+    // A misspelled field in a load would be caught.
+    let mut bad = Firecracker::restore_plan(&files, &configurations()[0]);
+    bad[0].body["resume"] = serde_json::json!(true);
+    assert!(spec.check(&bad[0]).is_err());
 }
 
 #[test]

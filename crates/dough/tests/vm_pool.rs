@@ -134,6 +134,29 @@ impl Daemon {
     }
 }
 
+/// `dough ARGS` (a client command) from inside namespace `ns`.
+fn cli(h: &Harness, ns: &str, args: &[&str]) -> String {
+    let mut cmd: Command = h.cmd();
+    let f = std::fs::File::open(ns_path(ns)).unwrap();
+    // SAFETY: setns is a raw syscall on an fd opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dough {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -152,12 +175,32 @@ fn states(t: &Value) -> Vec<String> {
         .collect()
 }
 
-/// One pool of one VM, through three tasks with different egress policies
-/// (each on a pooled VM, each replaced after its claim), an idle VM whose
-/// VMM is killed (detected and replaced), and a shutdown that must tear
-/// down every pooled VM.
+/// What a task prints about its guest: the VM id its kernel booted as (in a
+/// clone: the template's, its command line is restored memory), 16 random
+/// bytes, and the guest's clock.
+const IDENT: &str = "echo boot=$(tr ' ' '\\n' </proc/cmdline | sed -n 's/^dough.vm=//p'); echo rand=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'); echo time=$(date +%s)";
+
+fn field<'a>(logs: &'a str, key: &str) -> &'a str {
+    logs.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {logs}"))
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// One pool of one VM refilled with snapshot clones, through three tasks
+/// with different egress policies (each on a clone, each replaced after
+/// its claim), an idle clone whose VMM is killed (detected and replaced),
+/// two tasks at once (the second finds the pool empty and gets a clone of
+/// the template), and a shutdown that must tear down every pooled VM and
+/// the template.
 #[test]
-fn pooled_vms_take_each_tasks_policy_are_replaced_and_torn_down() {
+fn clones_take_each_tasks_policy_and_identity_are_replaced_and_torn_down() {
     let h = Harness::new();
     let w = World::new("p");
     let ns = w.host.clone();
@@ -173,12 +216,24 @@ fn pooled_vms_take_each_tasks_policy_are_replaced_and_torn_down() {
         "{p}"
     );
 
-    // Open egress: the task runs on the pooled VM and reaches the internet
-    // from its own slot address.
+    // Open egress: the task runs on the pooled clone, under the clone's own
+    // hostname, and reaches the internet from its own slot address.
     let (a, _) = d.wait_idle(&ns, &[]);
+    let p = d.pool(&ns);
+    assert_eq!(p["refill"], "clone", "{p}");
+    let template = p["template"].as_str().expect("a template").to_string();
+    let ls = cli(&h, &ns, &["ls", "--pools"]);
+    let row = ls.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.split_whitespace().collect::<Vec<_>>()[..2] == ["1", "512"]
+            && row.contains("clone")
+            && row.contains(&a),
+        "{ls}"
+    );
+    assert!(h.state.path().join("templates").join(&template).exists());
     let (t, logs) = d.run(
         &ns,
-        json!({"command": ["sh", "-c", "echo host=$(hostname); curl -sS -m 5 http://198.51.100.10/; exit 3"]}),
+        json!({"command": ["sh", "-c", format!("echo host=$(hostname); {IDENT}; curl -sS -m 5 http://198.51.100.10/; exit 3")]}),
     );
     assert_eq!(
         t["vm_id"],
@@ -207,14 +262,28 @@ fn pooled_vms_take_each_tasks_policy_are_replaced_and_torn_down() {
         ],
         "{t}"
     );
+    let (boot_a, rand_a) = (
+        field(&logs, "boot").to_string(),
+        field(&logs, "rand").to_string(),
+    );
+    assert_eq!(
+        boot_a, template,
+        "the task's vm did not boot as the template"
+    );
+    let time_a: i64 = field(&logs, "time").parse().unwrap();
+    assert!(
+        (time_a - now_secs()).abs() <= 5,
+        "clone clock {time_a}, host {}",
+        now_secs()
+    );
 
-    // Replaced after the claim; the next task gets an allowlist: the
-    // forwarder now answers only the allowed name, and only its address
-    // passes.
+    // Replaced after the claim (another clone: same boot, other random
+    // bytes); the next task gets an allowlist: the forwarder now answers
+    // only the allowed name, and only its address passes.
     let (b, _) = d.wait_idle(&ns, std::slice::from_ref(&a));
     let (t, logs) = d.run(
         &ns,
-        json!({"command": ["sh", "-c", "curl -sS -m 5 http://allowed.example/ && echo allowed-ok; getent hosts other.example >/dev/null; echo other-resolves=$?; curl -sS -m 3 -o /dev/null http://198.51.100.11/; echo other-ip=$?"],
+        json!({"command": ["sh", "-c", format!("{IDENT}; curl -sS -m 5 http://allowed.example/ && echo allowed-ok; getent hosts other.example >/dev/null; echo other-resolves=$?; curl -sS -m 3 -o /dev/null http://198.51.100.11/; echo other-ip=$?")],
                "allow_hosts": ["allowed.example"]}),
     );
     assert_eq!(t["vm_id"], b.as_str(), "{t}");
@@ -222,6 +291,22 @@ fn pooled_vms_take_each_tasks_policy_are_replaced_and_torn_down() {
     assert!(logs.contains("allowed-ok"), "{logs}");
     assert!(logs.contains("other-resolves=2"), "{logs}");
     assert!(!logs.contains("other-ip=0"), "{logs}");
+    assert_eq!(
+        field(&logs, "boot"),
+        boot_a,
+        "both are clones of one template"
+    );
+    assert_ne!(
+        field(&logs, "rand"),
+        rand_a,
+        "two clones drew the same random bytes"
+    );
+    let time_b: i64 = field(&logs, "time").parse().unwrap();
+    assert!(
+        (time_b - now_secs()).abs() <= 5,
+        "clone clock {time_b}, host {}",
+        now_secs()
+    );
 
     // And `none`: nothing gets out, not even to the address the previous
     // policy allowed.
@@ -247,11 +332,80 @@ fn pooled_vms_take_each_tasks_policy_are_replaced_and_torn_down() {
     assert!(p["last_error"].as_str().unwrap_or("").contains(&e), "{p}");
     assert!(dough_net::netns_path(&f).exists());
 
-    // Shutdown tears the idle VM down: nothing of any VM is left.
+    // Two tasks at once: one claims the idle clone, the other finds the
+    // pool empty and runs on a fresh clone of the template.
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            d.call(
+                &ns,
+                "POST",
+                "/v1/tasks",
+                Some(json!({"command": ["sh", "-c", IDENT]})),
+            )["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut vms = vec![];
+    for id in &ids {
+        let t0 = Instant::now();
+        let t = loop {
+            let t = d.call(&ns, "GET", &format!("/v1/tasks/{id}"), None);
+            if t["state"] == "succeeded" || t["state"] == "failed" {
+                break t;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{t}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(t["state"], "succeeded", "{t}");
+        let logs = match d.call(&ns, "GET", &format!("/v1/tasks/{id}/logs"), None) {
+            Value::String(s) => s,
+            v => v.to_string(),
+        };
+        assert_eq!(
+            field(&logs, "boot"),
+            boot_a,
+            "not a clone of the template: {logs}"
+        );
+        vms.push(t["vm_id"].as_str().unwrap().to_string());
+    }
+    assert!(vms.contains(&f), "{vms:?}");
+    assert_ne!(vms[0], vms[1]);
+
+    // Shutdown tears down the idle VM and the template: nothing is left.
     signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
     let mut d = d;
     let st = d.child.wait().unwrap();
     assert!(st.success(), "serve exited with {st}");
-    assert!(!dough_net::netns_path(&f).exists());
+    assert!(!h.state.path().join("templates").join(&template).exists());
+    h.assert_clean();
+}
+
+/// With `--no-pool-clones` the pool refills with cold boots: a task still
+/// claims an idle VM, and each VM is a boot of its own.
+#[test]
+fn a_pool_without_clones_refills_with_cold_boots() {
+    let h = Harness::new();
+    let w = World::new("q");
+    let ns = w.host.clone();
+    let d = Daemon::start(&h, &ns, &["--pool-size", "1", "--no-pool-clones"]);
+    let (a, _) = d.wait_idle(&ns, &[]);
+    let p = d.pool(&ns);
+    assert_eq!(p["refill"], "cold boot", "{p}");
+    assert!(p.get("template").is_none(), "{p}");
+    let (t, logs) = d.run(&ns, json!({"command": ["sh", "-c", IDENT]}));
+    assert_eq!(t["vm_id"], a.as_str(), "{t}");
+    let boot_a = field(&logs, "boot").to_string();
+    let (b, _) = d.wait_idle(&ns, std::slice::from_ref(&a));
+    let (t, logs) = d.run(&ns, json!({"command": ["sh", "-c", IDENT]}));
+    assert_eq!(t["vm_id"], b.as_str(), "{t}");
+    assert_eq!(field(&logs, "boot"), b, "a cold boot boots as itself");
+    assert_ne!(b, boot_a);
+    signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
+    let mut d = d;
+    assert!(d.child.wait().unwrap().success());
+    assert!(std::fs::read_dir(h.state.path().join("templates"))
+        .map_or(true, |mut r| r.next().is_none()));
     h.assert_clean();
 }

@@ -59,6 +59,16 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
             Err(e) => anyhow::bail!("{name}: {e}"),
         }
     };
+    // Snapshot clones: one template, then a clone per run.
+    eprintln!("making a snapshot template");
+    let template = match dough_core::snapshot::make_template(&base, &spec).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("no snapshot row: the template failed: {e}");
+            None
+        }
+    };
+    let mut clones: Vec<Duration> = vec![];
     for i in 0..a.n {
         for (k, (name, choice, mitigations)) in paths.iter().enumerate() {
             eprintln!("run {}/{}: {name}", i + 1, a.n);
@@ -70,6 +80,20 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
             samples[k].push(rep.phase(Phase::Started).unwrap_or_default());
             hello_at[k].push(rep.phase(Phase::Hello).unwrap_or_default());
             guest_ms[k].push(rep.hello.map_or(0, |h| h.boot_ms));
+        }
+        if let Some(t) = &template {
+            eprintln!("run {}/{}: snapshot clone", i + 1, a.n);
+            let t0 = std::time::Instant::now();
+            let vm = dough_core::snapshot::clone_vm(&base, t, &spec).await;
+            let restored = t0.elapsed();
+            match vm {
+                Ok(vm) => {
+                    let rep = vm.run(&spec, &mut |_| {}, std::future::pending()).await;
+                    check("snapshot clone", &rep)?;
+                    clones.push(restored + rep.phase(Phase::Started).unwrap_or_default());
+                }
+                Err(e) => anyhow::bail!("snapshot clone: {e}"),
+            }
         }
         eprintln!("run {}/{}: warm pool claim", i + 1, a.n);
         let vm = boot_idle(&base, &spec).await?;
@@ -132,6 +156,17 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
             g.get(g.len() / 2).copied().unwrap_or(0),
             m.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
         );
+    }
+    if let Some(t) = template {
+        let m = median(clones.clone());
+        println!(
+            "snapshot clone (restore, reseed, run; template made once in {:.1} s) | {:.1} ms | — | — | {:.3}× ({:.1}× faster)",
+            t.made_in.as_secs_f64(),
+            m.as_secs_f64() * 1000.0,
+            m.as_secs_f64() / baseline.as_secs_f64().max(1e-9),
+            baseline.as_secs_f64() / m.as_secs_f64().max(1e-9)
+        );
+        let _ = t.remove();
     }
     let m = median(claims.clone());
     let mut c = claims.clone();

@@ -251,8 +251,8 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  IDLE VMS",
-        "VCPUS", "MEM_MIB", "SIZE", "IDLE", "BOOTING", "CLAIMED", "REPLACED"
+        "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} IDLE VMS",
+        "VCPUS", "MEM_MIB", "SIZE", "IDLE", "BOOTING", "CLAIMED", "REPLACED", "REFILL"
     );
     for p in &pools {
         let vms: Vec<&str> = p["vms"]
@@ -262,7 +262,7 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
             .filter_map(|v| v["vm_id"].as_str())
             .collect();
         println!(
-            "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {}",
+            "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} {}",
             p["vcpus"],
             p["memory_mib"],
             p["size"],
@@ -270,6 +270,7 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
             p["booting"],
             p["claimed"],
             p["replaced"],
+            p["refill"].as_str().unwrap_or("-"),
             if vms.is_empty() {
                 "-".to_string()
             } else {

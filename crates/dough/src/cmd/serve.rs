@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// A warm pool of another shape, VCPUSxMIB=N (e.g. 2x1024=2); repeatable.
     #[arg(long = "pool", value_name = "SHAPE=N")]
     pub pools: Vec<String>,
+    /// Refill pools with cold boots, not with clones of a snapshot template.
+    #[arg(long)]
+    pub no_pool_clones: bool,
 }
 
 /// The pools asked for, checked against the limits they count against.
@@ -182,6 +185,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     cfg.creds = dough_core::repo::Credentials::from_env();
     cfg.gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
     cfg.pools = pools;
+    cfg.pool_clones = !a.no_pool_clones;
 
     let local = tokio::task::LocalSet::new();
     local

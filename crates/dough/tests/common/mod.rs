@@ -117,7 +117,7 @@ impl Harness {
             })
             .collect();
         assert!(left.is_empty(), "leftover network: {left:?}");
-        for d in ["uids", "jails", "work"] {
+        for d in ["uids", "jails", "work", "templates"] {
             let left: Vec<_> = std::fs::read_dir(self.state.path().join(d))
                 .map(|rd| rd.flatten().map(|e| e.path()).collect())
                 .unwrap_or_default();

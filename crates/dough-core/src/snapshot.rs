@@ -1,0 +1,498 @@
+//! **Where a template VM is snapshotted and clones are restored from it**
+//! (QEMU; Firecracker's requests are in `dough_vmm::firecracker`).
+//!
+//! ```text
+//! template: boot (RAM in a file, control over virtio-serial) ─▶ Hello
+//!   ─▶ Quiesce ─▶ Quiesced ─▶ QMP stop, migrate (x-ignore-shared) to a
+//!   socket Dough copies into `state` ─▶ keep memory, state, scratch ─▶ VM gone
+//! clone: copy the scratch disk ─▶ QEMU -incoming defer, the memory file
+//!   mapped privately ─▶ migrate-incoming from `state` ─▶ paused ─▶ connect
+//!   the control port ─▶ cont ─▶ Restore (entropy, clock, identity)
+//!   ─▶ Restored (a random sample no other clone gave, the clock) ─▶ idle
+//! ```
+//! Every clone of a template starts from the same RNG state, clock and
+//! identity: nothing runs in it before Restored proved otherwise.
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dough_net::Egress;
+use dough_proto::{GuestMsg, Hello, HostMsg, Restore};
+use dough_vmm::{qmp, VmSpec, Vmm, VmmError};
+use tokio::net::UnixStream;
+use tracing::debug;
+
+use crate::conn::{self, Incoming};
+use crate::rundir::RunDir;
+use crate::supervisor::{
+    boot_vm, serial_tail, vmm_exited, BootOpts, BootedVm, Ctx, Live, Phase, RunError, SnapshotBoot,
+    TaskSpec, WorkOutput,
+};
+use crate::HostConfig;
+
+/// A snapshotted VM that clones start from.
+pub struct Template {
+    pub id: String,
+    dir: RunDir,
+    /// Guest RAM at the snapshot (clones map it privately).
+    pub memory: PathBuf,
+    /// QEMU's device state (the migration stream without RAM).
+    pub state: PathBuf,
+    /// The scratch disk at the snapshot (each clone gets a copy).
+    pub scratch: PathBuf,
+    /// What the template's agent said at boot (clones do not say Hello).
+    pub hello: Hello,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// How long the template took: boot, quiesce, snapshot.
+    pub made_in: Duration,
+    /// RNG samples its clones reported: none may repeat.
+    samples: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl Template {
+    /// Delete the template's files (clones already running keep their
+    /// private copy of what they mapped).
+    pub fn remove(&self) -> std::io::Result<()> {
+        self.dir.remove()
+    }
+}
+
+fn io(what: &str, e: std::io::Error) -> RunError {
+    RunError::Vmm(VmmError::Io {
+        path: PathBuf::from(what),
+        source: e,
+    })
+}
+
+fn lost(reason: String, paths: &dough_vmm::VmPaths) -> RunError {
+    RunError::AgentLost {
+        reason,
+        serial_tail: serial_tail(paths),
+    }
+}
+
+/// Boot a template of `spec`'s shape (egress `none`, page cache warmed),
+/// snapshot it and tear the VM down; its files stay until
+/// [`Template::remove`].
+pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Template, RunError> {
+    let t0 = Instant::now();
+    // The control port needs virtio-console built in (Debian's kernel has
+    // it as a module the initramfs does not load) and QEMU (Firecracker's
+    // restore is not wired yet).
+    let image = dough_image::Image::load(&host.image_dir)?;
+    let (_, kind) = image.kernel_for(host.kernel)?;
+    if kind != dough_image::KernelKind::Minimal {
+        return Err(RunError::Vmm(VmmError::Spec(
+            "snapshot templates need Dough's minimal kernel (--kernel minimal)".into(),
+        )));
+    }
+    let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
+    if sel.vmm.backend() != dough_vmm::Backend::Qemu {
+        return Err(RunError::Vmm(VmmError::Spec(
+            "snapshot templates run on QEMU here; Firecracker's restore is not wired yet".into(),
+        )));
+    }
+    let id = crate::new_id();
+    let dir = RunDir::create(&host.templates_dir(), &id).map_err(RunError::RunDir)?;
+    // The template's VM has the template's id (its clones' kernel command
+    // line names it).
+    let spec = TaskSpec {
+        network: Some(Egress::None),
+        vm_id: Some(id.clone()),
+        ..spec.clone()
+    };
+    let warm = ["dough.warm=1".to_string()];
+    let opts = BootOpts {
+        extra_args: &warm,
+        resolver: true,
+        snapshot: Some(SnapshotBoot::Template),
+    };
+    let mut ignore = |_: crate::Event<'_>| {};
+    let mut ctx = Ctx {
+        t0: Instant::now(),
+        phases: vec![],
+        on_event: &mut ignore,
+    };
+    let cancel = std::future::pending::<i32>();
+    tokio::pin!(cancel);
+    let mut vm = match boot_vm(host, &spec, &opts, &mut ctx, &mut cancel).await {
+        Ok(vm) => vm,
+        Err((parts, result)) => {
+            let rep = parts.finish(result, ctx, WorkOutput::default()).await;
+            let _ = dir.remove();
+            return Err(rep.result.err().unwrap_or_else(|| RunError::AgentLost {
+                reason: "the template's boot was cancelled".into(),
+                serial_tail: String::new(),
+            }));
+        }
+    };
+    let files = snapshot_into(&mut vm, &dir.path).await;
+    let hello = vm.parts.live.hello.clone();
+    for e in vm.discard().await {
+        debug!(error = %e, "template vm teardown");
+    }
+    match (files, hello) {
+        (Ok((memory, state, scratch)), Some(hello)) => {
+            let t = Template {
+                id,
+                dir,
+                memory,
+                state,
+                scratch,
+                hello,
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                made_in: t0.elapsed(),
+                samples: Mutex::new(HashSet::new()),
+            };
+            debug!(template = %t.id, ms = t.made_in.as_millis() as u64, "template ready");
+            Ok(t)
+        }
+        (Err(e), _) => {
+            let _ = dir.remove();
+            Err(e)
+        }
+        (Ok(_), None) => {
+            let _ = dir.remove();
+            Err(RunError::AgentLost {
+                reason: "the template never said Hello".into(),
+                serial_tail: String::new(),
+            })
+        }
+    }
+}
+
+/// Quiesce the agent, migrate the device state into `dir/state`, and keep
+/// the RAM file and a copy of the scratch disk beside it.
+async fn snapshot_into(
+    vm: &mut BootedVm,
+    dir: &Path,
+) -> Result<(PathBuf, PathBuf, PathBuf), RunError> {
+    let paths = vm.paths.clone();
+    let w = vm
+        .parts
+        .live
+        .writer
+        .as_mut()
+        .ok_or_else(|| lost("no control connection".into(), &paths))?;
+    conn::send(w, &HostMsg::Quiesce)
+        .await
+        .map_err(|e| lost(format!("cannot send Quiesce: {e}"), &paths))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, vm.rx.recv()).await {
+            Ok(Some(Incoming::Msg(GuestMsg::Quiesced))) => break,
+            Ok(Some(Incoming::Msg(GuestMsg::Heartbeat { .. } | GuestMsg::Log { .. }))) => {}
+            Ok(other) => return Err(lost(format!("expected Quiesced, got {other:?}"), &paths)),
+            Err(_) => return Err(lost("no Quiesced within 60 s".into(), &paths)),
+        }
+    }
+    let qerr = |e: VmmError| RunError::Vmm(e);
+    let mut q = qmp::Session::connect(&paths.qmp(), Duration::from_secs(5))
+        .await
+        .map_err(qerr)?;
+    q.execute("migrate-set-capabilities", qmp::snapshot_capabilities())
+        .await
+        .map_err(qerr)?;
+    q.execute(
+        "migrate-set-parameters",
+        serde_json::json!({"max-bandwidth": 8u64 << 30}),
+    )
+    .await
+    .map_err(qerr)?;
+    let sock = paths.migrate_sock();
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| io("migrate.sock", e))?;
+    // Inside the VM's own directory (mode 0700, the jailed VMM's): only
+    // its VMM can reach the socket.
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .map_err(|e| io("migrate.sock", e))?;
+    q.execute("stop", serde_json::json!({}))
+        .await
+        .map_err(qerr)?;
+    q.execute(
+        "migrate",
+        serde_json::json!({"uri": format!("unix:{}", sock.display())}),
+    )
+    .await
+    .map_err(qerr)?;
+    let state = dir.join("state");
+    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .map_err(|_| lost("the VMM never sent its migration stream".into(), &paths))?
+        .map_err(|e| io("migrate.sock", e))?;
+    let mut out = tokio::fs::File::create(&state)
+        .await
+        .map_err(|e| io("state", e))?;
+    tokio::io::copy(&mut stream, &mut out)
+        .await
+        .map_err(|e| io("state", e))?;
+    q.wait_migration(Duration::from_secs(30))
+        .await
+        .map_err(qerr)?;
+    // RAM: the template VM's file, shared read-only with its clones'
+    // VMMs through the template group.
+    let memory = dir.join("memory");
+    std::fs::rename(paths.run_dir.join("memory"), &memory).map_err(|e| io("memory", e))?;
+    std::os::unix::fs::chown(&memory, Some(0), Some(dough_vmm::TEMPLATE_GID))
+        .map_err(|e| io("memory", e))?;
+    std::fs::set_permissions(&memory, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+        .map_err(|e| io("memory", e))?;
+    let scratch = dir.join("scratch.ext4");
+    sparse_copy(&paths.scratch(), &scratch).map_err(|e| io("scratch", e))?;
+    Ok((memory, state, scratch))
+}
+
+/// A clone of `tpl`, restored, reseeded and idle (egress `none`, like a
+/// pooled VM). `spec` gives the timeouts and the VM id (a fresh one when
+/// None); the shape is the template's.
+pub async fn clone_vm(
+    host: &HostConfig,
+    tpl: &Template,
+    spec: &TaskSpec,
+) -> Result<BootedVm, RunError> {
+    let state = std::fs::File::open(&tpl.state).map_err(|e| io("state", e))?;
+    let spec = TaskSpec {
+        network: Some(Egress::None),
+        vcpus: tpl.vcpus,
+        memory_mib: tpl.memory_mib,
+        ..spec.clone()
+    };
+    let warm = ["dough.warm=1".to_string()];
+    let opts = BootOpts {
+        extra_args: &warm,
+        resolver: true,
+        snapshot: Some(SnapshotBoot::Clone {
+            template: tpl,
+            state,
+        }),
+    };
+    let mut ignore = |_: crate::Event<'_>| {};
+    let mut ctx = Ctx {
+        t0: Instant::now(),
+        phases: vec![],
+        on_event: &mut ignore,
+    };
+    let cancel = std::future::pending::<i32>();
+    tokio::pin!(cancel);
+    match boot_vm(host, &spec, &opts, &mut ctx, &mut cancel).await {
+        Ok(vm) => Ok(vm),
+        Err((parts, result)) => {
+            let rep = parts.finish(result, ctx, WorkOutput::default()).await;
+            Err(rep.result.err().unwrap_or_else(|| RunError::AgentLost {
+                reason: "the clone's restore was cancelled".into(),
+                serial_tail: String::new(),
+            }))
+        }
+    }
+}
+
+/// Connect to a VM's virtio-serial control port (QEMU listens on it once
+/// it runs).
+pub(crate) async fn connect_port(path: &Path) -> Result<UnixStream, RunError> {
+    let t = Instant::now();
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+                return Err(RunError::Vmm(VmmError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// The clone's side of [`crate::supervisor::boot_vm`]: restore, connect,
+/// resume, re-identify.
+pub(crate) async fn drive_restore(
+    vmm: &dyn Vmm,
+    vmspec: &VmSpec,
+    spec: &TaskSpec,
+    tpl: &Template,
+    live: &mut Live,
+    ctx: &mut Ctx<'_>,
+) -> Result<Result<tokio::sync::mpsc::Receiver<Incoming>, i32>, RunError> {
+    let paths = &vmspec.paths;
+    let Some(dough_vmm::SnapshotRole::Clone { state_fd, .. }) = &vmspec.snapshot else {
+        return Err(lost("not a clone".into(), paths));
+    };
+    let t0 = Instant::now();
+    sparse_copy(&tpl.scratch, &vmspec.scratch).map_err(|e| io("scratch", e))?;
+    debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "restore: scratch copied"
+    );
+    let vm = live.vm.insert(vmm.start(vmspec).await?);
+    debug!(us = t0.elapsed().as_micros() as u64, "restore: vmm spawned");
+    ctx.phase(Phase::Spawned);
+    let restore = async {
+        let qerr = |e: VmmError| RunError::Vmm(e);
+        let mut q = qmp::Session::connect(&paths.qmp(), Duration::from_secs(10))
+            .await
+            .map_err(qerr)?;
+        debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "restore: qmp connected"
+        );
+        q.execute("migrate-set-capabilities", qmp::snapshot_capabilities())
+            .await
+            .map_err(qerr)?;
+        q.execute(
+            "migrate-incoming",
+            serde_json::json!({"uri": format!("fd:{state_fd}")}),
+        )
+        .await
+        .map_err(qerr)?;
+        q.wait_status("paused", Duration::from_secs(30))
+            .await
+            .map_err(qerr)?;
+        debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "restore: state loaded"
+        );
+        // Connected before the guest runs: its port sees a host at once.
+        let stream = connect_port(&paths.agent_sock()).await?;
+        q.execute("cont", serde_json::json!({}))
+            .await
+            .map_err(qerr)?;
+        debug!(us = t0.elapsed().as_micros() as u64, "restore: running");
+        Ok::<_, RunError>(stream)
+    };
+    let stream = tokio::select! {
+        r = restore => r?,
+        st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
+        _ = tokio::time::sleep(spec.boot_timeout) => return Err(RunError::BootTimeout { secs: spec.boot_timeout.as_secs(), serial_tail: serial_tail(paths) }),
+    };
+    let (r, w) = stream.into_split();
+    let w = live.writer.insert(w);
+    let mut rx = conn::spawn_reader(r);
+    live.agent_ok = true;
+    live.hello = Some(tpl.hello.clone());
+
+    let mut entropy = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+        .map_err(|e| io("/dev/urandom", e))?;
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    };
+    let msg = HostMsg::Restore(Restore {
+        entropy,
+        unix_nanos: now_ns(),
+        vm_id: vmspec.id.clone(),
+    });
+    conn::send(w, &msg)
+        .await
+        .map_err(|e| lost(format!("cannot send Restore: {e}"), paths))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (sample, guest_ns) = loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Incoming::Msg(GuestMsg::Restored { sample, unix_nanos }))) => {
+                break (sample, unix_nanos)
+            }
+            Ok(Some(Incoming::Msg(GuestMsg::Heartbeat { .. }))) => {}
+            Ok(Some(Incoming::Msg(GuestMsg::Log { message }))) => {
+                return Err(lost(
+                    format!("restore failed in the guest: {message}"),
+                    paths,
+                ))
+            }
+            Ok(other) => return Err(lost(format!("expected Restored, got {other:?}"), paths)),
+            Err(_) => return Err(lost("no Restored within 10 s".into(), paths)),
+        }
+    };
+    // The host's read-back: a fresh sample, and the clock it set.
+    if sample.len() != 32 || sample.iter().all(|b| *b == 0) {
+        return Err(lost(
+            format!("bad RNG sample from the clone: {sample:?}"),
+            paths,
+        ));
+    }
+    if !tpl
+        .samples
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(sample)
+    {
+        return Err(lost(
+            "the clone's RNG sample repeats another clone's: it was not reseeded".into(),
+            paths,
+        ));
+    }
+    let skew = (guest_ns as i128 - now_ns() as i128).unsigned_abs();
+    if skew > 5_000_000_000 {
+        return Err(lost(
+            format!("the clone's clock is {} ms off", skew / 1_000_000),
+            paths,
+        ));
+    }
+    debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "restore: reseeded, re-identified"
+    );
+    ctx.phase(Phase::Hello);
+    Ok(Ok(rx))
+}
+
+/// Copy a sparse file, its holes kept (a scratch disk is 4 GiB of mostly
+/// holes).
+pub fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len() as i64;
+    let dst = std::fs::File::create(to)?;
+    dst.set_len(len as u64)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0i64;
+    while off < len {
+        let data = match lseek(src.as_raw_fd(), off, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole)?;
+        let mut p = data;
+        while p < hole {
+            let n = ((hole - p) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], p as u64)?;
+            dst.write_all_at(&buf[..n], p as u64)?;
+            p += n as i64;
+        }
+        off = hole;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let f = std::fs::File::create(&a).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"middle", 32 << 20).unwrap();
+        drop(f);
+        sparse_copy(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&b).unwrap().blocks();
+        assert!(
+            blocks * 512 < 1 << 20,
+            "the copy is not sparse: {blocks} blocks"
+        );
+    }
+}
