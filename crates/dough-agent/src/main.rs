@@ -275,6 +275,11 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
                 match reply {
                     Ok(m) => {
                         let _ = tx.send(m);
+                        // Emulated (TCG) CPUs translate guest code afresh
+                        // after a restore: start a process once while the
+                        // clone idles, so its task's start is not the first.
+                        let r = reaper.clone();
+                        std::thread::spawn(move || task::prewarm(&r));
                     }
                     Err(e) => {
                         log(&format!("restore: {e}"));

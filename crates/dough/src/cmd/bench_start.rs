@@ -2,7 +2,8 @@
 //! per start path, interleaved in one run; medians and ratios against the
 //! cold boot of Debian's kernel measured in the same run. Also the warm
 //! pool's claim (a VM booted to Hello beforehand, as `dough serve
-//! --pool-size` keeps them) and how fast a pool refills with cold boots.
+//! --pool-size` keeps them), a snapshot clone (restore of a template made
+//! once) and how fast a pool refills with cold boots and with clones.
 use std::time::Duration;
 
 use clap::Args;
@@ -69,6 +70,7 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
         }
     };
     let mut clones: Vec<Duration> = vec![];
+    let mut clone_claims: Vec<Duration> = vec![];
     for i in 0..a.n {
         for (k, (name, choice, mitigations)) in paths.iter().enumerate() {
             eprintln!("run {}/{}: {name}", i + 1, a.n);
@@ -95,6 +97,14 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
                 Err(e) => anyhow::bail!("snapshot clone: {e}"),
             }
         }
+        if let Some(t) = &template {
+            eprintln!("run {}/{}: warm pool claim, clone", i + 1, a.n);
+            let vm = dough_core::snapshot::clone_vm(&base, t, &spec).await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rep = vm.run(&spec, &mut |_| {}, std::future::pending()).await;
+            check("warm pool claim, clone", &rep)?;
+            clone_claims.push(rep.phase(Phase::Started).unwrap_or_default());
+        }
         eprintln!("run {}/{}: warm pool claim", i + 1, a.n);
         let vm = boot_idle(&base, &spec).await?;
         // A pooled VM has waited a while before its claim (and warmed its
@@ -106,39 +116,17 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
         assigned.push(rep.phase(Phase::Assigned).unwrap_or_default());
     }
     // Refill: a pool of n refills all of its VMs at once; VMs ready per
-    // second of wall time.
+    // second of wall time, with cold boots and with clones.
+    let template = template.map(std::sync::Arc::new);
     eprintln!("refill: {} cold boots at once", a.n);
-    let t = std::time::Instant::now();
-    let local = tokio::task::LocalSet::new();
-    let booted = local
-        .run_until(async {
-            let handles: Vec<_> = (0..a.n)
-                .map(|_| {
-                    let (host, spec) = (base.clone(), spec.clone());
-                    tokio::task::spawn_local(async move { boot_idle(&host, &spec).await })
-                })
-                .collect();
-            let mut out = vec![];
-            for h in handles {
-                out.push(h.await);
-            }
-            out
-        })
-        .await;
-    let refill = t.elapsed();
-    let mut failed = None;
-    for b in booted {
-        match b {
-            Ok(Ok(vm)) => {
-                vm.discard().await;
-            }
-            Ok(Err(e)) => failed = Some(e.to_string()),
-            Err(e) => failed = Some(e.to_string()),
+    let refill = refill_time(a.n, &base, &spec, None).await?;
+    let clone_refill = match &template {
+        Some(t) => {
+            eprintln!("refill: {} clones at once", a.n);
+            Some(refill_time(a.n, &base, &spec, Some(t.clone())).await?)
         }
-    }
-    if let Some(e) = failed {
-        anyhow::bail!("refill: a boot failed: {e}");
-    }
+        None => None,
+    };
     let baseline = median(samples[0].clone());
     println!(
         "start path | command running (median of {}) | Hello received | guest uptime at Hello | vs Debian cold boot",
@@ -157,7 +145,7 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
             m.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
         );
     }
-    if let Some(t) = template {
+    if let Some(t) = &template {
         let m = median(clones.clone());
         println!(
             "snapshot clone (restore, reseed, run; template made once in {:.1} s) | {:.1} ms | — | — | {:.3}× ({:.1}× faster)",
@@ -168,11 +156,19 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
         );
         let _ = t.remove();
     }
+    if !clone_claims.is_empty() {
+        let m = median(clone_claims.clone());
+        println!(
+            "warm pool claim, VM a snapshot clone (as `dough serve` pools refill) | {:.1} ms | — | — | {:.3}×",
+            m.as_secs_f64() * 1000.0,
+            m.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
+        );
+    }
     let m = median(claims.clone());
     let mut c = claims.clone();
     c.sort();
     println!(
-        "warm pool claim (booted beforehand; max {:.1} ms) | {:.1} ms | — | — | {:.3}×",
+        "warm pool claim, VM cold-booted (max {:.1} ms) | {:.1} ms | — | — | {:.3}×",
         c.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
         m.as_secs_f64() * 1000.0,
         m.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
@@ -181,8 +177,16 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
         "\nwarm pool claim, host side (egress policy applied, Assign sent): p50 {:.2} ms; the rest of the claim row is the guest starting the process",
         median(assigned).as_secs_f64() * 1000.0
     );
+    if let Some(r) = clone_refill {
+        println!(
+            "\npool refill with snapshot clones ({} VMs at once): {:.2} VMs/s ({:.1} s)",
+            a.n,
+            a.n as f64 / r.as_secs_f64().max(1e-9),
+            r.as_secs_f64()
+        );
+    }
     println!(
-        "\npool refill with cold boots ({} VMs at once, {} kernel): {:.2} VMs/s ({:.1} s)",
+        "pool refill with cold boots ({} VMs at once, {} kernel): {:.2} VMs/s ({:.1} s)",
         a.n,
         if image.kernel_minimal.is_some() {
             "minimal"
@@ -193,4 +197,51 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
         refill.as_secs_f64()
     );
     Ok(0)
+}
+
+/// Wall time to make `n` idle VMs at once (as a pool refills): cold boots,
+/// or clones of `template`.
+async fn refill_time(
+    n: u32,
+    base: &dough_core::HostConfig,
+    spec: &TaskSpec,
+    template: Option<std::sync::Arc<dough_core::snapshot::Template>>,
+) -> anyhow::Result<Duration> {
+    let t = std::time::Instant::now();
+    let local = tokio::task::LocalSet::new();
+    let booted = local
+        .run_until(async {
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    let (host, spec, tpl) = (base.clone(), spec.clone(), template.clone());
+                    tokio::task::spawn_local(async move {
+                        match tpl {
+                            Some(t) => dough_core::snapshot::clone_vm(&host, &t, &spec).await,
+                            None => boot_idle(&host, &spec).await,
+                        }
+                    })
+                })
+                .collect();
+            let mut out = vec![];
+            for h in handles {
+                out.push(h.await);
+            }
+            out
+        })
+        .await;
+    let took = t.elapsed();
+    let mut failed = None;
+    for b in booted {
+        match b {
+            Ok(Ok(vm)) => {
+                vm.discard().await;
+            }
+            Ok(Err(e)) => failed = Some(e.to_string()),
+            Err(e) => failed = Some(e.to_string()),
+        }
+    }
+    match failed {
+        Some(e) => anyhow::bail!("refill: a boot failed: {e}"),
+        None => Ok(took),
+    }
 }
