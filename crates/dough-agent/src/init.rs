@@ -30,18 +30,22 @@ fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>
         .map_err(|e| format!("mount {src} on {target} ({fstype}): {e}"))
 }
 
-/// proc, sys and dev inside the initramfs.
+/// proc, sys and dev, in the initramfs or on the read-only rootfs.
 pub fn early_mounts() -> Result<()> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mnt("proc", "/proc", "proc", nodev, None)?;
     mnt("sysfs", "/sys", "sysfs", nodev, None)?;
-    mnt(
+    let dev = mnt(
         "devtmpfs",
         "/dev",
         "devtmpfs",
         MsFlags::MS_NOSUID,
         Some("mode=0755"),
-    )?;
+    );
+    // Booted from the rootfs, the kernel may have mounted it already.
+    if dev.is_err() && !std::path::Path::new("/dev/null").exists() {
+        return dev;
+    }
     Ok(())
 }
 
@@ -89,6 +93,17 @@ fn wait_for(path: &str, limit: Duration) -> Result<()> {
 /// Mount the base read-only, the scratch disk read-write, join them with an
 /// overlay and make that the root. The initramfs stays underneath, unseen.
 pub fn switch_root(cfg: &BootConfig) -> Result<()> {
+    // Booted without an initramfs, "/" is the read-only rootfs itself:
+    // the mount points below go on a tmpfs.
+    if root_is_disk()? {
+        mnt(
+            "tmpfs",
+            "/mnt",
+            "tmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        )?;
+    }
     wait_for(&cfg.root_dev, Duration::from_secs(10))?;
     wait_for(&cfg.scratch_dev, Duration::from_secs(10))?;
     mnt(
@@ -110,13 +125,13 @@ pub fn switch_root(cfg: &BootConfig) -> Result<()> {
     }
     mnt(
         "overlay",
-        "/newroot",
+        "/mnt/newroot",
         "overlay",
         MsFlags::empty(),
         Some("lowerdir=/mnt/base,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work"),
     )?;
     for d in ["proc", "sys", "dev"] {
-        let target = format!("/newroot/{d}");
+        let target = format!("/mnt/newroot/{d}");
         let _ = fs::create_dir_all(&target);
         mount(
             Some(format!("/{d}").as_str()),
@@ -127,7 +142,7 @@ pub fn switch_root(cfg: &BootConfig) -> Result<()> {
         )
         .map_err(|e| format!("move /{d}: {e}"))?;
     }
-    chdir("/newroot").map_err(|e| format!("chdir /newroot: {e}"))?;
+    chdir("/mnt/newroot").map_err(|e| format!("chdir /mnt/newroot: {e}"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("move new root onto /: {e}"))?;
     chroot(".").map_err(|e| format!("chroot: {e}"))?;
@@ -145,6 +160,12 @@ pub fn switch_root(cfg: &BootConfig) -> Result<()> {
     mnt("tmpfs", "/run", "tmpfs", nodev, Some("mode=0755"))?;
     let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
     Ok(())
+}
+
+/// Whether "/" is the rootfs disk (ext4) rather than the initramfs.
+fn root_is_disk() -> Result<bool> {
+    let st = nix::sys::statfs::statfs("/").map_err(|e| format!("statfs /: {e}"))?;
+    Ok(st.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC)
 }
 
 /// Hostname `dough-<vm id>`, also in /etc/hostname and /etc/hosts so tools

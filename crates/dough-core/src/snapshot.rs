@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dough_net::Egress;
 use dough_proto::{GuestMsg, Hello, HostMsg, Restore};
 use dough_vmm::{qmp, VmSpec, Vmm, VmmError};
 use tokio::net::UnixStream;
@@ -27,8 +26,8 @@ use tracing::debug;
 use crate::conn::{self, Incoming};
 use crate::rundir::RunDir;
 use crate::supervisor::{
-    boot_vm, serial_tail, vmm_exited, BootOpts, BootedVm, Ctx, Live, Phase, RunError, SnapshotBoot,
-    TaskSpec, WorkOutput,
+    boot_idle_as, serial_tail, vmm_exited, BootedVm, Ctx, Live, Phase, RunError, SnapshotBoot,
+    TaskSpec,
 };
 use crate::HostConfig;
 
@@ -100,33 +99,14 @@ pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Templat
     // The template's VM has the template's id (its clones' kernel command
     // line names it).
     let spec = TaskSpec {
-        network: Some(Egress::None),
         vm_id: Some(id.clone()),
         ..spec.clone()
     };
-    let warm = ["dough.warm=1".to_string()];
-    let opts = BootOpts {
-        extra_args: &warm,
-        resolver: true,
-        snapshot: Some(SnapshotBoot::Template),
-    };
-    let mut ignore = |_: crate::Event<'_>| {};
-    let mut ctx = Ctx {
-        t0: Instant::now(),
-        phases: vec![],
-        on_event: &mut ignore,
-    };
-    let cancel = std::future::pending::<i32>();
-    tokio::pin!(cancel);
-    let mut vm = match boot_vm(host, &spec, &opts, &mut ctx, &mut cancel).await {
+    let mut vm = match boot_idle_as(host, &spec, Some(SnapshotBoot::Template)).await {
         Ok(vm) => vm,
-        Err((parts, result)) => {
-            let rep = parts.finish(result, ctx, WorkOutput::default()).await;
+        Err(e) => {
             let _ = dir.remove();
-            return Err(rep.result.err().unwrap_or_else(|| RunError::AgentLost {
-                reason: "the template's boot was cancelled".into(),
-                serial_tail: String::new(),
-            }));
+            return Err(e);
         }
     };
     let files = snapshot_into(&mut vm, &dir.path).await;
@@ -256,38 +236,15 @@ pub async fn clone_vm(
 ) -> Result<BootedVm, RunError> {
     let state = std::fs::File::open(&tpl.state).map_err(|e| io("state", e))?;
     let spec = TaskSpec {
-        network: Some(Egress::None),
         vcpus: tpl.vcpus,
         memory_mib: tpl.memory_mib,
         ..spec.clone()
     };
-    let warm = ["dough.warm=1".to_string()];
-    let opts = BootOpts {
-        extra_args: &warm,
-        resolver: true,
-        snapshot: Some(SnapshotBoot::Clone {
-            template: tpl,
-            state,
-        }),
+    let clone = SnapshotBoot::Clone {
+        template: tpl,
+        state,
     };
-    let mut ignore = |_: crate::Event<'_>| {};
-    let mut ctx = Ctx {
-        t0: Instant::now(),
-        phases: vec![],
-        on_event: &mut ignore,
-    };
-    let cancel = std::future::pending::<i32>();
-    tokio::pin!(cancel);
-    match boot_vm(host, &spec, &opts, &mut ctx, &mut cancel).await {
-        Ok(vm) => Ok(vm),
-        Err((parts, result)) => {
-            let rep = parts.finish(result, ctx, WorkOutput::default()).await;
-            Err(rep.result.err().unwrap_or_else(|| RunError::AgentLost {
-                reason: "the clone's restore was cancelled".into(),
-                serial_tail: String::new(),
-            }))
-        }
-    }
+    boot_idle_as(host, &spec, Some(clone)).await
 }
 
 /// Connect to a VM's virtio-serial control port (QEMU listens on it once

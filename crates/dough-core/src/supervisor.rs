@@ -308,6 +308,17 @@ async fn run_vm(
 /// with egress `none` (the claiming task's policy replaces it, see
 /// [`BootedVm::set_egress`]) and the guest's resolver points at the gateway.
 pub async fn boot_idle(host: &HostConfig, spec: &TaskSpec) -> Result<BootedVm, RunError> {
+    boot_idle_as(host, spec, None).await
+}
+
+/// A VM booted (or restored) to idle the way pools keep them — egress
+/// `none` with a resolver, the page cache warmed — as a template, a clone
+/// or neither. Whatever was made is torn down again on failure.
+pub(crate) async fn boot_idle_as(
+    host: &HostConfig,
+    spec: &TaskSpec,
+    snapshot: Option<SnapshotBoot<'_>>,
+) -> Result<BootedVm, RunError> {
     let mut ignore = |_: Event<'_>| {};
     let mut ctx = Ctx {
         t0: Instant::now(),
@@ -324,7 +335,7 @@ pub async fn boot_idle(host: &HostConfig, spec: &TaskSpec) -> Result<BootedVm, R
     let opts = BootOpts {
         extra_args: &warm,
         resolver: true,
-        snapshot: None,
+        snapshot,
     };
     match boot_vm(host, &spec, &opts, &mut ctx, &mut cancel).await {
         Ok(vm) => Ok(vm),
@@ -437,6 +448,17 @@ pub(crate) async fn boot_vm(
         return Err((parts, Err(RunError::RunDir(e))));
     }
     let mut kernel_args = vec![format!("dough.port={}", dough_proto::CONTROL_PORT)];
+    // Dough's minimal kernel has every driver built in: it mounts the
+    // read-only rootfs itself and starts the agent from it, no initramfs.
+    let no_initramfs = kernel.1 == KernelKind::Minimal && !image.manifest.rootfs_agent.is_empty();
+    if no_initramfs {
+        kernel_args.extend([
+            "root=/dev/vda".to_string(),
+            "ro".into(),
+            "rootfstype=ext4".into(),
+            format!("init={}", dough_image::ROOT_INIT),
+        ]);
+    }
     if !host.guest_mitigations {
         // Opt-in (docs/boot.md): no CPU vulnerability mitigations inside
         // the guest; boots faster under TCG.
@@ -478,7 +500,7 @@ pub(crate) async fn boot_vm(
         paths: paths.clone(),
         kernel: kernel.0,
         acpi: kernel.1.needs_acpi(),
-        initramfs: Some(image.initramfs.clone()),
+        initramfs: (!no_initramfs).then(|| image.initramfs.clone()),
         rootfs: image.rootfs.clone(),
         scratch: paths.scratch(),
         vcpus: spec.vcpus,

@@ -20,6 +20,8 @@ const MINIMAL_BASE_CONFIG: &str = include_str!("../kernel/microvm-kernel-ci-x86_
 const MINIMAL_FRAGMENT: &str = include_str!("../kernel/dough.fragment");
 pub const INITRAMFS: &str = "initramfs.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
+/// Where the rootfs holds the agent, for booting without an initramfs.
+pub const ROOT_INIT: &str = "/usr/sbin/dough-init";
 
 /// Debian's cloud kernel meta package; its dependency names the real one.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -276,6 +278,17 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
             ),
         )?;
     }
+    // 3b. The agent inside the rootfs too, as its init: Dough's minimal
+    // kernel (drivers built in) mounts the rootfs itself and needs no
+    // initramfs. Written into a copy (running VMs keep the old file) with
+    // debugfs, so an agent change does not redo the debootstrap.
+    let agent_digest = sha256_hex(&agent);
+    if m.rootfs_agent != agent_digest || !part_fresh(&m.rootfs, &m.rootfs.inputs, &rpath) {
+        progress.say(&format!("[3b] rootfs: the agent as {ROOT_INIT}"));
+        put_agent_in_rootfs(&rpath, &opts.agent)?;
+        m.rootfs = part_info(&rpath, m.rootfs.inputs.clone(), m.rootfs.source.clone())?;
+        m.rootfs_agent = agent_digest;
+    }
     m.compute_digest();
     if m != old {
         m.write(&mpath)?;
@@ -286,6 +299,37 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
         opts.dir.display()
     ));
     Image::load(&opts.dir)
+}
+
+/// Copy `rootfs`, write `agent` into the copy as [`ROOT_INIT`] (root's,
+/// 0755), and move the copy over the original.
+fn put_agent_in_rootfs(rootfs: &Path, agent: &Path) -> Result<(), ImageError> {
+    let tmp = rootfs.with_extension("ext4.tmp");
+    std::fs::copy(rootfs, &tmp).map_err(io_err(&tmp))?;
+    let debugfs = |req: &str| {
+        let mut c = Command::new("debugfs");
+        c.arg("-w").arg("-R").arg(req).arg(&tmp);
+        c
+    };
+    // Absent in a fresh rootfs; debugfs reports it on stderr, not by status.
+    let _ = run(&mut debugfs(&format!("rm {ROOT_INIT}")));
+    run(&mut debugfs(&format!(
+        "write {} {ROOT_INIT}",
+        agent.display()
+    )))?;
+    run(&mut debugfs(&format!("sif {ROOT_INIT} mode 0100755")))?;
+    run(&mut debugfs(&format!("sif {ROOT_INIT} uid 0")))?;
+    run(&mut debugfs(&format!("sif {ROOT_INIT} gid 0")))?;
+    let listed = run(&mut debugfs(&format!("stat {ROOT_INIT}")))?;
+    if !listed.contains("Size: ") {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ImageError::Invalid(format!(
+            "debugfs did not write {ROOT_INIT} into {}",
+            rootfs.display()
+        )));
+    }
+    std::fs::rename(&tmp, rootfs).map_err(io_err(rootfs))?;
+    Ok(())
 }
 
 fn part_fresh(old: &PartInfo, inputs: &str, path: &Path) -> bool {

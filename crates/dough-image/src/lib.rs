@@ -16,7 +16,7 @@ mod cpio;
 mod elf;
 mod manifest;
 
-pub use build::{build, BuildOptions, Progress};
+pub use build::{build, BuildOptions, Progress, ROOT_INIT};
 pub use manifest::{Manifest, PartInfo};
 
 use std::path::{Path, PathBuf};

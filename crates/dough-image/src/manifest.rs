@@ -40,6 +40,10 @@ pub struct Manifest {
     pub kernel_minimal_version: String,
     pub initramfs: PartInfo,
     pub rootfs: PartInfo,
+    /// sha256 of the agent written into the rootfs as [`crate::ROOT_INIT`]
+    /// (the minimal kernel boots it without an initramfs); empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rootfs_agent: String,
     /// sha256 over the three parts' hashes: names the image as a whole.
     pub digest: String,
 }

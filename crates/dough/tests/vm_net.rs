@@ -6,7 +6,6 @@ mod common;
 #[path = "../../dough-net/tests/world/mod.rs"]
 mod world;
 
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,17 +14,7 @@ use world::*;
 
 /// `cmd` runs in namespace `ns` (the test's "host").
 fn in_host(mut cmd: Command, ns: &str) -> Command {
-    let f = std::fs::File::open(ns_path(ns)).unwrap();
-    // SAFETY: setns is a raw syscall on an fd opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    in_netns(&mut cmd, ns);
     // No host NAT: the internet routes the pool back and sees slot addresses.
     cmd.env("DOUGH_DNS", DNS.to_string())
         .env("DOUGH_HOST_NAT", "0");

@@ -7,7 +7,6 @@ mod common;
 #[path = "../../dough-net/tests/world/mod.rs"]
 mod world;
 
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,17 +23,7 @@ struct Daemon {
 impl Daemon {
     fn start(h: &Harness, ns: &str, args: &[&str]) -> Daemon {
         let mut cmd: Command = h.cmd();
-        let f = std::fs::File::open(ns_path(ns)).unwrap();
-        // SAFETY: setns is a raw syscall on an fd opened before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                use std::os::fd::AsRawFd;
-                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        in_netns(&mut cmd, ns);
         let child = cmd
             .env("DOUGH_DNS", DNS.to_string())
             .env("DOUGH_HOST_NAT", "0")
@@ -137,17 +126,7 @@ impl Daemon {
 /// `dough ARGS` (a client command) from inside namespace `ns`.
 fn cli(h: &Harness, ns: &str, args: &[&str]) -> String {
     let mut cmd: Command = h.cmd();
-    let f = std::fs::File::open(ns_path(ns)).unwrap();
-    // SAFETY: setns is a raw syscall on an fd opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    in_netns(&mut cmd, ns);
     let out = cmd.args(args).output().unwrap();
     assert!(
         out.status.success(),

@@ -52,7 +52,7 @@ fn the_debian_kernel_is_the_fallback() {
     let out = h
         .cmd()
         .args(["--kernel", "debian", "run", "--root", "--", "sh", "-c"])
-        .arg("uname -r; ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/firmware/acpi/tables/DSDT >/dev/null 2>&1 && echo acpi")
+        .arg("uname -r; ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/firmware/acpi/tables/DSDT >/dev/null 2>&1 && echo acpi; echo initramfs=$(dmesg | grep -c 'unpack rootfs image as initramfs')")
         .output()
         .unwrap();
     let stdout = text(&out.stdout);
@@ -64,14 +64,25 @@ fn the_debian_kernel_is_the_fallback() {
     assert!(lines[0].contains("cloud-amd64"), "{stdout}");
     assert_eq!(lines[1].trim(), "eth0 lo", "{stdout}");
     assert_eq!(lines.get(2), Some(&"acpi"), "{stdout}");
-    // And the default (minimal) kernel runs without ACPI.
+    // Its modules come from the initramfs.
+    assert_eq!(lines.get(3), Some(&"initramfs=1"), "{stdout}");
+    // And the default (minimal) kernel runs without ACPI and without an
+    // initramfs: the kernel mounts the rootfs and starts the agent from it.
     let out = h.run(&[
+        "--root",
         "--",
         "sh",
         "-c",
-        "ls /sys/firmware/acpi/tables 2>/dev/null | wc -l",
+        "ls /sys/firmware/acpi/tables 2>/dev/null | wc -l; echo initramfs=$(dmesg | grep -c 'unpack rootfs image as initramfs'); tr ' ' '\\n' </proc/cmdline | grep '^init='; findmnt -no FSTYPE /",
     ]);
-    assert_eq!(text(&out.stdout).trim(), "0", "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["0", "initramfs=0", "init=/usr/sbin/dough-init", "overlay"],
+        "{}",
+        text(&out.stderr)
+    );
     h.assert_clean();
 }
 

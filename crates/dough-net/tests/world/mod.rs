@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +46,21 @@ pub fn sh(args: &[&str]) {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `cmd` runs in the network namespace `ns`.
+pub fn in_netns(cmd: &mut Command, ns: &str) {
+    let f = std::fs::File::open(ns_path(ns)).unwrap();
+    // SAFETY: setns is a raw syscall on an fd opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Run `f` on a thread inside the namespace at `ns`.

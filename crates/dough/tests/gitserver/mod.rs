@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,20 +34,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// `cmd` runs in the network namespace `ns`.
-pub fn in_netns(cmd: &mut Command, ns: &str) {
-    let f = std::fs::File::open(Path::new("/run/netns").join(ns)).unwrap();
-    // SAFETY: setns is a raw syscall on an fd opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+pub use crate::world::in_netns;
 
 pub struct GitServer {
     pub dir: tempfile::TempDir,
