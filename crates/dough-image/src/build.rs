@@ -283,8 +283,10 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
     // initramfs. Written into a copy (running VMs keep the old file) with
     // debugfs, so an agent change does not redo the debootstrap.
     let agent_digest = sha256_hex(&agent);
-    if m.rootfs_agent != agent_digest || !part_fresh(&m.rootfs, &m.rootfs.inputs, &rpath) {
-        progress.say(&format!("[3b] rootfs: the agent as {ROOT_INIT}"));
+    if m.rootfs_agent == agent_digest && part_fresh(&m.rootfs, &m.rootfs.inputs, &rpath) {
+        progress.say("[3b] agent in the rootfs: unchanged, skipped");
+    } else {
+        progress.say(&format!("[3b] agent in the rootfs: as {ROOT_INIT}"));
         put_agent_in_rootfs(&rpath, &opts.agent)?;
         m.rootfs = part_info(&rpath, m.rootfs.inputs.clone(), m.rootfs.source.clone())?;
         m.rootfs_agent = agent_digest;

@@ -17,6 +17,7 @@ fn unchanged_rebuild_is_skipped_and_the_manifest_kept() {
         "[2/3] initramfs",
         "[2b] minimal kernel",
         "[3/3] rootfs",
+        "[3b] agent in the rootfs",
     ] {
         let line = err
             .lines()
@@ -36,6 +37,8 @@ fn unchanged_rebuild_is_skipped_and_the_manifest_kept() {
         .unwrap()
         .contains("cloud-amd64"));
     assert_eq!(m["kernel_minimal"]["sha256"].as_str().unwrap().len(), 64);
+    // The agent the minimal kernel starts from the rootfs (no initramfs).
+    assert_eq!(m["rootfs_agent"].as_str().unwrap().len(), 64, "{m}");
     assert!(m["kernel_minimal"]["source"]
         .as_str()
         .unwrap()
