@@ -126,6 +126,37 @@ enum TemplateState {
     Ready(Arc<Template>),
 }
 
+impl Pool {
+    /// Take out the idle VMs that are lost (see [`BootedVm::check`]),
+    /// counted as replaced; the pool refills behind them.
+    fn sweep(&mut self, heartbeat_timeout: Duration) -> Vec<BootedVm> {
+        let mut lost = vec![];
+        let mut keep = VecDeque::with_capacity(self.idle.len());
+        while let Some(mut vm) = self.idle.pop_front() {
+            match vm.check(heartbeat_timeout) {
+                Ok(()) => keep.push_back(vm),
+                Err(e) => {
+                    warn!(vm_id = vm.vm_id(), error = %e, "pooled vm lost; replacing it");
+                    self.replaced += 1;
+                    self.last_error = Some(format!("idle vm {} lost: {e}", vm.vm_id()));
+                    lost.push(vm);
+                }
+            }
+        }
+        self.idle = keep;
+        lost
+    }
+}
+
+/// Tear `vms` down in the background.
+fn discard_later(vms: Vec<BootedVm>) {
+    for vm in vms {
+        tokio::task::spawn_local(async move {
+            vm.discard().await;
+        });
+    }
+}
+
 /// Whether one more VM of a shape fits on the host now (asked before each
 /// refill boot).
 pub type RoomFn = dyn Fn(Shape) -> bool + Send + Sync;
@@ -199,33 +230,15 @@ impl Pools {
         if self.inner.stopping.load(Ordering::SeqCst) {
             return None;
         }
-        let hb = self.inner.settings.heartbeat_timeout;
-        let mut lost = vec![];
-        let got = {
+        let (got, lost) = {
             let mut pools = self.lock();
             let pool = pools.iter_mut().find(|p| p.cfg.shape == shape)?;
-            let mut got = None;
-            while let Some(mut vm) = pool.idle.pop_front() {
-                match vm.check(hb) {
-                    Ok(()) => {
-                        pool.claimed += 1;
-                        got = Some(vm);
-                        break;
-                    }
-                    Err(e) => {
-                        pool.replaced += 1;
-                        pool.last_error = Some(format!("idle vm {} lost: {e}", vm.vm_id()));
-                        lost.push(vm);
-                    }
-                }
-            }
-            got
+            let lost = pool.sweep(self.inner.settings.heartbeat_timeout);
+            let got = pool.idle.pop_front();
+            pool.claimed += got.is_some() as u64;
+            (got, lost)
         };
-        for vm in lost {
-            tokio::task::spawn_local(async move {
-                vm.discard().await;
-            });
-        }
+        discard_later(lost);
         self.inner.wake.notify_one();
         got
     }
@@ -439,30 +452,8 @@ impl Pools {
     /// Replace idle VMs that missed heartbeats or whose VMM is gone.
     fn check_idle(&self) {
         let hb = self.inner.settings.heartbeat_timeout;
-        let mut lost = vec![];
-        {
-            let mut pools = self.lock();
-            for p in pools.iter_mut() {
-                let mut keep = VecDeque::with_capacity(p.idle.len());
-                while let Some(mut vm) = p.idle.pop_front() {
-                    match vm.check(hb) {
-                        Ok(()) => keep.push_back(vm),
-                        Err(e) => {
-                            warn!(vm_id = vm.vm_id(), error = %e, "pooled vm lost; replacing it");
-                            p.replaced += 1;
-                            p.last_error = Some(format!("idle vm {} lost: {e}", vm.vm_id()));
-                            lost.push(vm);
-                        }
-                    }
-                }
-                p.idle = keep;
-            }
-        }
-        for vm in lost {
-            tokio::task::spawn_local(async move {
-                vm.discard().await;
-            });
-        }
+        let lost: Vec<BootedVm> = self.lock().iter_mut().flat_map(|p| p.sweep(hb)).collect();
+        discard_later(lost);
     }
 
     /// Start boots for pools below their size, while the host has room.

@@ -553,8 +553,6 @@ pub(crate) async fn boot_vm(
             rx,
             booted_at: Instant::now(),
             last_seen: Instant::now(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
             parts,
         }),
         Ok(Err(sig)) => Err((parts, Ok(Outcome::Cancelled(sig)))),
@@ -571,8 +569,6 @@ pub struct BootedVm {
     pub(crate) rx: tokio::sync::mpsc::Receiver<Incoming>,
     pub(crate) booted_at: Instant,
     pub(crate) last_seen: Instant,
-    pub vcpus: u32,
-    pub memory_mib: u32,
 }
 
 impl BootedVm {

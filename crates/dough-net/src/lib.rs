@@ -487,11 +487,6 @@ impl VmNet {
         Ok(())
     }
 
-    /// The egress policy in force.
-    pub fn egress(&self) -> Option<Egress> {
-        self.policy.as_ref().map(|p| dns::lock(p).egress.clone())
-    }
-
     /// Remove the namespace (and with it tap0 and the VM's rules), the host
     /// veth and the slot lease. Keeps going past errors and returns them.
     pub fn teardown(mut self) -> Vec<String> {

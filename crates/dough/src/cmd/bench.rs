@@ -17,13 +17,14 @@ pub enum BenchCmd {
     Net(super::bench_net::NetArgs),
     /// The daemon: POST throughput, scheduler latency, memory per VM.
     Serve(super::bench_serve::ServeBenchArgs),
-    /// Task asked → command running, per start path (Debian vs minimal kernel).
-    Start(super::bench_start::StartArgs),
+    /// Task asked → command running, per start path: cold boots (Debian,
+    /// minimal kernel), snapshot clone, warm-pool claim; pool refill rates.
+    Start(BootArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct BootArgs {
-    /// Runs of each kind (interleaved).
+    /// Runs of each kind, or start path (interleaved).
     #[arg(short, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub n: u32,
     #[arg(long, default_value = "auto")]

@@ -6,28 +6,15 @@
 //! once) and how fast a pool refills with cold boots and with clones.
 use std::time::Duration;
 
-use clap::Args;
 use dough_core::supervisor::boot_idle;
 use dough_core::supervisor::Phase;
 use dough_core::{run_task, Outcome, RunReport, TaskSpec};
 use dough_image::KernelChoice;
-use dough_vmm::{AccelChoice, BackendChoice};
 
-use super::bench::median;
+use super::bench::{median, BootArgs};
 use crate::Cli;
 
-#[derive(Args, Debug)]
-pub struct StartArgs {
-    /// Runs of each start path (interleaved).
-    #[arg(short, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub n: u32,
-    #[arg(long, default_value = "auto")]
-    pub accel: AccelChoice,
-    #[arg(long, default_value = "auto")]
-    pub backend: BackendChoice,
-}
-
-pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
+pub async fn run(cli: &Cli, a: &BootArgs) -> anyhow::Result<u8> {
     let base = super::host_config_net(cli, a.accel, a.backend)?;
     let image = dough_image::Image::load(&base.image_dir)?;
     let mut paths = vec![("cold boot, Debian kernel", KernelChoice::Debian, true)];
@@ -86,31 +73,20 @@ pub async fn run(cli: &Cli, a: &StartArgs) -> anyhow::Result<u8> {
         if let Some(t) = &template {
             eprintln!("run {}/{}: snapshot clone", i + 1, a.n);
             let t0 = std::time::Instant::now();
-            let vm = dough_core::snapshot::clone_vm(&base, t, &spec).await;
+            let vm = dough_core::snapshot::clone_vm(&base, t, &spec).await?;
             let restored = t0.elapsed();
-            match vm {
-                Ok(vm) => {
-                    let rep = vm.run(&spec, &mut |_| {}, std::future::pending()).await;
-                    check("snapshot clone", &rep)?;
-                    clones.push(restored + rep.phase(Phase::Started).unwrap_or_default());
-                }
-                Err(e) => anyhow::bail!("snapshot clone: {e}"),
-            }
-        }
-        if let Some(t) = &template {
+            let rep = vm.run(&spec, &mut |_| {}, std::future::pending()).await;
+            check("snapshot clone", &rep)?;
+            clones.push(restored + rep.phase(Phase::Started).unwrap_or_default());
+
             eprintln!("run {}/{}: warm pool claim, clone", i + 1, a.n);
             let vm = dough_core::snapshot::clone_vm(&base, t, &spec).await?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rep = vm.run(&spec, &mut |_| {}, std::future::pending()).await;
+            let rep = claim(vm, &spec).await;
             check("warm pool claim, clone", &rep)?;
             clone_claims.push(rep.phase(Phase::Started).unwrap_or_default());
         }
         eprintln!("run {}/{}: warm pool claim", i + 1, a.n);
-        let vm = boot_idle(&base, &spec).await?;
-        // A pooled VM has waited a while before its claim (and warmed its
-        // page cache meanwhile).
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let rep = vm.run(&spec, &mut |_| {}, std::future::pending()).await;
+        let rep = claim(boot_idle(&base, &spec).await?, &spec).await;
         check("warm pool claim", &rep)?;
         claims.push(rep.phase(Phase::Started).unwrap_or_default());
         assigned.push(rep.phase(Phase::Assigned).unwrap_or_default());
@@ -244,4 +220,11 @@ async fn refill_time(
         Some(e) => anyhow::bail!("refill: a boot failed: {e}"),
         None => Ok(took),
     }
+}
+
+/// Run `spec` in an idle VM after it has waited as a pooled VM does (and
+/// warmed its page cache meanwhile).
+async fn claim(vm: dough_core::BootedVm, spec: &TaskSpec) -> RunReport {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    vm.run(spec, &mut |_| {}, std::future::pending()).await
 }
