@@ -9,6 +9,7 @@ mod cmdline;
 mod init;
 mod repo;
 mod snapshot;
+mod spawn;
 mod task;
 
 use std::fs::File;
@@ -205,6 +206,25 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
     start_heartbeat(tx.clone(), paused.clone());
 
     let pgid: Arc<Mutex<Option<i32>>> = Arc::default();
+    // The task's thread and its output pumps wait from now on, so an
+    // Assign starts the process without making threads first.
+    let (assign_tx, assign_rx) = sync_channel::<Box<dough_proto::Assign>>(1);
+    {
+        let (r, tx, pg, root) = (reaper.clone(), tx.clone(), pgid.clone(), root.clone());
+        std::thread::spawn(move || {
+            let pumps = task::Pumps::start(&tx);
+            let Ok(a) = assign_rx.recv() else { return };
+            match root.wait() {
+                Ok(()) => task::run(&r, *a, tx, pg, pumps),
+                Err(e) => {
+                    log(&format!("root filesystem failed: {e}"));
+                    let _ = tx.send(GuestMsg::SpawnFailed {
+                        message: format!("the guest's root filesystem failed: {e}"),
+                    });
+                }
+            }
+        });
+    }
     let mut assigned = false;
     loop {
         let frame = match dough_proto::read_frame(&mut reader, MAX_FRAME) {
@@ -237,16 +257,7 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
             HostMsg::Welcome { version } => log(&format!("protocol version {version}")),
             HostMsg::Assign(a) if !assigned => {
                 assigned = true;
-                let (r, tx, pg, root) = (reaper.clone(), tx.clone(), pgid.clone(), root.clone());
-                std::thread::spawn(move || match root.wait() {
-                    Ok(()) => task::run(&r, *a, tx, pg),
-                    Err(e) => {
-                        log(&format!("root filesystem failed: {e}"));
-                        let _ = tx.send(GuestMsg::SpawnFailed {
-                            message: format!("the guest's root filesystem failed: {e}"),
-                        });
-                    }
-                });
+                let _ = assign_tx.send(a);
             }
             HostMsg::Assign(_) => {
                 let _ = tx.send(GuestMsg::Log {

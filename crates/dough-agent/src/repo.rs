@@ -65,7 +65,7 @@ fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandle<St
 /// Run to completion; `Ok(stdout)` on exit 0, else git's last stderr line.
 fn output(reaper: &Reaper, mut cmd: Command, what: &str) -> Result<String, String> {
     let (mut child, status) = reaper
-        .spawn(&mut cmd)
+        .spawn_command(&mut cmd)
         .map_err(|e| format!("{what}: cannot run git: {e}"))?;
     let errt = collect_stderr(&mut child);
     let mut out = String::new();
@@ -260,7 +260,7 @@ fn send_bundle(
         &["bundle", "create", "--quiet", "-", branch_ref, &not_base],
     );
     let (mut child, status) = reaper
-        .spawn(&mut cmd)
+        .spawn_command(&mut cmd)
         .map_err(|e| format!("cannot run git bundle: {e}"))?;
     let errt = collect_stderr(&mut child);
     let mut stdout = child.stdout.take().ok_or("no stdout")?;

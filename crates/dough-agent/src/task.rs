@@ -1,9 +1,9 @@
 //! Running the task: spawn as the task user in its own session, stream its
 //! stdout and stderr, and collect its exit status from the PID-1 reaper.
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,8 +61,22 @@ impl Reaper {
         }
     }
 
-    /// Spawn under the reaper's lock and register for its exit status.
+    /// Start `spec` under the reaper's lock and register for its exit
+    /// status.
     pub fn spawn(
+        &self,
+        spec: &crate::spawn::Spec,
+    ) -> std::io::Result<(crate::spawn::Spawned, Receiver<ExitStatus>)> {
+        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let child = crate::spawn::spawn(spec)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        st.watched.insert(child.pid, tx);
+        Ok((child, rx))
+    }
+
+    /// `spawn` for std's `Command` (git and the other helpers around a
+    /// task, where a fork's cost does not matter).
+    pub fn spawn_command(
         &self,
         cmd: &mut Command,
     ) -> std::io::Result<(std::process::Child, Receiver<ExitStatus>)> {
@@ -112,18 +126,20 @@ impl TaskUser {
 /// library, coreutils), so a warm-pool VM's task starts from the page cache
 /// instead of the disk. Idle time only; failures are ignored.
 pub fn prewarm(reaper: &Reaper) {
+    let env = [("PATH".to_string(), PATH.to_string())];
     for argv in [
         &["/bin/sh", "-c", "true"][..],
         &["/bin/bash", "-c", "/usr/bin/true"][..],
     ] {
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
-            .env_clear()
-            .env("PATH", PATH)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Ok((_child, rx)) = reaper.spawn(&mut cmd) {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let spec = crate::spawn::Spec {
+            argv: &argv,
+            env: &env,
+            cwd: "/",
+            ids: Some((TASK_UID, TASK_GID)),
+        };
+        if let Ok((child, rx)) = reaper.spawn(&spec) {
+            drop((child.stdout, child.stderr));
             let _ = rx.recv_timeout(std::time::Duration::from_secs(10));
         }
     }
@@ -132,39 +148,26 @@ pub fn prewarm(reaper: &Reaper) {
 /// Where the prompt goes (`$DOUGH_PROMPT_FILE`), under the user's home.
 const PROMPT_FILE: &str = ".dough/prompt";
 
-/// Build the task's command: clean environment, task user (unless root),
-/// new session (so a signal reaches the whole process group), stdin empty.
-pub fn command(a: &Assign) -> Command {
+/// The task's environment: a clean one, then the task's own variables.
+pub fn task_env(a: &Assign) -> Vec<(String, String)> {
     let u = TaskUser::of(a);
-    let (home, user) = (u.home, u.name);
-    let mut cmd = Command::new(&a.command[0]);
-    cmd.args(&a.command[1..])
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", home)
-        .env("USER", user)
-        .env("LOGNAME", user)
-        .env("SHELL", "/bin/bash")
-        .env("LANG", "C.UTF-8")
-        .env("DOUGH_TASK_ID", &a.task_id)
-        .envs(a.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(a.workdir.as_deref().unwrap_or(home))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if !a.root {
-        cmd.uid(TASK_UID).gid(TASK_GID);
+    let mut env: Vec<(String, String)> = [
+        ("PATH", PATH),
+        ("HOME", u.home),
+        ("USER", u.name),
+        ("LOGNAME", u.name),
+        ("SHELL", "/bin/bash"),
+        ("LANG", "C.UTF-8"),
+        ("DOUGH_TASK_ID", &a.task_id),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in &a.env {
+        env.retain(|(old, _)| old != k);
+        env.push((k.clone(), v.clone()));
     }
-    // SAFETY: between fork and exec only async-signal-safe calls are made:
-    // setsid and sigprocmask.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()?;
-            SigSet::empty().thread_set_mask()?;
-            Ok(())
-        });
-    }
-    cmd
+    env
 }
 
 /// Write the prompt where the task user can read it; returns its path.
@@ -182,6 +185,59 @@ fn write_prompt(user: &TaskUser, prompt: &str) -> Result<String, String> {
     Ok(path.display().to_string())
 }
 
+/// The two threads that stream the task's stdout and stderr as Output
+/// messages, started while the VM is idle: a thread made under an emulated
+/// CPU costs milliseconds the task's start should not wait for.
+pub struct Pumps {
+    pumps: Vec<(SyncSender<File>, std::thread::JoinHandle<()>)>,
+}
+
+impl Pumps {
+    pub fn start(out: &SyncSender<GuestMsg>) -> Pumps {
+        let pumps = [Stream::Stdout, Stream::Stderr]
+            .into_iter()
+            .map(|stream| {
+                let (give, take) = std::sync::mpsc::sync_channel::<File>(1);
+                let out = out.clone();
+                let h = std::thread::spawn(move || {
+                    let Ok(mut r) = take.recv() else { return };
+                    let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
+                    loop {
+                        match r.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                let msg = GuestMsg::Output {
+                                    stream,
+                                    data: buf[..n].to_vec(),
+                                };
+                                if out.send(msg).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                (give, h)
+            })
+            .collect();
+        Pumps { pumps }
+    }
+
+    /// Hand the pipes over; the handles finish at end of file.
+    fn attach(self, stdout: File, stderr: File) -> Vec<std::thread::JoinHandle<()>> {
+        self.pumps
+            .into_iter()
+            .zip([stdout, stderr])
+            .map(|((give, h), r)| {
+                let _ = give.send(r);
+                h
+            })
+            .collect()
+    }
+}
+
 /// Run the task to completion, sending Started, Output and Exit to `out`;
 /// with a repository, clone before (Cloned or CloneFailed) and send the
 /// work after (BundleData, Work) when the task exited 0.
@@ -190,6 +246,7 @@ pub fn run(
     mut a: Assign,
     out: SyncSender<GuestMsg>,
     pgid: Arc<Mutex<Option<i32>>>,
+    pumps: Pumps,
 ) {
     let user = TaskUser::of(&a);
     let repo = a.repo.take().map(|mut r| {
@@ -225,7 +282,7 @@ pub fn run(
             }
         }
     }
-    let Some((status, oom)) = run_command(reaper, &a, &out, pgid) else {
+    let Some((status, oom)) = run_command(reaper, &a, &out, pgid, pumps) else {
         return;
     };
     if let (Some(r), ExitStatus::Code(0)) = (&repo, status) {
@@ -242,6 +299,7 @@ fn run_command(
     a: &Assign,
     out: &SyncSender<GuestMsg>,
     pgid: Arc<Mutex<Option<i32>>>,
+    pumps: Pumps,
 ) -> Option<(ExitStatus, bool)> {
     if a.command.is_empty() {
         let _ = out.send(GuestMsg::SpawnFailed {
@@ -257,8 +315,16 @@ fn run_command(
             return None;
         }
     }
-    let mut cmd = command(a);
-    let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
+    let u = TaskUser::of(a);
+    let env = task_env(a);
+    let spec = crate::spawn::Spec {
+        argv: &a.command,
+        env: &env,
+        cwd: a.workdir.as_deref().unwrap_or(u.home),
+        ids: u.ids,
+    };
+    let oom_before = oom_kills();
+    let (child, status_rx) = match reaper.spawn(&spec) {
         Ok(c) => c,
         Err(e) => {
             let message = match e.kind() {
@@ -271,53 +337,10 @@ fn run_command(
             return None;
         }
     };
-    let oom_before = oom_kills();
-    let pid = child.id();
+    let pid = child.pid as u32;
     *pgid.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid as i32);
     let _ = out.send(GuestMsg::Started { pid });
-
-    let readers: Vec<_> = [
-        (
-            Stream::Stdout,
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ),
-        (
-            Stream::Stderr,
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(stream, r)| r.map(|r| (stream, r)))
-    .map(|(stream, mut r)| {
-        let out = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let msg = GuestMsg::Output {
-                            stream,
-                            data: buf[..n].to_vec(),
-                        };
-                        if out.send(msg).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        })
-    })
-    .collect();
-    drop(child);
+    let readers = pumps.attach(child.stdout, child.stderr);
 
     let status = status_rx.recv().unwrap_or(ExitStatus::Code(255));
     // Output pipes may be held open by the task's background children; give
