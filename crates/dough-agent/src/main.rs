@@ -14,6 +14,7 @@ mod task;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -225,7 +226,8 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
             }
         });
     }
-    let mut assigned = false;
+    // Read by a clone's warm-up, which gives way to a task.
+    let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let frame = match dough_proto::read_frame(&mut reader, MAX_FRAME) {
             Ok(Some(f)) => f,
@@ -255,8 +257,8 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
         };
         match msg {
             HostMsg::Welcome { version } => log(&format!("protocol version {version}")),
-            HostMsg::Assign(a) if !assigned => {
-                assigned = true;
+            HostMsg::Assign(a) if !assigned.load(Ordering::Relaxed) => {
+                assigned.store(true, Ordering::Relaxed);
                 let _ = assign_tx.send(a);
             }
             HostMsg::Assign(_) => {
@@ -286,11 +288,23 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
                 match reply {
                     Ok(m) => {
                         let _ = tx.send(m);
+                        // After the reply: a console line costs milliseconds
+                        // under TCG.
+                        log("restored: reseeded, clock set, identity taken");
                         // Emulated (TCG) CPUs translate guest code afresh
                         // after a restore: start a process once while the
                         // clone idles, so its task's start is not the first.
-                        let r = reaper.clone();
-                        std::thread::spawn(move || task::prewarm(&r));
+                        // A clone made for a waiting task gets its Assign
+                        // within milliseconds: then the warm-up would only
+                        // compete with the task for the vCPU, so it waits a
+                        // moment and gives way.
+                        let (r, assigned) = (reaper.clone(), assigned.clone());
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(200));
+                            if !assigned.load(Ordering::Relaxed) {
+                                task::prewarm(&r);
+                            }
+                        });
                     }
                     Err(e) => {
                         log(&format!("restore: {e}"));

@@ -75,7 +75,6 @@ pub fn restore(r: &Restore) -> Result<GuestMsg, String> {
     getrandom(&mut sample)?;
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
         .map_err(|e| format!("read the clock: {e}"))?;
-    crate::log("restored: reseeded, clock set, identity taken");
     Ok(GuestMsg::Restored {
         sample,
         unix_nanos: now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64,

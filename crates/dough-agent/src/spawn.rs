@@ -308,27 +308,47 @@ mod tests {
         assert_eq!(err, "err\n");
     }
 
+    /// The uid switch (as root only: CI and the VM tests run as root).
+    #[test]
+    fn switches_user_and_drops_groups() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let argv: Vec<String> = ["sh", "-c", "id -u; id -g; id -G"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let s = spawn(&Spec {
+            argv: &argv,
+            env: &env,
+            cwd: "/",
+            ids: Some((65534, 65534)),
+        })
+        .unwrap();
+        let mut out = String::new();
+        io::Read::read_to_string(&mut { s.stdout }, &mut out).unwrap();
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(s.pid), None);
+        assert_eq!(out, "65534\n65534\n65534\n");
+    }
+
+    /// Spawn `argv` in `cwd` expecting an error.
+    fn fails(argv: &str, cwd: &str) -> io::Error {
+        let argv = vec![argv.to_string()];
+        let spec = Spec {
+            argv: &argv,
+            env: &[],
+            cwd,
+            ids: None,
+        };
+        spawn(&spec).err().unwrap()
+    }
+
     #[test]
     fn reports_what_failed() {
-        let argv = vec!["no-such-program-anywhere".to_string()];
-        let e = spawn(&Spec {
-            argv: &argv,
-            env: &[],
-            cwd: "/",
-            ids: None,
-        })
-        .err()
-        .unwrap();
+        let e = fails("no-such-program-anywhere", "/");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let argv = vec!["true".to_string()];
-        let e = spawn(&Spec {
-            argv: &argv,
-            env: &[],
-            cwd: "/no/such/dir",
-            ids: None,
-        })
-        .err()
-        .unwrap();
+        let e = fails("true", "/no/such/dir");
         assert!(
             e.to_string().contains("working directory /no/such/dir"),
             "{e}"
@@ -336,15 +356,7 @@ mod tests {
         // A file that is not executable: not "not found".
         let plain = std::env::temp_dir().join(format!("dough-spawn-test-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
-        let argv = vec![plain.display().to_string()];
-        let e = spawn(&Spec {
-            argv: &argv,
-            env: &[],
-            cwd: "/",
-            ids: None,
-        })
-        .err()
-        .unwrap();
+        let e = fails(&plain.display().to_string(), "/");
         let _ = std::fs::remove_file(&plain);
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
     }

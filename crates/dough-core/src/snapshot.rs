@@ -82,13 +82,13 @@ pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Templat
     // it as a module the initramfs does not load) and QEMU (Firecracker's
     // restore is not wired yet).
     let image = dough_image::Image::load(&host.image_dir)?;
-    let (_, kind) = image.kernel_for(host.kernel)?;
+    let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
+    let (_, kind) = image.kernel_for(host.kernel, sel.accel == dough_vmm::Accel::Tcg)?;
     if kind != dough_image::KernelKind::Minimal {
         return Err(RunError::Vmm(VmmError::Spec(
             "snapshot templates need Dough's minimal kernel (--kernel minimal)".into(),
         )));
     }
-    let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
     if sel.vmm.backend() != dough_vmm::Backend::Qemu {
         return Err(RunError::Vmm(VmmError::Spec(
             "snapshot templates run on QEMU here; Firecracker's restore is not wired yet".into(),

@@ -408,9 +408,18 @@ pub(crate) async fn boot_vm(
     type Prepared = (Image, Box<dyn Vmm>, Accel, (PathBuf, KernelKind));
     let prepared = (|| -> Result<Prepared, RunError> {
         let image = Image::load(&host.image_dir)?;
-        let kernel = image.kernel_for(host.kernel)?;
         let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
         debug!(backend = %sel.vmm.backend(), accel = %sel.accel, why = %sel.why, "vmm selected");
+        let emulated = sel.accel == Accel::Tcg;
+        let kernel = image.kernel_for(host.kernel, emulated)?;
+        if kernel.1 == KernelKind::Debian
+            && host.kernel == dough_image::KernelChoice::Auto
+            && !image.minimal_fits(emulated)
+        {
+            warn!(
+                "the image's minimal kernel is built for TCG hosts only; booting Debian's kernel under KVM (rebuild the image on this host: dough image build)"
+            );
+        }
         Ok((image, sel.vmm, sel.accel, kernel))
     })();
     let (image, vmm, accel, kernel) = match prepared {

@@ -30,7 +30,9 @@ async fn agent_powers_off_when_the_host_goes_away() {
     let listener = vsock::listen(&paths.vsock_uds(), dough_proto::CONTROL_PORT).unwrap();
     let facts = HostFacts::probe();
     let sel = dough_vmm::select(&facts, BackendChoice::Qemu, AccelChoice::Auto).unwrap();
-    let (kernel, kind) = image.kernel_for(Default::default()).unwrap();
+    let (kernel, kind) = image
+        .kernel_for(Default::default(), sel.accel == dough_vmm::Accel::Tcg)
+        .unwrap();
     let spec = VmSpec {
         id: "hostgone0001".into(),
         paths: paths.clone(),

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::cpio::CpioWriter;
 use crate::manifest::{now_rfc3339, sha256_file, sha256_hex, Manifest, PartInfo};
-use crate::{elf, io_err, Image, ImageError};
+use crate::{elf, io_err, Image, ImageError, KernelTarget};
 
 pub const KERNEL: &str = "vmlinux";
 pub const KERNEL_MINIMAL: &str = "vmlinux-minimal";
@@ -18,6 +18,8 @@ const KERNEL_SOURCE: &str = "linux-source-6.1";
 const MINIMAL_BASE_CONFIG: &str = include_str!("../kernel/microvm-kernel-ci-x86_64-6.1.config");
 /// Dough's changes to it.
 const MINIMAL_FRAGMENT: &str = include_str!("../kernel/dough.fragment");
+/// Added for [`KernelTarget::Tcg`].
+const TCG_FRAGMENT: &str = include_str!("../kernel/tcg.fragment");
 pub const INITRAMFS: &str = "initramfs.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
 /// Where the rootfs holds the agent, for booting without an initramfs.
@@ -94,6 +96,9 @@ pub struct BuildOptions {
     /// Build Dough's minimal kernel too (about 10 minutes on 2 cores, once:
     /// cached by the hash of source version and config).
     pub minimal_kernel: bool,
+    /// The hosts the minimal kernel is for (`dough image build` picks `tcg`
+    /// where KVM is not usable).
+    pub kernel_target: KernelTarget,
 }
 
 /// Progress lines on stderr, with the time since the build started.
@@ -220,7 +225,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
 
     // 2b. Dough's minimal kernel, from Debian's kernel source.
     if opts.minimal_kernel {
-        let (version, fragment) = minimal_inputs()?;
+        let (version, fragment) = minimal_inputs(opts.kernel_target)?;
         let inputs = sha256_hex(
             format!(
                 "kernel-minimal/1\n{KERNEL_SOURCE} {version}\n{MINIMAL_BASE_CONFIG}\n{fragment}"
@@ -237,17 +242,23 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
         } else {
             let release =
                 build_minimal_kernel(opts, &version, &fragment, &inputs, &path, progress)?;
+            let extra = match opts.kernel_target {
+                KernelTarget::Kvm => "",
+                KernelTarget::Tcg => " + kernel/tcg.fragment",
+            };
             m.kernel_minimal = Some(part_info(
                 &path,
                 inputs,
                 format!(
-                    "{KERNEL_SOURCE} {version} + Firecracker's 6.1 guest config + kernel/dough.fragment"
+                    "{KERNEL_SOURCE} {version} + Firecracker's 6.1 guest config + kernel/dough.fragment{extra}"
                 ),
             )?);
             m.kernel_minimal_version = release;
+            m.kernel_minimal_target = opts.kernel_target;
         }
     } else if m.kernel_minimal.take().is_some() {
         m.kernel_minimal_version.clear();
+        m.kernel_minimal_target = KernelTarget::default();
         let _ = std::fs::remove_file(opts.dir.join(KERNEL_MINIMAL));
     }
 
@@ -666,7 +677,7 @@ fn dir_size(p: &Path) -> u64 {
 }
 
 /// The source version to build and the fragment in effect.
-fn minimal_inputs() -> Result<(String, String), ImageError> {
+fn minimal_inputs(target: KernelTarget) -> Result<(String, String), ImageError> {
     let show = run(Command::new("apt-cache").args(["show", "--no-all-versions", KERNEL_SOURCE]))?;
     let version = show
         .lines()
@@ -678,7 +689,11 @@ fn minimal_inputs() -> Result<(String, String), ImageError> {
         })?
         .trim()
         .to_string();
-    Ok((version, MINIMAL_FRAGMENT.to_string()))
+    let fragment = match target {
+        KernelTarget::Kvm => MINIMAL_FRAGMENT.to_string(),
+        KernelTarget::Tcg => format!("{MINIMAL_FRAGMENT}{TCG_FRAGMENT}"),
+    };
+    Ok((version, fragment))
 }
 
 /// `NAME=y|n` lines of a fragment.

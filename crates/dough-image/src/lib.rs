@@ -77,6 +77,44 @@ impl std::str::FromStr for KernelChoice {
     }
 }
 
+/// Which hosts Dough's minimal kernel is compiled for (`dough image build
+/// --kernel-target`; docs/boot.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelTarget {
+    /// Firecracker's config with every mitigation it has: boots under KVM
+    /// and under TCG. (Images made before targets existed are this.)
+    #[default]
+    Kvm,
+    /// For hosts whose VMs run under QEMU TCG only: also without the
+    /// return-thunk code (`kernel/tcg.fragment`) that only matters on a
+    /// hardware CPU affected by Retbleed or SRSO. An emulated CPU is never
+    /// affected, and the kernel would patch all ~58,000 sites back to a plain
+    /// `ret` at every boot; under KVM it would leave the guest without
+    /// those mitigations, so Dough does not boot it there.
+    Tcg,
+}
+
+impl std::str::FromStr for KernelTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kvm" => Ok(KernelTarget::Kvm),
+            "tcg" => Ok(KernelTarget::Tcg),
+            _ => Err(format!("kernel target {s:?}: expected kvm or tcg")),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelTarget::Kvm => "kvm",
+            KernelTarget::Tcg => "tcg",
+        })
+    }
+}
+
 /// The kernel actually booted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelKind {
@@ -147,20 +185,37 @@ impl Image {
         Ok(img)
     }
 
-    /// The kernel to boot for `choice`, and which one it is.
-    pub fn kernel_for(&self, choice: KernelChoice) -> Result<(PathBuf, KernelKind), ImageError> {
-        match (choice, &self.kernel_minimal) {
-            (KernelChoice::Debian, _) | (KernelChoice::Auto, None) => {
-                Ok((self.kernel.clone(), KernelKind::Debian))
-            }
-            (KernelChoice::Auto | KernelChoice::Minimal, Some(k)) => {
+    /// The kernel to boot for `choice` on an accelerator (`emulated`: QEMU
+    /// TCG), and which one it is. A minimal kernel built for TCG only is
+    /// never booted under KVM: `auto` falls back to Debian's kernel
+    /// ([`Image::minimal_fits`] tells why), `minimal` is refused.
+    pub fn kernel_for(
+        &self,
+        choice: KernelChoice,
+        emulated: bool,
+    ) -> Result<(PathBuf, KernelKind), ImageError> {
+        match (choice, &self.kernel_minimal, self.minimal_fits(emulated)) {
+            (KernelChoice::Debian, _, _)
+            | (KernelChoice::Auto, None, _)
+            | (KernelChoice::Auto, Some(_), false) => Ok((self.kernel.clone(), KernelKind::Debian)),
+            (KernelChoice::Auto | KernelChoice::Minimal, Some(k), true) => {
                 Ok((k.clone(), KernelKind::Minimal))
             }
-            (KernelChoice::Minimal, None) => Err(ImageError::Invalid(format!(
-                "the image in {} has no minimal kernel; run `dough image build` (without --kernel debian)",
+            (KernelChoice::Minimal, Some(_), false) => Err(ImageError::Invalid(format!(
+                "the minimal kernel of the image in {} is built for TCG hosts (without the return-thunk mitigations a CPU under KVM may need); build one for this host with `dough image build --kernel-target kvm`, or boot --kernel debian",
+                self.dir.display()
+            ))),
+            (KernelChoice::Minimal, None, _) => Err(ImageError::Invalid(format!(
+                "the image in {} has no minimal kernel; run `dough image build` (without --kernels debian)",
                 self.dir.display()
             ))),
         }
+    }
+
+    /// Whether the image's minimal kernel (if any) may boot on this
+    /// accelerator: a `tcg` kernel only when `emulated`.
+    pub fn minimal_fits(&self, emulated: bool) -> bool {
+        emulated || self.manifest.kernel_minimal_target == KernelTarget::Kvm
     }
 
     /// Re-hash every part and compare with the manifest; the names of parts
@@ -182,5 +237,69 @@ impl Image {
             }
         }
         Ok(bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(minimal: Option<KernelTarget>) -> Image {
+        let mut manifest = Manifest::default();
+        if let Some(t) = minimal {
+            manifest.kernel_minimal = Some(PartInfo::default());
+            manifest.kernel_minimal_target = t;
+        }
+        Image {
+            dir: PathBuf::from("/img"),
+            kernel: PathBuf::from("/img/vmlinux"),
+            kernel_minimal: minimal.map(|_| PathBuf::from("/img/vmlinux-minimal")),
+            initramfs: PathBuf::from("/img/initramfs.cpio"),
+            rootfs: PathBuf::from("/img/rootfs.ext4"),
+            manifest,
+        }
+    }
+
+    /// A TCG-only minimal kernel never boots under KVM; a `kvm` one boots
+    /// anywhere; `auto` falls back to Debian's kernel instead of failing.
+    #[test]
+    fn kernel_choice_respects_the_minimal_kernels_target() {
+        use KernelChoice::*;
+        use KernelKind as K;
+        let kind = |img: &Image, c, emulated| img.kernel_for(c, emulated).map(|k| k.1).ok();
+        let tcg = image(Some(KernelTarget::Tcg));
+        let kvm = image(Some(KernelTarget::Kvm));
+        let none = image(None);
+        assert_eq!(kind(&tcg, Auto, true), Some(K::Minimal));
+        assert_eq!(kind(&tcg, Auto, false), Some(K::Debian));
+        assert_eq!(kind(&tcg, Minimal, true), Some(K::Minimal));
+        let e = tcg.kernel_for(Minimal, false).unwrap_err().to_string();
+        assert!(e.contains("--kernel-target kvm"), "{e}");
+        assert_eq!(kind(&kvm, Auto, false), Some(K::Minimal));
+        assert_eq!(kind(&kvm, Minimal, true), Some(K::Minimal));
+        assert_eq!(kind(&none, Auto, false), Some(K::Debian));
+        assert!(none.kernel_for(Minimal, true).is_err());
+        for img in [&tcg, &kvm, &none] {
+            assert_eq!(kind(img, Debian, false), Some(K::Debian));
+        }
+    }
+
+    /// Manifests written before targets existed describe kernels with
+    /// every mitigation: they read as `kvm`.
+    #[test]
+    fn a_manifest_without_a_target_is_kvm() {
+        let m: Manifest = serde_json::from_str(
+            r#"{"format":1,"kernel_version":"k","kernel":{"sha256":"","size":0,"inputs":"","source":"","built_at":""},
+                "initramfs":{"sha256":"","size":0,"inputs":"","source":"","built_at":""},
+                "rootfs":{"sha256":"","size":0,"inputs":"","source":"","built_at":""},"digest":"d"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.kernel_minimal_target, KernelTarget::Kvm);
+        let text = serde_json::to_string(&Manifest {
+            kernel_minimal_target: KernelTarget::Tcg,
+            ..m
+        })
+        .unwrap();
+        assert!(text.contains(r#""kernel_minimal_target":"tcg""#), "{text}");
     }
 }

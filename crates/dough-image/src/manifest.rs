@@ -38,6 +38,9 @@ pub struct Manifest {
     /// Its `uname -r`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kernel_minimal_version: String,
+    /// The hosts it is compiled for (absent: `kvm`, every mitigation).
+    #[serde(default)]
+    pub kernel_minimal_target: crate::KernelTarget,
     pub initramfs: PartInfo,
     pub rootfs: PartInfo,
     /// sha256 of the agent written into the rootfs as [`crate::ROOT_INIT`]

@@ -184,7 +184,20 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
                 &img.manifest.digest[..12.min(img.manifest.digest.len())],
                 img.manifest.rootfs.built_at
             );
-            match img.kernel_for(host.kernel) {
+            let emulated = dough_vmm::select(&host.facts, host.backend, host.accel)
+                .map_or(true, |s| s.accel == dough_vmm::Accel::Tcg);
+            if img.kernel_minimal.is_some() {
+                println!(
+                    "  minimal kernel built for: {} hosts{}",
+                    img.manifest.kernel_minimal_target,
+                    if img.minimal_fits(emulated) {
+                        ""
+                    } else {
+                        " — not booted here (KVM): rebuild with `dough image build`"
+                    }
+                );
+            }
+            match img.kernel_for(host.kernel, emulated) {
                 Ok((path, kind)) => println!(
                     "  VMs boot: {} kernel {} ({}; --kernel {:?})",
                     match kind {

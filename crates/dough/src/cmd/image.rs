@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use dough_image::{BuildOptions, Image, Progress};
+use dough_image::{BuildOptions, Image, KernelTarget, Progress};
 
 use crate::Cli;
 
@@ -34,6 +34,13 @@ pub struct BuildArgs {
     /// 2 cores, then cached) or `debian` (skip the compile).
     #[arg(long = "kernels", default_value = "all", value_parser = ["all", "debian"])]
     pub kernels: String,
+    /// The hosts the minimal kernel is for: `kvm` (every mitigation of
+    /// Firecracker's config; boots anywhere), `tcg` (also without the
+    /// return-thunk code only an affected hardware CPU needs: boots faster
+    /// under QEMU TCG, never booted under KVM), or `auto` (tcg where this
+    /// host has no usable KVM). See docs/boot.md.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub kernel_target: String,
 
     /// No progress output.
     #[arg(long, short)]
@@ -75,6 +82,12 @@ pub fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
                 suite: a.suite.clone(),
                 force: a.force,
                 minimal_kernel: a.kernels == "all",
+                kernel_target: match a.kernel_target.as_str() {
+                    // The same test `--accel auto` makes at boot.
+                    "auto" if host.facts.kvm_problem().is_none() => KernelTarget::Kvm,
+                    "auto" => KernelTarget::Tcg,
+                    t => t.parse().map_err(anyhow::Error::msg)?,
+                },
             };
             let img =
                 dough_image::build(&opts, &Progress::new(a.quiet)).context("image build failed")?;
