@@ -103,14 +103,31 @@ fn main() {
     } else {
         warmed.set(Ok(()));
     }
-    let conn = if cfg.serial {
-        snapshot::open_port()
-    } else {
-        dial(cfg.port)
+    let connect = || {
+        if cfg.serial {
+            snapshot::open_port()
+        } else {
+            dial(cfg.port)
+        }
     };
+    let mut conn = connect();
     log(&format!("connected to the host at {} ms", boot_ms()));
-    serve(conn, cfg.serial, reaper, root, warmed);
+    // Firecracker resets every vsock connection when it restores a
+    // snapshot: a quiesced VM that loses its connection dials again and
+    // says Hello on the new one (docs/protocol.md). Any other loss ends it.
+    while let Served::ResetWhileQuiesced = serve(conn, cfg.serial, &reaper, &root, &warmed) {
+        log("control connection reset while quiesced (a snapshot restore): connecting again");
+        conn = connect();
+    }
     init::power_off();
+}
+
+/// How a control connection ended.
+enum Served {
+    /// Shutdown, or the host went away: power off.
+    Done,
+    /// Lost while quiesced for a snapshot (vsock only): dial again.
+    ResetWhileQuiesced,
 }
 
 /// Set once by the root-assembly thread; waited on before a task starts.
@@ -176,7 +193,13 @@ fn boot_ms() -> u64 {
 /// `serial`: `conn` is the virtio-serial port, which reads end-of-file
 /// while no host is connected (e.g. between a snapshot and its restore):
 /// wait for one instead of powering off.
-fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed: RootReady) {
+fn serve(
+    conn: File,
+    serial: bool,
+    reaper: &task::Reaper,
+    root: &RootReady,
+    warmed: &RootReady,
+) -> Served {
     let Ok(mut writer) = conn.try_clone() else {
         fatal("cannot clone the control connection");
     };
@@ -199,12 +222,15 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
         boot_ms: boot_ms(),
     });
     if tx.send(hello).is_err() {
-        return;
+        return Served::Done;
     }
     // Heartbeats stop while the VM is quiesced for a snapshot; the lock
-    // orders the pause against a heartbeat being queued.
+    // orders the pause against a heartbeat being queued. `ended` stops this
+    // connection's heartbeat thread, so its writer thread ends too.
     let paused: Arc<Mutex<bool>> = Arc::default();
-    start_heartbeat(tx.clone(), paused.clone());
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _stop = StopOnDrop(ended.clone());
+    start_heartbeat(tx.clone(), paused.clone(), ended);
 
     let pgid: Arc<Mutex<Option<i32>>> = Arc::default();
     // The task's thread and its output pumps wait from now on, so an
@@ -235,13 +261,16 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
+            Ok(None) | Err(_) if *paused.lock().unwrap_or_else(|p| p.into_inner()) => {
+                return Served::ResetWhileQuiesced;
+            }
             Ok(None) => {
                 log("host closed the control connection; powering off");
-                return;
+                return Served::Done;
             }
             Err(e) => {
                 log(&format!("control connection failed: {e}; powering off"));
-                return;
+                return Served::Done;
             }
         };
         let mut frame = frame;
@@ -272,7 +301,7 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
                     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), sig);
                 }
             }
-            HostMsg::Shutdown => return,
+            HostMsg::Shutdown => return Served::Done,
             HostMsg::Quiesce => {
                 // The snapshot must hold a finished root and a warm cache.
                 let _ = root.wait();
@@ -318,11 +347,27 @@ fn serve(conn: File, serial: bool, reaper: task::Reaper, root: RootReady, warmed
     }
 }
 
-fn start_heartbeat(tx: SyncSender<GuestMsg>, paused: Arc<Mutex<bool>>) {
+/// Sets the flag when dropped (the end of `serve`, however it returns).
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn start_heartbeat(
+    tx: SyncSender<GuestMsg>,
+    paused: Arc<Mutex<bool>>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+) {
     std::thread::spawn(move || {
         let mut seq = 0;
         loop {
             std::thread::sleep(Duration::from_millis(dough_proto::HEARTBEAT_INTERVAL_MS));
+            if ended.load(Ordering::Relaxed) {
+                return;
+            }
             let p = paused.lock().unwrap_or_else(|p| p.into_inner());
             if *p {
                 continue;

@@ -15,8 +15,15 @@ fn image_dir() -> PathBuf {
         .unwrap_or_else(|| state.join("images/default"))
 }
 
-#[tokio::test]
-async fn agent_powers_off_when_the_host_goes_away() {
+/// A VM of the image's default kernel with only vsock (no network), its
+/// control listener, and the temporary directory that holds them.
+async fn boot(
+    id: &str,
+) -> (
+    dough_vmm::VmProcess,
+    tokio::net::UnixListener,
+    tempfile::TempDir,
+) {
     let image = Image::load(&image_dir()).expect("guest image (run scripts/setup.sh)");
     let tmp = tempfile::Builder::new()
         .prefix("dough-t")
@@ -34,7 +41,7 @@ async fn agent_powers_off_when_the_host_goes_away() {
         .kernel_for(Default::default(), sel.accel == dough_vmm::Accel::Tcg)
         .unwrap();
     let spec = VmSpec {
-        id: "hostgone0001".into(),
+        id: id.into(),
         paths: paths.clone(),
         kernel,
         acpi: kind.needs_acpi(),
@@ -54,7 +61,30 @@ async fn agent_powers_off_when_the_host_goes_away() {
         jail: None,
         snapshot: None,
     };
-    let mut vm = sel.vmm.start(&spec).await.unwrap();
+    let vm = sel.vmm.start(&spec).await.unwrap();
+    (vm, listener, tmp)
+}
+
+async fn next_msg(stream: &mut tokio::net::UnixStream) -> dough_proto::GuestMsg {
+    loop {
+        let f = tokio::time::timeout(
+            Duration::from_secs(30),
+            dough_core::conn::read_frame(stream),
+        )
+        .await
+        .expect("a message within 30 s")
+        .unwrap()
+        .expect("the connection open");
+        match dough_proto::decode::<dough_proto::GuestMsg>(&f).unwrap() {
+            dough_proto::GuestMsg::Heartbeat { .. } | dough_proto::GuestMsg::Log { .. } => {}
+            m => return m,
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_powers_off_when_the_host_goes_away() {
+    let (mut vm, listener, _tmp) = boot("hostgone0001").await;
     let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
         .await
         .expect("agent dialed in")
@@ -75,5 +105,82 @@ async fn agent_powers_off_when_the_host_goes_away() {
     assert!(status.success(), "{status}");
     let report = vm.stop(Duration::ZERO).await;
     assert_eq!(report.vmm_ended_by, "exited");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+/// Firecracker resets every vsock connection when it restores a snapshot.
+/// A quiesced agent that loses its connection must dial again, say Hello,
+/// and take Restore and a task on the new connection (a VM that was not
+/// quiesced powers off instead: the test above). Here the reset is the host
+/// closing the connection after Quiesced; the transport is the same
+/// vhost-user-vsock a Firecracker guest's vsock speaks.
+#[tokio::test]
+async fn a_quiesced_agent_dials_again_after_its_connection_resets() {
+    use dough_proto::{GuestMsg, HostMsg};
+    let (mut vm, listener, _tmp) = boot("redial000001").await;
+    let accept = || async {
+        tokio::time::timeout(Duration::from_secs(60), listener.accept())
+            .await
+            .expect("agent dialed in")
+            .unwrap()
+            .0
+    };
+    let mut stream = accept().await;
+    assert!(matches!(next_msg(&mut stream).await, GuestMsg::Hello(_)));
+    dough_core::conn::send(&mut stream, &HostMsg::Quiesce)
+        .await
+        .unwrap();
+    assert!(matches!(next_msg(&mut stream).await, GuestMsg::Quiesced));
+    drop(stream);
+
+    let mut stream = accept().await;
+    assert!(
+        matches!(next_msg(&mut stream).await, GuestMsg::Hello(_)),
+        "a Hello on the new connection"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let restore = HostMsg::Restore(dough_proto::Restore {
+        entropy: vec![7u8; 64],
+        unix_nanos: now,
+        vm_id: "redial000002".into(),
+    });
+    dough_core::conn::send(&mut stream, &restore).await.unwrap();
+    match next_msg(&mut stream).await {
+        GuestMsg::Restored { sample, .. } => assert_eq!(sample.len(), 32),
+        m => panic!("expected Restored, got {m:?}"),
+    }
+    let assign = HostMsg::Assign(Box::new(dough_proto::Assign {
+        task_id: "t".into(),
+        command: vec!["hostname".into()],
+        ..Default::default()
+    }));
+    dough_core::conn::send(&mut stream, &assign).await.unwrap();
+    assert!(matches!(
+        next_msg(&mut stream).await,
+        GuestMsg::Started { .. }
+    ));
+    match next_msg(&mut stream).await {
+        GuestMsg::Output { data, .. } => assert_eq!(data, b"dough-redial000002\n"),
+        m => panic!("expected the task's output, got {m:?}"),
+    }
+    assert!(matches!(
+        next_msg(&mut stream).await,
+        GuestMsg::Exit {
+            status: dough_proto::ExitStatus::Code(0),
+            ..
+        }
+    ));
+    dough_core::conn::send(&mut stream, &HostMsg::Shutdown)
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), vm.wait_vmm())
+        .await
+        .expect("the VM powered off after Shutdown")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let report = vm.stop(Duration::ZERO).await;
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
