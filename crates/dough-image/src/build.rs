@@ -165,7 +165,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
     // 1. Kernel. The unpacked package (cache) is fetched only when a part
     // that needs it is rebuilt.
     let (pkg, version) = kernel_package()?;
-    let kernel_inputs = sha256_hex(format!("kernel/1\n{pkg}\n{version}\n").as_bytes());
+    let kernel_inputs = sha256_hex(format!("kernel/2 (strip -s)\n{pkg}\n{version}\n").as_bytes());
     let kernel_tree = opts.cache_dir.join(format!("{pkg}_{version}"));
     let fetch = || -> Result<String, ImageError> {
         fetch_kernel(&pkg, &version, &opts.cache_dir, &kernel_tree)?;
@@ -226,12 +226,15 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
     // 2b. Dough's minimal kernel, from Debian's kernel source.
     if opts.minimal_kernel {
         let (version, fragment) = minimal_inputs(opts.kernel_target)?;
-        let inputs = sha256_hex(
+        // The compile is cached by what it was built from; the image's copy
+        // also by how it was post-processed (its symbol table stripped).
+        let build_key = sha256_hex(
             format!(
                 "kernel-minimal/1\n{KERNEL_SOURCE} {version}\n{MINIMAL_BASE_CONFIG}\n{fragment}"
             )
             .as_bytes(),
         );
+        let inputs = sha256_hex(format!("{build_key}\nstrip -s\n").as_bytes());
         let path = opts.dir.join(KERNEL_MINIMAL);
         let fresh = old
             .kernel_minimal
@@ -241,7 +244,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Image, ImageErr
             progress.say("[2b] minimal kernel: unchanged, skipped");
         } else {
             let release =
-                build_minimal_kernel(opts, &version, &fragment, &inputs, &path, progress)?;
+                build_minimal_kernel(opts, &version, &fragment, &build_key, &path, progress)?;
             let extra = match opts.kernel_target {
                 KernelTarget::Kvm => "",
                 KernelTarget::Tcg => " + kernel/tcg.fragment",
@@ -498,6 +501,7 @@ fn extract_vmlinux(tree: &Path, out: &Path) -> Result<(), ImageError> {
             vmlinuz.display()
         )));
     }
+    strip_symbols(&tmp)?;
     std::fs::rename(&tmp, out).map_err(io_err(out))
 }
 
@@ -707,18 +711,32 @@ fn fragment_options(fragment: &str) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// Drop a vmlinux's symbol table (`strip -s`): QEMU's ELF loader reads and
+/// sorts it at every VM start (~13 ms for the minimal kernel's 100k
+/// symbols); the guest has its own kallsyms and the cache keeps the full
+/// file.
+fn strip_symbols(path: &Path) -> Result<(), ImageError> {
+    if which("strip").is_none() {
+        return Err(ImageError::MissingTool {
+            tool: "strip".into(),
+            hint: "apt-get install binutils, or run scripts/setup.sh".into(),
+        });
+    }
+    run(Command::new("strip").arg("-s").arg(path)).map(|_| ())
+}
+
 /// Configure and compile the minimal kernel; cached under the cache dir by
-/// `inputs` (so switching options back reuses the earlier build). Returns
+/// `build_key` (so switching options back reuses the earlier build). Returns
 /// its release string.
 fn build_minimal_kernel(
     opts: &BuildOptions,
     version: &str,
     fragment: &str,
-    inputs: &str,
+    build_key: &str,
     out: &Path,
     progress: &Progress,
 ) -> Result<String, ImageError> {
-    let cached = opts.cache_dir.join("kernels").join(&inputs[..16]);
+    let cached = opts.cache_dir.join("kernels").join(&build_key[..16]);
     let cached_vmlinux = cached.join("vmlinux");
     let cached_release = cached.join("release");
     if !cached_vmlinux.exists() || !cached_release.exists() {
@@ -809,6 +827,7 @@ fn build_minimal_kernel(
     }
     let tmp = out.with_extension("tmp");
     std::fs::copy(&cached_vmlinux, &tmp).map_err(io_err(&tmp))?;
+    strip_symbols(&tmp)?;
     std::fs::rename(&tmp, out).map_err(io_err(out))?;
     let release = std::fs::read_to_string(&cached_release).map_err(io_err(&cached_release))?;
     progress.say(&format!(

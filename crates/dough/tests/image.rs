@@ -55,6 +55,24 @@ fn unchanged_rebuild_is_skipped_and_the_manifest_kept() {
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(target, "tcg", "{m}");
     }
+    // Both kernels without a symbol table (QEMU would load it at every
+    // start), still bootable ELF files with their PVH note.
+    for k in ["vmlinux", "vmlinux-minimal"] {
+        let path = image_dir().join(k);
+        let out = std::process::Command::new("readelf")
+            .args(["-SWn"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let sections = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(!sections.contains(".symtab"), "{k} keeps its symbols");
+        assert!(sections.contains(".text"), "{k}: {sections}");
+        assert!(
+            sections.contains("Xen"),
+            "{k} lost its PVH note: {sections}"
+        );
+    }
 }
 
 #[test]

@@ -388,3 +388,74 @@ fn a_pool_without_clones_refills_with_cold_boots() {
         .map_or(true, |mut r| r.next().is_none()));
     h.assert_clean();
 }
+
+/// A pool whose template cannot be made (Debian's kernel has no built-in
+/// virtio console) says why and refills with cold boots; with `--max-vms
+/// 1` the idle VM takes the only room: while a task runs on it the pool
+/// does not refill, a second task waits queued, runs when the first ends
+/// (before the pool refills: tasks first), and only then the pool refills.
+#[test]
+fn a_failed_template_falls_back_to_cold_boots_and_the_pool_yields_to_queued_tasks() {
+    let h = Harness::new();
+    let w = World::new("r");
+    let ns = w.host.clone();
+    let d = Daemon::start(
+        &h,
+        &ns,
+        &["--kernel", "debian", "--pool-size", "1", "--max-vms", "1"],
+    );
+    let (a, _) = d.wait_idle(&ns, &[]);
+    let p = d.pool(&ns);
+    assert_eq!(p["refill"], "cold boot", "{p}");
+    let err = p["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("snapshot template failed") && err.contains("minimal kernel"),
+        "{p}"
+    );
+
+    let first = d.call(
+        &ns,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"command": ["sh", "-c", "sleep 4; echo one"]})),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("the first task to run", Duration::from_secs(30), || {
+        d.call(&ns, "GET", &format!("/v1/tasks/{first}"), None)["state"] == "running"
+    });
+    let (t, logs) = d.run(&ns, json!({"command": ["sh", "-c", "echo two"]}));
+    assert_eq!(t["state"], "succeeded", "{t} {logs}");
+    assert_eq!(logs.trim(), "two");
+    let second_vm = t["vm_id"].as_str().unwrap().to_string();
+    assert_ne!(second_vm, a, "the claimed VM serves one task only");
+    let t1 = d.call(&ns, "GET", &format!("/v1/tasks/{first}"), None);
+    assert_eq!(t1["state"], "succeeded", "{t1}");
+    assert_eq!(
+        t1["vm_id"],
+        a.as_str(),
+        "the first task claimed the idle VM"
+    );
+    // The second, submitted while the first held the only room, waited
+    // queued until the first had ended.
+    let at = |t: &Value, s: &str| {
+        t["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["state"] == s)
+            .and_then(|x| x["at_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no {s} in {t}"))
+    };
+    assert!(at(&t, "provisioning") >= at(&t1, "succeeded"), "{t}\n{t1}");
+    // Then the pool refills; the second task was not served by it.
+    let (c, _) = d.wait_idle(&ns, &[a.clone(), second_vm.clone()]);
+    assert_ne!(c, second_vm);
+    let p = d.pool(&ns);
+    assert_eq!(p["claimed"], 1, "only the first task claimed: {p}");
+    signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
+    let mut d = d;
+    assert!(d.child.wait().unwrap().success());
+    h.assert_clean();
+}
