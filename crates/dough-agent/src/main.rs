@@ -233,16 +233,17 @@ fn serve(
     start_heartbeat(tx.clone(), paused.clone(), ended);
 
     let pgid: Arc<Mutex<Option<i32>>> = Arc::default();
-    // The task's thread and its output pumps wait from now on, so an
-    // Assign starts the process without making threads first.
+    // The task's thread and what it needs wait from the moment the root is
+    // ready, so an Assign starts the process at once (task::Standby).
     let (assign_tx, assign_rx) = sync_channel::<Box<dough_proto::Assign>>(1);
     {
         let (r, tx, pg, root) = (reaper.clone(), tx.clone(), pgid.clone(), root.clone());
         std::thread::spawn(move || {
-            let pumps = task::Pumps::start(&tx);
+            let root = root.wait();
+            let standby = task::Standby::start(&tx);
             let Ok(a) = assign_rx.recv() else { return };
-            match root.wait() {
-                Ok(()) => task::run(&r, *a, tx, pg, pumps),
+            match root {
+                Ok(()) => task::run(&r, *a, tx, pg, standby),
                 Err(e) => {
                     log(&format!("root filesystem failed: {e}"));
                     let _ = tx.send(GuestMsg::SpawnFailed {
