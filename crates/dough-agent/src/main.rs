@@ -14,7 +14,7 @@ mod task;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -228,7 +228,7 @@ fn serve(
     // orders the pause against a heartbeat being queued. `ended` stops this
     // connection's heartbeat thread, so its writer thread ends too.
     let paused: Arc<Mutex<bool>> = Arc::default();
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = Arc::new(AtomicBool::new(false));
     let _stop = StopOnDrop(ended.clone());
     start_heartbeat(tx.clone(), paused.clone(), ended);
 
@@ -254,7 +254,7 @@ fn serve(
         });
     }
     // Read by a clone's warm-up, which gives way to a task.
-    let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let assigned = Arc::new(AtomicBool::new(false));
     loop {
         let frame = match dough_proto::read_frame(&mut reader, MAX_FRAME) {
             Ok(Some(f)) => f,
@@ -349,7 +349,7 @@ fn serve(
 }
 
 /// Sets the flag when dropped (the end of `serve`, however it returns).
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+struct StopOnDrop(Arc<AtomicBool>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
@@ -357,11 +357,7 @@ impl Drop for StopOnDrop {
     }
 }
 
-fn start_heartbeat(
-    tx: SyncSender<GuestMsg>,
-    paused: Arc<Mutex<bool>>,
-    ended: Arc<std::sync::atomic::AtomicBool>,
-) {
+fn start_heartbeat(tx: SyncSender<GuestMsg>, paused: Arc<Mutex<bool>>, ended: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut seq = 0;
         loop {

@@ -76,6 +76,13 @@ impl Daemon {
         })
     }
 
+    /// SIGTERM; serve must exit 0 (after tearing down every pooled VM).
+    fn shutdown(mut self) {
+        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "serve exited with {st}");
+    }
+
     fn pool(&self, ns: &str) -> Value {
         self.call(ns, "GET", "/v1/pools", None)["pools"][0].clone()
     }
@@ -353,10 +360,7 @@ fn clones_take_each_tasks_policy_and_identity_are_replaced_and_torn_down() {
     assert_ne!(vms[0], vms[1]);
 
     // Shutdown tears down the idle VM and the template: nothing is left.
-    signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
-    let mut d = d;
-    let st = d.child.wait().unwrap();
-    assert!(st.success(), "serve exited with {st}");
+    d.shutdown();
     assert!(!h.state.path().join("templates").join(&template).exists());
     h.assert_clean();
 }
@@ -381,9 +385,7 @@ fn a_pool_without_clones_refills_with_cold_boots() {
     assert_eq!(t["vm_id"], b.as_str(), "{t}");
     assert_eq!(field(&logs, "boot"), b, "a cold boot boots as itself");
     assert_ne!(b, boot_a);
-    signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
-    let mut d = d;
-    assert!(d.child.wait().unwrap().success());
+    d.shutdown();
     assert!(std::fs::read_dir(h.state.path().join("templates"))
         .map_or(true, |mut r| r.next().is_none()));
     h.assert_clean();
@@ -425,6 +427,13 @@ fn a_failed_template_falls_back_to_cold_boots_and_the_pool_yields_to_queued_task
     wait_until("the first task to run", Duration::from_secs(30), || {
         d.call(&ns, "GET", &format!("/v1/tasks/{first}"), None)["state"] == "running"
     });
+    // Its VM holds the only room: the pool cannot refill meanwhile.
+    let p = d.pool(&ns);
+    assert_eq!(
+        (p["idle"].as_u64(), p["booting"].as_u64()),
+        (Some(0), Some(0)),
+        "{p}"
+    );
     let (t, logs) = d.run(&ns, json!({"command": ["sh", "-c", "echo two"]}));
     assert_eq!(t["state"], "succeeded", "{t} {logs}");
     assert_eq!(logs.trim(), "two");
@@ -454,8 +463,6 @@ fn a_failed_template_falls_back_to_cold_boots_and_the_pool_yields_to_queued_task
     assert_ne!(c, second_vm);
     let p = d.pool(&ns);
     assert_eq!(p["claimed"], 1, "only the first task claimed: {p}");
-    signal(d.child.id(), nix::sys::signal::Signal::SIGTERM);
-    let mut d = d;
-    assert!(d.child.wait().unwrap().success());
+    d.shutdown();
     h.assert_clean();
 }
