@@ -255,6 +255,7 @@ fn serve(
     }
     // Read by a clone's warm-up, which gives way to a task.
     let assigned = Arc::new(AtomicBool::new(false));
+    let restored_tx = after_restore(reaper.clone(), assigned.clone());
     loop {
         let frame = match dough_proto::read_frame(&mut reader, MAX_FRAME) {
             Ok(Some(f)) => f,
@@ -318,23 +319,7 @@ fn serve(
                 match reply {
                     Ok(m) => {
                         let _ = tx.send(m);
-                        // After the reply: a console line costs milliseconds
-                        // under TCG.
-                        log("restored: reseeded, clock set, identity taken");
-                        // Emulated (TCG) CPUs translate guest code afresh
-                        // after a restore: start a process once while the
-                        // clone idles, so its task's start is not the first.
-                        // A clone made for a waiting task gets its Assign
-                        // within milliseconds: then the warm-up would only
-                        // compete with the task for the vCPU, so it waits a
-                        // moment and gives way.
-                        let (r, assigned) = (reaper.clone(), assigned.clone());
-                        std::thread::spawn(move || {
-                            std::thread::sleep(Duration::from_millis(200));
-                            if !assigned.load(Ordering::Relaxed) {
-                                task::prewarm(&r);
-                            }
-                        });
+                        let _ = restored_tx.try_send(());
                     }
                     Err(e) => {
                         log(&format!("restore: {e}"));
@@ -346,6 +331,30 @@ fn serve(
             }
         }
     }
+}
+
+/// What a restored clone does once it has answered the Restore, on a thread
+/// made beforehand: between the answer and the Assign that follows within
+/// milliseconds, the vCPU belongs to the host's round trip, and under TCG
+/// a console line or a new thread costs milliseconds of it.
+fn after_restore(reaper: task::Reaper, assigned: Arc<AtomicBool>) -> SyncSender<()> {
+    let (tx, rx) = sync_channel::<()>(1);
+    std::thread::spawn(move || {
+        for () in rx {
+            // Emulated (TCG) CPUs translate guest code afresh after a
+            // restore: start a process once while the clone idles, so its
+            // task's start is not the first. A clone made for a waiting
+            // task gets its Assign within milliseconds: then the warm-up
+            // would only compete with the task for the vCPU, so it waits a
+            // moment and gives way.
+            std::thread::sleep(Duration::from_millis(200));
+            log("restored: reseeded, clock set, identity taken");
+            if !assigned.load(Ordering::Relaxed) {
+                task::prewarm(&reaper);
+            }
+        }
+    });
+    tx
 }
 
 /// Sets the flag when dropped (the end of `serve`, however it returns).

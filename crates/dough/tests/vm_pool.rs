@@ -219,7 +219,7 @@ fn clones_take_each_tasks_policy_and_identity_are_replaced_and_torn_down() {
     assert!(h.state.path().join("templates").join(&template).exists());
     let (t, logs) = d.run(
         &ns,
-        json!({"command": ["sh", "-c", format!("echo host=$(hostname); {IDENT}; curl -sS -m 5 http://198.51.100.10/; exit 3")]}),
+        json!({"command": ["sh", "-c", format!("echo host=$(hostname); echo etc=$(cat /etc/hostname) names=$(grep -c dough- /etc/hosts) at=$(getent hosts $(hostname) | cut -d' ' -f1); {IDENT}; curl -sS -m 5 http://198.51.100.10/; exit 3")]}),
     );
     assert_eq!(
         t["vm_id"],
@@ -228,6 +228,11 @@ fn clones_take_each_tasks_policy_and_identity_are_replaced_and_torn_down() {
     );
     assert_eq!(t["exit_code"], 3, "{t}\n{logs}");
     assert!(logs.contains(&format!("host=dough-{a}")), "{logs}");
+    // The template's name is gone from the files too (rewritten in place).
+    assert!(
+        logs.contains(&format!("etc=dough-{a} names=1 at=127.0.1.1")),
+        "{logs}"
+    );
     let seen = logs
         .lines()
         .find(|l| l.starts_with("10."))
