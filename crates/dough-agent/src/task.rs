@@ -124,18 +124,23 @@ impl TaskUser {
 
 /// Run what nearly every task's first exec touches (the shells, the C
 /// library, coreutils), so a warm-pool VM's task starts from the page cache
-/// instead of the disk. Idle time only; failures are ignored.
+/// instead of the disk. As a task starts: named commands found down PATH
+/// (each miss a lookup the dentry cache then holds), from the task user's
+/// home. Measured under TCG: starting from `/` with absolute paths left a
+/// clone pool's claim at 23-55 ms, this at 9-13 ms (as cold-booted VMs),
+/// and a template warmed this way restores into a clone whose first task
+/// starts ~20 ms sooner. Idle time only; failures are ignored.
 pub fn prewarm(reaper: &Reaper) {
     let env = [("PATH".to_string(), PATH.to_string())];
     for argv in [
-        &["/bin/sh", "-c", "true"][..],
-        &["/bin/bash", "-c", "/usr/bin/true"][..],
+        &["sh", "-c", "/usr/bin/true"][..],
+        &["bash", "-c", "true"][..],
     ] {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let spec = crate::spawn::Spec {
             argv: &argv,
             env: &env,
-            cwd: "/",
+            cwd: TASK_HOME,
             ids: Some((TASK_UID, TASK_GID)),
         };
         if let Ok((child, rx)) = reaper.spawn(&spec) {
