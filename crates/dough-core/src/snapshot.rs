@@ -1,7 +1,8 @@
 //! **Where a template VM is snapshotted and clones are restored from it**
-//! (QEMU; Firecracker's requests are in `dough_vmm::firecracker`).
+//! (QEMU here; Firecracker's requests are in `dough_vmm::firecracker`).
 //!
 //! ```text
+//! QEMU
 //! template: boot (RAM in a file, control over virtio-serial) ─▶ Hello
 //!   ─▶ Quiesce ─▶ Quiesced ─▶ QMP stop, migrate (x-ignore-shared) to a
 //!   socket Dough copies into `state` ─▶ keep memory, state, scratch ─▶ VM gone
@@ -9,6 +10,12 @@
 //!   mapped privately ─▶ migrate-incoming from `state` ─▶ paused ─▶ connect
 //!   the control port ─▶ cont ─▶ Restore (entropy, clock, identity)
 //!   ─▶ Restored (a random sample no other clone gave, the clock) ─▶ idle
+//! Firecracker (jailed; cannot run on Dough's CI machines)
+//! template: boot as any VM (vsock) ─▶ Hello ─▶ Quiesce ─▶ Quiesced
+//!   ─▶ pause, snapshot/create into its chroot ─▶ keep memory, state, scratch
+//! clone: copy the scratch disk ─▶ vsock listener ─▶ jailer, the template's
+//!   files linked into the chroot ─▶ snapshot/load, resume (vsock reset)
+//!   ─▶ the agent dials again: Hello ─▶ Welcome ─▶ Restore ─▶ Restored ─▶ idle
 //! ```
 //! Every clone of a template starts from the same RNG state, clock and
 //! identity: nothing runs in it before Restored proved otherwise.
@@ -19,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dough_proto::{GuestMsg, Hello, HostMsg, Restore};
-use dough_vmm::{qmp, VmSpec, Vmm, VmmError};
+use dough_vmm::{qmp, Backend, VmSpec, Vmm, VmmError};
 use tokio::net::UnixStream;
 use tracing::debug;
 
@@ -45,6 +52,8 @@ pub struct Template {
     pub hello: Hello,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The VMM that made it: its clones run on the same.
+    pub backend: Backend,
     /// How long the template took: boot, quiesce, snapshot.
     pub made_in: Duration,
     /// RNG samples its clones reported: none may repeat.
@@ -78,20 +87,20 @@ fn lost(reason: String, paths: &dough_vmm::VmPaths) -> RunError {
 /// [`Template::remove`].
 pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Template, RunError> {
     let t0 = Instant::now();
-    // The control port needs virtio-console built in (Debian's kernel has
-    // it as a module the initramfs does not load) and QEMU (Firecracker's
-    // restore is not wired yet).
     let image = dough_image::Image::load(&host.image_dir)?;
     let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
+    let backend = sel.vmm.backend();
     let (_, kind) = image.kernel_for(host.kernel, sel.accel == dough_vmm::Accel::Tcg)?;
-    if kind != dough_image::KernelKind::Minimal {
+    // QEMU's control port needs virtio-console built in (Debian's kernel
+    // has it as a module the initramfs does not load).
+    if backend == Backend::Qemu && kind != dough_image::KernelKind::Minimal {
         return Err(RunError::Vmm(VmmError::Spec(
             "snapshot templates need Dough's minimal kernel (--kernel minimal)".into(),
         )));
     }
-    if sel.vmm.backend() != dough_vmm::Backend::Qemu {
+    if backend == Backend::Firecracker && !host.confine {
         return Err(RunError::Vmm(VmmError::Spec(
-            "snapshot templates run on QEMU here; Firecracker's restore is not wired yet".into(),
+            "Firecracker snapshot templates run jailed (each clone's chroot gives the template's drive paths to its own files), and confinement is off".into(),
         )));
     }
     let id = crate::new_id();
@@ -109,7 +118,7 @@ pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Templat
             return Err(e);
         }
     };
-    let files = snapshot_into(&mut vm, &dir.path).await;
+    let files = snapshot_into(&mut vm, &dir.path, backend).await;
     let hello = vm.parts.live.hello.clone();
     for e in vm.discard().await {
         debug!(error = %e, "template vm teardown");
@@ -125,6 +134,7 @@ pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Templat
                 hello,
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,
+                backend,
                 made_in: t0.elapsed(),
                 samples: Mutex::new(HashSet::new()),
             };
@@ -145,11 +155,12 @@ pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Templat
     }
 }
 
-/// Quiesce the agent, migrate the device state into `dir/state`, and keep
-/// the RAM file and a copy of the scratch disk beside it.
+/// Quiesce the agent, save the VM into `dir` (`state`, `memory`) and keep
+/// a copy of the scratch disk beside them.
 async fn snapshot_into(
     vm: &mut BootedVm,
     dir: &Path,
+    backend: Backend,
 ) -> Result<(PathBuf, PathBuf, PathBuf), RunError> {
     let paths = vm.paths.clone();
     let w = vm
@@ -170,6 +181,29 @@ async fn snapshot_into(
             Err(_) => return Err(lost("no Quiesced within 60 s".into(), &paths)),
         }
     }
+    let (memory, state) = (dir.join("memory"), dir.join("state"));
+    match backend {
+        Backend::Qemu => qemu_save(&paths, &state).await?,
+        Backend::Firecracker => {
+            let api = match vm.parts.live.vm.as_ref().map(|p| &p.control) {
+                Some(dough_vmm::Control::FirecrackerApi(s)) => s.clone(),
+                _ => return Err(lost("no Firecracker API socket".into(), &paths)),
+            };
+            let files = dough_vmm::firecracker::snapshot_template(&api).await?;
+            move_file(&files.state, &state).map_err(|e| io("state", e))?;
+            move_file(&files.memory, &memory).map_err(|e| io("memory", e))?;
+            give_to_template_group(&state, 0o640)?;
+            give_to_template_group(&memory, 0o640)?;
+        }
+    }
+    let scratch = dir.join("scratch.ext4");
+    sparse_copy(&paths.scratch(), &scratch).map_err(|e| io("scratch", e))?;
+    Ok((memory, state, scratch))
+}
+
+/// QEMU: migrate the device state (no RAM: `x-ignore-shared`) into
+/// `state`, and keep the VM's RAM file as the template's memory.
+async fn qemu_save(paths: &dough_vmm::VmPaths, state: &Path) -> Result<(), RunError> {
     let qerr = |e: VmmError| RunError::Vmm(e);
     let mut q = qmp::Session::connect(&paths.qmp(), Duration::from_secs(5))
         .await
@@ -199,12 +233,11 @@ async fn snapshot_into(
     )
     .await
     .map_err(qerr)?;
-    let state = dir.join("state");
     let (mut stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
-        .map_err(|_| lost("the VMM never sent its migration stream".into(), &paths))?
+        .map_err(|_| lost("the VMM never sent its migration stream".into(), paths))?
         .map_err(|e| io("migrate.sock", e))?;
-    let mut out = tokio::fs::File::create(&state)
+    let mut out = tokio::fs::File::create(state)
         .await
         .map_err(|e| io("state", e))?;
     tokio::io::copy(&mut stream, &mut out)
@@ -213,17 +246,31 @@ async fn snapshot_into(
     q.wait_migration(Duration::from_secs(30))
         .await
         .map_err(qerr)?;
-    // RAM: the template VM's file, shared read-only with its clones'
-    // VMMs through the template group.
-    let memory = dir.join("memory");
-    std::fs::rename(paths.run_dir.join("memory"), &memory).map_err(|e| io("memory", e))?;
-    std::os::unix::fs::chown(&memory, Some(0), Some(dough_vmm::TEMPLATE_GID))
-        .map_err(|e| io("memory", e))?;
-    std::fs::set_permissions(&memory, std::os::unix::fs::PermissionsExt::from_mode(0o660))
-        .map_err(|e| io("memory", e))?;
-    let scratch = dir.join("scratch.ext4");
-    sparse_copy(&paths.scratch(), &scratch).map_err(|e| io("scratch", e))?;
-    Ok((memory, state, scratch))
+    // RAM: the template VM's file, shared with its clones' VMMs through
+    // the template group (QEMU opens it read-write, maps it privately).
+    let memory = state.with_file_name("memory");
+    move_file(&paths.run_dir.join("memory"), &memory).map_err(|e| io("memory", e))?;
+    give_to_template_group(&memory, 0o660)
+}
+
+/// Root's, readable by clones' VMMs through the template group.
+fn give_to_template_group(p: &Path, mode: u32) -> Result<(), RunError> {
+    std::os::unix::fs::chown(p, Some(0), Some(dough_vmm::TEMPLATE_GID))
+        .map_err(|e| io(&p.display().to_string(), e))?;
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|e| io(&p.display().to_string(), e))
+}
+
+/// Rename, or copy and remove across file systems.
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            std::fs::copy(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A clone of `tpl`, restored, reseeded and idle (egress `none`, like a
@@ -279,58 +326,72 @@ pub(crate) async fn drive_restore(
     let Some(dough_vmm::SnapshotRole::Clone { state_fd, .. }) = &vmspec.snapshot else {
         return Err(lost("not a clone".into(), paths));
     };
+    if vmm.backend() != tpl.backend {
+        return Err(RunError::Vmm(VmmError::Spec(format!(
+            "template {} was made with {}; this host now selects {}",
+            tpl.id,
+            tpl.backend,
+            vmm.backend()
+        ))));
+    }
     let t0 = Instant::now();
     sparse_copy(&tpl.scratch, &vmspec.scratch).map_err(|e| io("scratch", e))?;
     debug!(
         us = t0.elapsed().as_micros() as u64,
         "restore: scratch copied"
     );
+    // Firecracker: the clone's agent dials in again once the restore has
+    // reset its vsock connection.
+    let listener = match tpl.backend {
+        Backend::Firecracker => Some(dough_vmm::vsock::listen(
+            &paths.vsock_uds(),
+            dough_proto::CONTROL_PORT,
+        )?),
+        Backend::Qemu => None,
+    };
     let vm = live.vm.insert(vmm.start(vmspec).await?);
     debug!(us = t0.elapsed().as_micros() as u64, "restore: vmm spawned");
     ctx.phase(Phase::Spawned);
     let restore = async {
-        let qerr = |e: VmmError| RunError::Vmm(e);
-        let mut q = qmp::Session::connect(&paths.qmp(), Duration::from_secs(10))
-            .await
-            .map_err(qerr)?;
-        debug!(
-            us = t0.elapsed().as_micros() as u64,
-            "restore: qmp connected"
-        );
-        q.execute("migrate-set-capabilities", qmp::snapshot_capabilities())
-            .await
-            .map_err(qerr)?;
-        q.execute(
-            "migrate-incoming",
-            serde_json::json!({"uri": format!("fd:{state_fd}")}),
-        )
-        .await
-        .map_err(qerr)?;
-        q.wait_status("paused", Duration::from_secs(30))
-            .await
-            .map_err(qerr)?;
-        debug!(
-            us = t0.elapsed().as_micros() as u64,
-            "restore: state loaded"
-        );
-        // Connected before the guest runs: its port sees a host at once.
-        let stream = connect_port(&paths.agent_sock()).await?;
-        q.execute("cont", serde_json::json!({}))
-            .await
-            .map_err(qerr)?;
-        debug!(us = t0.elapsed().as_micros() as u64, "restore: running");
-        Ok::<_, RunError>(stream)
+        match &listener {
+            // Loaded and resumed by start() (snapshot/load, resume_vm).
+            Some(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| s)
+                .map_err(|e| io("vsock listener", e)),
+            None => qemu_restore(paths, *state_fd, t0).await,
+        }
+    };
+    let deadline = tokio::time::Instant::now() + spec.boot_timeout;
+    let timeout = || RunError::BootTimeout {
+        secs: spec.boot_timeout.as_secs(),
+        serial_tail: serial_tail(paths),
     };
     let stream = tokio::select! {
         r = restore => r?,
         st = vm.wait_vmm() => { ctx.phase(Phase::VmmExit); return Err(vmm_exited(paths, st)) }
-        _ = tokio::time::sleep(spec.boot_timeout) => return Err(RunError::BootTimeout { secs: spec.boot_timeout.as_secs(), serial_tail: serial_tail(paths) }),
+        _ = tokio::time::sleep_until(deadline) => return Err(timeout()),
     };
+    drop(listener);
     let (r, w) = stream.into_split();
     let w = live.writer.insert(w);
     let mut rx = conn::spawn_reader(r);
     live.agent_ok = true;
     live.hello = Some(tpl.hello.clone());
+    if tpl.backend == Backend::Firecracker {
+        // A new connection: Hello and Welcome as at boot.
+        let hello = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Incoming::Msg(GuestMsg::Hello(h)))) => h,
+            Ok(other) => return Err(lost(format!("expected Hello, got {other:?}"), paths)),
+            Err(_) => return Err(timeout()),
+        };
+        let version = dough_proto::negotiate(dough_proto::supported_versions(), hello.versions)
+            .map_err(RunError::Protocol)?;
+        conn::send(w, &HostMsg::Welcome { version })
+            .await
+            .map_err(|e| lost(format!("cannot send Welcome: {e}"), paths))?;
+    }
 
     let mut entropy = vec![0u8; 64];
     std::fs::File::open("/dev/urandom")
@@ -398,6 +459,46 @@ pub(crate) async fn drive_restore(
     );
     ctx.phase(Phase::Hello);
     Ok(Ok(rx))
+}
+
+/// QEMU: load the device state into a paused VM, connect its control
+/// port, run it.
+async fn qemu_restore(
+    paths: &dough_vmm::VmPaths,
+    state_fd: i32,
+    t0: Instant,
+) -> Result<UnixStream, RunError> {
+    let qerr = |e: VmmError| RunError::Vmm(e);
+    let mut q = qmp::Session::connect(&paths.qmp(), Duration::from_secs(10))
+        .await
+        .map_err(qerr)?;
+    debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "restore: qmp connected"
+    );
+    q.execute("migrate-set-capabilities", qmp::snapshot_capabilities())
+        .await
+        .map_err(qerr)?;
+    q.execute(
+        "migrate-incoming",
+        serde_json::json!({"uri": format!("fd:{state_fd}")}),
+    )
+    .await
+    .map_err(qerr)?;
+    q.wait_status("paused", Duration::from_secs(30))
+        .await
+        .map_err(qerr)?;
+    debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "restore: state loaded"
+    );
+    // Connected before the guest runs: its port sees a host at once.
+    let stream = connect_port(&paths.agent_sock()).await?;
+    q.execute("cont", serde_json::json!({}))
+        .await
+        .map_err(qerr)?;
+    debug!(us = t0.elapsed().as_micros() as u64, "restore: running");
+    Ok(stream)
 }
 
 /// Copy a sparse file, its holes kept (a scratch disk is 4 GiB of mostly

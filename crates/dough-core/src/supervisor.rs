@@ -474,7 +474,7 @@ pub(crate) async fn boot_vm(
         kernel_args.push("mitigations=off".into());
     }
     kernel_args.extend(opts.extra_args.iter().cloned());
-    if opts.snapshot.is_some() {
+    if control_on_serial(vmm.backend(), opts.snapshot.is_some()) {
         kernel_args.push("dough.control=serial".into());
     }
     // Diagnostics only (e.g. `initcall_debug`): never set in production.
@@ -532,6 +532,7 @@ pub(crate) async fn boot_vm(
             }),
             Some(SnapshotBoot::Clone { template, state }) => Some(SnapshotRole::Clone {
                 memory: template.memory.clone(),
+                state: template.state.clone(),
                 state_fd: std::os::fd::AsRawFd::as_raw_fd(state),
             }),
         },
@@ -788,6 +789,13 @@ pub(crate) fn vmm_exited(
     }
 }
 
+/// Whether the control protocol runs over a virtio-serial port instead of
+/// vsock: in QEMU VMs that take part in snapshots (QEMU 7.2 cannot migrate
+/// vhost-user-vsock). Firecracker snapshots its vsock device itself.
+pub(crate) fn control_on_serial(backend: dough_vmm::Backend, snapshot: bool) -> bool {
+    snapshot && backend == dough_vmm::Backend::Qemu
+}
+
 /// Scratch disk, vsock listener, VMM; then wait for the agent's Hello and
 /// answer Welcome. `Ok(Err(signal))`: cancelled while booting.
 async fn drive_boot(
@@ -800,13 +808,13 @@ async fn drive_boot(
 ) -> Result<Result<tokio::sync::mpsc::Receiver<Incoming>, i32>, RunError> {
     let paths = &vmspec.paths;
     dough_vmm::disk::create_scratch(&vmspec.scratch, spec.scratch_mib).await?;
-    let listener = match vmspec.snapshot {
-        None => Some(vsock::listen(
+    // The control port: QEMU listens, Dough connects once it started.
+    let listener = match control_on_serial(vmm.backend(), vmspec.snapshot.is_some()) {
+        false => Some(vsock::listen(
             &paths.vsock_uds(),
             dough_proto::CONTROL_PORT,
         )?),
-        // The control port: QEMU listens, Dough connects once it started.
-        Some(_) => None,
+        true => None,
     };
     let vm = live.vm.insert(vmm.start(vmspec).await?);
     ctx.phase(Phase::Spawned);

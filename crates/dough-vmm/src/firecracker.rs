@@ -121,6 +121,26 @@ pub struct SnapshotFiles {
     pub memory: PathBuf,
 }
 
+impl SnapshotFiles {
+    /// Where a jailed template writes its snapshot, as Firecracker sees it
+    /// (`run/` in the chroot is the one directory its uid owns).
+    pub fn in_template_chroot() -> SnapshotFiles {
+        SnapshotFiles {
+            state: "/run/snapshot.state".into(),
+            memory: "/run/snapshot.mem".into(),
+        }
+    }
+
+    /// Where a jailed clone finds its template's files, as Firecracker
+    /// sees them (hard links into the chroot).
+    pub fn in_clone_chroot() -> SnapshotFiles {
+        SnapshotFiles {
+            state: "/snapshot.state".into(),
+            memory: "/snapshot.mem".into(),
+        }
+    }
+}
+
 /// One API request: method, path, JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiRequest {
@@ -187,12 +207,12 @@ impl Firecracker {
     /// vCPUs, at most 32.
     pub fn check_spec(spec: &VmSpec) -> Result<(), VmmError> {
         spec.validate()?;
-        if spec.snapshot.is_some() {
-            // The requests exist (snapshot_plan, restore_plan) and are
-            // checked against the spec; restoring through them is not wired
-            // into start() yet.
+        if spec.snapshot.is_some() && spec.jail.is_none() {
+            // Firecracker restores drives and sockets at the paths the
+            // snapshot names: only per-VM chroots give every clone its own
+            // files at the template's paths.
             return Err(VmmError::Spec(
-                "snapshot templates and clones run on QEMU here; Firecracker's snapshot restore is not wired yet".into(),
+                "Firecracker snapshot templates and clones run jailed (each clone's chroot gives the template's drive paths to its own files); run as root with confinement on".into(),
             ));
         }
         if spec.vcpus > 32 || (spec.vcpus > 1 && spec.vcpus % 2 == 1) {
@@ -221,10 +241,20 @@ impl Firecracker {
         args.join(" ")
     }
 
-    /// Every request, in order, that configures and starts `spec`.
-    pub fn plan(spec: &VmSpec) -> Vec<ApiRequest> {
+    /// Every request, in order, that starts `spec`: a clone loads its
+    /// template's snapshot, any other VM is configured and booted.
+    pub fn start_plan(spec: &VmSpec) -> Vec<ApiRequest> {
+        match &spec.snapshot {
+            Some(crate::SnapshotRole::Clone { .. }) => Self::clone_plan(spec),
+            _ => Self::plan(spec),
+        }
+    }
+
+    /// Logger and metrics: the only things Firecracker takes before a
+    /// snapshot load, and the first of a boot.
+    fn log_requests(spec: &VmSpec) -> Vec<ApiRequest> {
         let p = &spec.paths;
-        let mut r = vec![
+        vec![
             ApiRequest::put(
                 "/logger",
                 &Logger {
@@ -240,6 +270,13 @@ impl Firecracker {
                     metrics_path: s(&p.fc_metrics_fifo()),
                 },
             ),
+        ]
+    }
+
+    /// Every request, in order, that configures and boots `spec`.
+    pub fn plan(spec: &VmSpec) -> Vec<ApiRequest> {
+        let mut r = Self::log_requests(spec);
+        r.extend([
             ApiRequest::put(
                 "/machine-config",
                 &MachineConfig {
@@ -276,7 +313,7 @@ impl Firecracker {
                     cache_type: "Unsafe",
                 },
             ),
-        ];
+        ]);
         if let Some(tap) = &spec.tap {
             r.push(ApiRequest::put(
                 "/network-interfaces/eth0",
@@ -291,7 +328,7 @@ impl Firecracker {
             "/vsock",
             &Vsock {
                 guest_cid: spec.guest_cid,
-                uds_path: s(&p.vsock_uds()),
+                uds_path: s(&spec.paths.vsock_uds()),
             },
         ));
         r.push(ApiRequest::put(
@@ -341,6 +378,15 @@ impl Firecracker {
                 clock_realtime: true,
             },
         )]
+    }
+
+    /// Start a clone (a jailed Firecracker, `spec` as seen inside its
+    /// chroot): logger and metrics, then the load of the template's files,
+    /// which the chroot holds under fixed names ([`Self::jailer_plan`]).
+    pub fn clone_plan(spec: &VmSpec) -> Vec<ApiRequest> {
+        let mut r = Self::log_requests(spec);
+        r.extend(Self::restore_plan(&SnapshotFiles::in_clone_chroot(), spec));
+        r
     }
 
     /// The graceful-stop request (x86: the guest sees Ctrl-Alt-Del).
@@ -412,6 +458,18 @@ impl Firecracker {
             ));
             inner.initramfs = Some("/initramfs.cpio".into());
         }
+        // A clone: its template's files under the names clone_plan loads.
+        // Firecracker maps the memory file privately and never writes it;
+        // the file is the template group's (read-only), so the clone's
+        // Firecracker runs with that group.
+        let mut gid = js.gid;
+        if let Some(crate::SnapshotRole::Clone { memory, state, .. }) = &spec.snapshot {
+            let f = SnapshotFiles::in_clone_chroot();
+            let name = |p: &Path| p.to_string_lossy().trim_start_matches('/').to_string();
+            links.push((state.clone(), name(&f.state)));
+            links.push((memory.clone(), name(&f.memory)));
+            gid = crate::TEMPLATE_GID;
+        }
         let l = js.limits;
         let cgroups: Vec<String> = if cgroup_version == 2 {
             vec![
@@ -439,7 +497,7 @@ impl Firecracker {
             "--uid".into(),
             js.uid.to_string(),
             "--gid".into(),
-            js.gid.to_string(),
+            gid.to_string(),
             "--chroot-base-dir".into(),
             s(base),
             "--cgroup-version".into(),
@@ -582,7 +640,7 @@ impl Firecracker {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            for req in Self::plan(&plan.inner) {
+            for req in Self::start_plan(&plan.inner) {
                 call(&plan.api_sock, &req, Duration::from_secs(5)).await?;
             }
             Ok((vmm, j, console))
@@ -619,6 +677,26 @@ impl Firecracker {
             }
         }
     }
+}
+
+/// Snapshot a jailed template VM whose guest is quiesced: pause it and
+/// write its state and memory into `run/` of its chroot (`api_sock` is
+/// `<chroot>/run/firecracker.socket`). Returns where the files are on the
+/// host; the VM stays paused for the caller to tear down.
+pub async fn snapshot_template(api_sock: &Path) -> Result<SnapshotFiles, VmmError> {
+    let run = api_sock
+        .parent()
+        .ok_or_else(|| VmmError::Spec(format!("no directory around {}", api_sock.display())))?;
+    let inside = SnapshotFiles::in_template_chroot();
+    // Writing the guest memory out takes a while for large VMs.
+    for req in Firecracker::snapshot_plan(&inside) {
+        call(api_sock, &req, Duration::from_secs(120)).await?;
+    }
+    let on_host = |p: &Path| run.join(p.file_name().unwrap_or_default());
+    Ok(SnapshotFiles {
+        state: on_host(&inside.state),
+        memory: on_host(&inside.memory),
+    })
 }
 
 /// Send one request on a fresh connection; Ok on 2xx, else the error
@@ -714,7 +792,7 @@ impl Vmm for Firecracker {
                 let _ = vmm.kill().await;
                 return Err(e);
             }
-            for req in Self::plan(spec) {
+            for req in Self::start_plan(spec) {
                 if let Err(e) = call(&sock, &req, Duration::from_secs(5)).await {
                     let _ = vmm.kill().await;
                     return Err(e);

@@ -295,16 +295,23 @@ pub struct VmSpec {
 /// jail gets it as a supplementary group.
 pub const TEMPLATE_GID: u32 = 899_999;
 
-/// How a QEMU VM takes part in snapshots.
+/// How a VM takes part in snapshots (docs/boot.md, docs/firecracker.md).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SnapshotRole {
-    /// Guest RAM lives in `memory` (a shared file mapping), so a snapshot
-    /// needs only the device state; the VM is booted normally.
+    /// A VM booted to be snapshotted. QEMU: guest RAM lives in `memory` (a
+    /// shared file mapping), so a snapshot needs only the device state.
+    /// Firecracker: booted like any VM (jailed); its snapshot writes the
+    /// guest memory out ([`firecracker::snapshot_template`]).
     Template { memory: PathBuf },
     /// Restored from a template: `memory` mapped privately (copy on
-    /// write; the file is never changed), device state read from `state`
-    /// (an open descriptor the VMM inherits).
-    Clone { memory: PathBuf, state_fd: i32 },
+    /// write; the file is never changed), device state from `state`. QEMU
+    /// reads the state from `state_fd` (an open descriptor it inherits);
+    /// jailed Firecracker from `state` linked into its chroot.
+    Clone {
+        memory: PathBuf,
+        state: PathBuf,
+        state_fd: i32,
+    },
 }
 
 impl VmSpec {

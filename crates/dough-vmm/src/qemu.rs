@@ -373,6 +373,7 @@ mod tests {
         let mut c = spec(Accel::Tcg);
         c.snapshot = Some(SnapshotRole::Clone {
             memory: "/t/memory".into(),
+            state: "/t/state".into(),
             state_fd: 9,
         });
         let (ta, ca) = (q().args(&t).join(" "), q().args(&c).join(" "));

@@ -511,3 +511,130 @@ fn jailed_plan_uses_only_in_jail_paths_and_documented_jailer_flags() {
         }
     }
 }
+
+/// Snapshot clones on Firecracker: only jailed (Firecracker reopens drives
+/// at the paths the snapshot names; each clone's chroot gives those paths
+/// to its own files). A jailed clone's plan is logger, metrics and a load
+/// of files linked into its chroot — the template's state and memory, the
+/// memory read through the template group — with every request valid
+/// against the spec and no host path in any of them. A jailed template
+/// boots exactly as any VM does.
+#[test]
+fn jailed_clones_load_their_templates_files_from_their_chroot() {
+    use dough_vmm::cgroup::limits_for;
+    use dough_vmm::jail::JailSpec;
+    use dough_vmm::SnapshotRole;
+    let spec_doc = spec();
+    let fc = Firecracker {
+        binary: "/usr/local/bin/firecracker".into(),
+    };
+    let tpl = PathBuf::from("/var/lib/dough/templates/aaaaaaaaaaaa");
+    for mut cfg in configurations() {
+        let js = JailSpec {
+            uid: 900_123,
+            gid: 900_123,
+            groups: vec![],
+            root: "/var/lib/dough/jails/0123456789ab".into(),
+            limits: limits_for(cfg.vcpus, cfg.memory_mib, false),
+        };
+        let boot = Firecracker::plan(&cfg);
+
+        cfg.snapshot = Some(SnapshotRole::Template {
+            memory: "/var/lib/dough/vms/0123456789ab/memory".into(),
+        });
+        let e = Firecracker::check_spec(&cfg).unwrap_err().to_string();
+        assert!(e.contains("jailed"), "{e}");
+        cfg.jail = Some(js.clone());
+        Firecracker::check_spec(&cfg).unwrap();
+        let plan = fc.jailer_plan(&cfg, &js, 2, None);
+        assert!(plan.args.join(" ").contains("--gid 900123"));
+        let mut expect = boot.clone();
+        let inner = Firecracker::plan(&plan.inner);
+        expect.truncate(inner.len());
+        assert_eq!(
+            Firecracker::start_plan(&plan.inner)
+                .iter()
+                .map(|r| r.path.as_str())
+                .collect::<Vec<_>>(),
+            expect.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            "a template boots as any VM"
+        );
+
+        cfg.snapshot = Some(SnapshotRole::Clone {
+            memory: tpl.join("memory"),
+            state: tpl.join("state"),
+            state_fd: 9,
+        });
+        cfg.jail = None;
+        assert!(Firecracker::check_spec(&cfg).is_err());
+        cfg.jail = Some(js.clone());
+        Firecracker::check_spec(&cfg).unwrap();
+        let plan = fc.jailer_plan(&cfg, &js, 2, None);
+        let a = plan.args.join(" ");
+        assert!(
+            a.contains(&format!("--gid {}", dough_vmm::TEMPLATE_GID)),
+            "{a}"
+        );
+        let start = Firecracker::start_plan(&plan.inner);
+        assert_eq!(
+            start.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["/logger", "/metrics", "/snapshot/load"]
+        );
+        for req in &start {
+            spec_doc
+                .check(req)
+                .unwrap_or_else(|e| panic!("{e}\n{req:?}"));
+            let body = req.body.to_string();
+            assert!(!body.contains("/var/lib/dough"), "host path: {body}");
+        }
+        let load = &start[2].body;
+        let linked = |name: &str| {
+            plan.links
+                .iter()
+                .find(|(_, n)| format!("/{n}") == name)
+                .map(|(src, _)| src.clone())
+        };
+        assert_eq!(
+            linked(load["snapshot_path"].as_str().unwrap()),
+            Some(tpl.join("state"))
+        );
+        assert_eq!(
+            linked(load["mem_backend"]["backend_path"].as_str().unwrap()),
+            Some(tpl.join("memory"))
+        );
+        assert_eq!(load["resume_vm"], true);
+        // The drives the snapshot names (as the template saw them in its
+        // chroot) are this clone's own, linked in under the same names.
+        assert_eq!(linked("/scratch.ext4"), Some(cfg.scratch.clone()));
+        assert_eq!(linked("/rootfs.ext4"), Some(cfg.rootfs.clone()));
+    }
+}
+
+/// Snapshotting a template: pause, then a full snapshot into `run/` of its
+/// chroot (the directory the jailed uid owns), over the API socket (test
+/// double, validated against the spec); the host paths returned are where
+/// those files land.
+#[tokio::test]
+async fn a_template_is_paused_and_snapshotted_into_its_chroot_run_dir() {
+    let spec = spec();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("firecracker.socket");
+    let server = fake_api(sock.clone(), false).await;
+    let files = dough_vmm::firecracker::snapshot_template(&sock)
+        .await
+        .unwrap();
+    let got = server.await.unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|r| (r.method, r.path.as_str()))
+            .collect::<Vec<_>>(),
+        [("PATCH", "/vm"), ("PUT", "/snapshot/create")]
+    );
+    for r in &got {
+        spec.check(r).unwrap();
+    }
+    assert_eq!(got[1].body["snapshot_path"], "/run/snapshot.state");
+    assert_eq!(got[1].body["mem_file_path"], "/run/snapshot.mem");
+    assert_eq!(files.state, dir.path().join("snapshot.state"));
+    assert_eq!(files.memory, dir.path().join("snapshot.mem"));
+}
