@@ -429,25 +429,28 @@ async fn the_client_sends_exactly_the_plan_and_reports_api_errors() {
     drop(server);
 }
 
+/// The jail a confined VM of `cfg` gets (uid and gid 900123).
+fn jail_for(cfg: &VmSpec) -> dough_vmm::jail::JailSpec {
+    dough_vmm::jail::JailSpec {
+        uid: 900_123,
+        gid: 900_123,
+        groups: vec![],
+        root: "/var/lib/dough/jails/0123456789ab".into(),
+        limits: dough_vmm::cgroup::limits_for(cfg.vcpus, cfg.memory_mib, false),
+    }
+}
+
 /// The jailer invocation follows the jailer's documented flags, and the API
 /// plan of a jailed VM uses only paths inside its chroot, every one of them
 /// a file that is linked in (no host path reaches the jailed Firecracker).
 #[test]
 fn jailed_plan_uses_only_in_jail_paths_and_documented_jailer_flags() {
-    use dough_vmm::cgroup::limits_for;
-    use dough_vmm::jail::JailSpec;
     let spec_doc = spec();
     let fc = Firecracker {
         binary: "/usr/local/bin/firecracker".into(),
     };
     for cfg in configurations() {
-        let js = JailSpec {
-            uid: 900_123,
-            gid: 900_123,
-            groups: vec![],
-            root: "/var/lib/dough/jails/0123456789ab".into(),
-            limits: limits_for(cfg.vcpus, cfg.memory_mib, false),
-        };
+        let js = jail_for(&cfg);
         for version in [1, 2] {
             let plan = fc.jailer_plan(
                 &cfg,
@@ -521,8 +524,6 @@ fn jailed_plan_uses_only_in_jail_paths_and_documented_jailer_flags() {
 /// boots exactly as any VM does.
 #[test]
 fn jailed_clones_load_their_templates_files_from_their_chroot() {
-    use dough_vmm::cgroup::limits_for;
-    use dough_vmm::jail::JailSpec;
     use dough_vmm::SnapshotRole;
     let spec_doc = spec();
     let fc = Firecracker {
@@ -530,13 +531,7 @@ fn jailed_clones_load_their_templates_files_from_their_chroot() {
     };
     let tpl = PathBuf::from("/var/lib/dough/templates/aaaaaaaaaaaa");
     for mut cfg in configurations() {
-        let js = JailSpec {
-            uid: 900_123,
-            gid: 900_123,
-            groups: vec![],
-            root: "/var/lib/dough/jails/0123456789ab".into(),
-            limits: limits_for(cfg.vcpus, cfg.memory_mib, false),
-        };
+        let js = jail_for(&cfg);
         let boot = Firecracker::plan(&cfg);
 
         cfg.snapshot = Some(SnapshotRole::Template {
