@@ -85,7 +85,7 @@ fn candidates(program: &str, env: &[(String, String)]) -> io::Result<Vec<CString
 /// stdin `/dev/null`, stdout and stderr pipes. Returns once it has exec'd
 /// (or failed to: the error names the step, like std's `Command`).
 ///
-/// The caller holds the reaper's lock (see `task::Reaper::spawn_with`), so
+/// The caller holds the reaper's lock (see `task::Reaper::spawn`), so
 /// the reaper cannot collect the child before its pid is registered.
 pub fn spawn(spec: &Spec) -> io::Result<Spawned> {
     let program = spec

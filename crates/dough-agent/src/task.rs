@@ -127,7 +127,7 @@ impl TaskUser {
 /// instead of the disk. As a task starts: named commands found down PATH
 /// (each miss a lookup the dentry cache then holds), from the task user's
 /// home. Measured under TCG: starting from `/` with absolute paths left a
-/// clone pool's claim at 23-55 ms, this at 9-13 ms (as cold-booted VMs),
+/// clone pool's claim at 23-55 ms, this at 13-21 ms (as cold-booted VMs),
 /// and a template warmed this way restores into a clone whose first task
 /// starts ~20 ms sooner. Idle time only; failures are ignored.
 pub fn prewarm(reaper: &Reaper) {

@@ -183,7 +183,7 @@ async fn snapshot_into(
     }
     let (memory, state) = (dir.join("memory"), dir.join("state"));
     match backend {
-        Backend::Qemu => qemu_save(&paths, &state).await?,
+        Backend::Qemu => qemu_save(&paths, &state, &memory).await?,
         Backend::Firecracker => {
             let api = match vm.parts.live.vm.as_ref().map(|p| &p.control) {
                 Some(dough_vmm::Control::FirecrackerApi(s)) => s.clone(),
@@ -202,8 +202,12 @@ async fn snapshot_into(
 }
 
 /// QEMU: migrate the device state (no RAM: `x-ignore-shared`) into
-/// `state`, and keep the VM's RAM file as the template's memory.
-async fn qemu_save(paths: &dough_vmm::VmPaths, state: &Path) -> Result<(), RunError> {
+/// `state`, and keep the VM's RAM file as the template's `memory`.
+async fn qemu_save(
+    paths: &dough_vmm::VmPaths,
+    state: &Path,
+    memory: &Path,
+) -> Result<(), RunError> {
     let qerr = |e: VmmError| RunError::Vmm(e);
     let mut q = qmp::Session::connect(&paths.qmp(), Duration::from_secs(5))
         .await
@@ -248,9 +252,8 @@ async fn qemu_save(paths: &dough_vmm::VmPaths, state: &Path) -> Result<(), RunEr
         .map_err(qerr)?;
     // RAM: the template VM's file, shared with its clones' VMMs through
     // the template group (QEMU opens it read-write, maps it privately).
-    let memory = state.with_file_name("memory");
-    move_file(&paths.run_dir.join("memory"), &memory).map_err(|e| io("memory", e))?;
-    give_to_template_group(&memory, 0o660)
+    move_file(&paths.run_dir.join("memory"), memory).map_err(|e| io("memory", e))?;
+    give_to_template_group(memory, 0o660)
 }
 
 /// Root's, readable by clones' VMMs through the template group.
@@ -386,11 +389,7 @@ pub(crate) async fn drive_restore(
             Ok(other) => return Err(lost(format!("expected Hello, got {other:?}"), paths)),
             Err(_) => return Err(timeout()),
         };
-        let version = dough_proto::negotiate(dough_proto::supported_versions(), hello.versions)
-            .map_err(RunError::Protocol)?;
-        conn::send(w, &HostMsg::Welcome { version })
-            .await
-            .map_err(|e| lost(format!("cannot send Welcome: {e}"), paths))?;
+        crate::supervisor::welcome(w, &hello, paths).await?;
     }
 
     let mut entropy = vec![0u8; 64];
@@ -534,6 +533,33 @@ pub fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Firecracker template's files move from its jail to the template
+    /// directory; across file systems (here /dev/shm, a tmpfs, to the
+    /// test's directory) by copy and remove.
+    #[test]
+    fn move_file_crosses_file_systems() {
+        let d = tempfile::tempdir().unwrap();
+        let to = d.path().join("memory");
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let from = shm.path().join("snapshot.mem");
+        std::fs::write(&from, b"guest memory").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (
+            std::fs::metadata(shm.path()).unwrap().dev(),
+            std::fs::metadata(d.path()).unwrap().dev(),
+        );
+        move_file(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"guest memory");
+        assert!(!from.exists());
+        assert_ne!(a, b, "the test needs two file systems");
+        // Within one: a rename.
+        let again = d.path().join("memory2");
+        move_file(&to, &again).unwrap();
+        assert!(again.exists() && !to.exists());
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {

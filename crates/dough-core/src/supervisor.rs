@@ -809,12 +809,13 @@ async fn drive_boot(
     let paths = &vmspec.paths;
     dough_vmm::disk::create_scratch(&vmspec.scratch, spec.scratch_mib).await?;
     // The control port: QEMU listens, Dough connects once it started.
-    let listener = match control_on_serial(vmm.backend(), vmspec.snapshot.is_some()) {
-        false => Some(vsock::listen(
+    let listener = if control_on_serial(vmm.backend(), vmspec.snapshot.is_some()) {
+        None
+    } else {
+        Some(vsock::listen(
             &paths.vsock_uds(),
             dough_proto::CONTROL_PORT,
-        )?),
-        true => None,
+        )?)
     };
     let vm = live.vm.insert(vmm.start(vmspec).await?);
     ctx.phase(Phase::Spawned);
@@ -862,18 +863,27 @@ async fn drive_boot(
         _ = tokio::time::sleep_until(boot_deadline) => return Err(boot_timeout()),
         sig = cancel.as_mut() => return Ok(Err(sig)),
     };
+    welcome(w, &hello, paths).await?;
+    live.hello = Some(hello);
+    ctx.phase(Phase::Hello);
+    Ok(Ok(rx))
+}
+
+/// Answer an agent's Hello: the protocol version both speak.
+pub(crate) async fn welcome(
+    w: &mut OwnedWriteHalf,
+    hello: &Hello,
+    paths: &VmPaths,
+) -> Result<(), RunError> {
     let version = dough_proto::negotiate(dough_proto::supported_versions(), hello.versions)
         .map_err(RunError::Protocol)?;
     debug!(kernel = %hello.kernel, boot_ms = hello.boot_ms, version, "hello");
-    live.hello = Some(hello);
-    ctx.phase(Phase::Hello);
     conn::send(w, &HostMsg::Welcome { version })
         .await
         .map_err(|e| RunError::AgentLost {
             reason: format!("cannot send to the agent: {e}"),
             serial_tail: serial_tail(paths),
-        })?;
-    Ok(Ok(rx))
+        })
 }
 
 /// Assign the task, then stream its output and watch heartbeats until it

@@ -290,9 +290,10 @@ pub struct VmSpec {
     pub snapshot: Option<SnapshotRole>,
 }
 
-/// The group that may open snapshot memory files (a clone's QEMU maps its
-/// template's privately, but QEMU opens the file read-write); every clone's
-/// jail gets it as a supplementary group.
+/// The group that may open a template's snapshot files (a clone's VMM maps
+/// the memory privately; QEMU opens it read-write, Firecracker read-only).
+/// A QEMU clone's jail gets it as a supplementary group, a jailed
+/// Firecracker clone as its group (the jailer takes no other).
 pub const TEMPLATE_GID: u32 = 899_999;
 
 /// How a VM takes part in snapshots (docs/boot.md, docs/firecracker.md).
