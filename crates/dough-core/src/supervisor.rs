@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use dough_image::{Image, ImageError, KernelKind};
 use dough_proto::{Assign, ExitStatus, GuestMsg, Hello, HostMsg, ProtoError, Stream};
-use dough_vmm::{vsock, Accel, SnapshotRole, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
+use dough_vmm::{vsock, Accel, Backend, SnapshotRole, VmPaths, VmProcess, VmSpec, Vmm, VmmError};
 use tokio::net::unix::OwnedWriteHalf;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -383,6 +383,36 @@ pub(crate) struct Parts {
 
 pub(crate) type BootFailure = (Parts, Result<Outcome, RunError>);
 
+/// How `backend` comes by the VM's TAP: QEMU inherits Dough's descriptor,
+/// Firecracker opens tap0 by name (it calls `TUNSETIFF` itself, which a
+/// TAP Dough still held open would refuse with EBUSY).
+pub fn tap_attach(backend: Backend) -> dough_net::TapAttach {
+    match backend {
+        Backend::Qemu => dough_net::TapAttach::Fd,
+        Backend::Firecracker => dough_net::TapAttach::ByName,
+    }
+}
+
+/// The VM's network for `backend`: its namespace with tap0 owned by
+/// `tap_owner` (the jail's uid), then the host's table. The VMM is started
+/// inside the namespace afterwards.
+pub fn setup_net(
+    host: &HostConfig,
+    vm_id: &str,
+    egress: &Egress,
+    backend: Backend,
+    tap_owner: Option<u32>,
+) -> Result<VmNet, dough_net::NetError> {
+    let cfg = host.net_config()?;
+    let tap = dough_net::TapSpec {
+        owner: tap_owner,
+        attach: tap_attach(backend),
+    };
+    let n = VmNet::setup(&cfg, vm_id, egress, tap)?;
+    dough_net::prepare_host(&cfg)?;
+    Ok(n)
+}
+
 /// Make the VM's resources, spawn the VMM and wait for the agent's Hello
 /// (answered with Welcome), or for a clone restore it and wait for its
 /// Restored.
@@ -484,14 +514,14 @@ pub(crate) async fn boot_vm(
     // The network: a namespace of its own, made before the VMM that joins it.
     if let Some(egress) = &spec.network {
         let t = Instant::now();
-        let made = host
-            .net_config()
-            .and_then(|cfg| {
-                let n = VmNet::setup(&cfg, &vm_id, egress, parts.lease.as_ref().map(|l| l.uid))?;
-                dough_net::prepare_host(&cfg)?;
-                Ok(n)
-            })
-            .map_err(RunError::Net);
+        let made = setup_net(
+            host,
+            &vm_id,
+            egress,
+            vmm.backend(),
+            parts.lease.as_ref().map(|l| l.uid),
+        )
+        .map_err(RunError::Net);
         match made {
             Ok(n) => {
                 debug!(slot = n.slot, addr = %n.slot_addr, egress = egress.name(), ms = t.elapsed().as_millis() as u64, "network ready");

@@ -39,6 +39,36 @@ pub const GUEST_PREFIX: u8 = 30;
 pub const GUEST_MAC: &str = "06:00:ac:10:00:02";
 /// The TAP device in the VM's namespace.
 pub const TAP: &str = "tap0";
+
+/// How the VMM comes by tap0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapAttach {
+    /// Dough keeps tap0's queue open ([`VmNet::tap`]) and hands the VMM the
+    /// descriptor (QEMU's `-netdev tap,fd=`): a jailed VMM never opens
+    /// /dev/net/tun.
+    Fd,
+    /// The VMM opens /dev/net/tun and attaches tap0 by name itself
+    /// (Firecracker's `host_dev_name`). Dough holds no descriptor: a
+    /// single-queue TAP takes one attached file, and a second `TUNSETIFF`
+    /// fails with EBUSY.
+    ByName,
+}
+
+/// tap0 as the VMM needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapSpec {
+    /// The uid that may attach it without CAP_NET_ADMIN (a jailed VMM's).
+    pub owner: Option<u32>,
+    pub attach: TapAttach,
+}
+
+impl TapSpec {
+    /// Root's VMM, descriptor handed over: what tests and benches use.
+    pub const ROOT_FD: TapSpec = TapSpec {
+        owner: None,
+        attach: TapAttach::Fd,
+    };
+}
 /// The namespace's end of the veth pair.
 pub const VETH_NS: &str = "veth0";
 /// Where named namespaces live (as `ip netns` keeps them).
@@ -360,7 +390,8 @@ pub struct VmNet {
     /// The slot address the guest's traffic leaves the namespace with.
     pub slot_addr: Ipv4Addr,
     pub netns: PathBuf,
-    /// tap0, attached: for a VMM that takes the device as a descriptor.
+    /// tap0, attached: for a VMM that takes the device as a descriptor
+    /// ([`TapAttach::Fd`]); None with [`TapAttach::ByName`].
     pub tap: Option<std::fs::File>,
     stop: Option<OwnedFd>,
     dns: Option<JoinHandle<()>>,
@@ -374,20 +405,21 @@ pub struct VmNet {
 
 struct Built {
     slot_addr: Ipv4Addr,
-    tap: std::fs::File,
+    tap: Option<std::fs::File>,
     policy: Arc<Mutex<dns::Policy>>,
 }
 
 impl VmNet {
-    /// Build the VM's namespace: tap0 (owned by `tap_owner` so an
-    /// unprivileged VMM can attach), the veth pair, addresses and routes,
+    /// Build the VM's namespace: tap0 (owned by `tap.owner` so an
+    /// unprivileged VMM can attach, and held open or not as `tap.attach`
+    /// says), the veth pair, addresses and routes,
     /// the egress policy as one nftables batch, and the DNS forwarder.
     /// On error everything made so far is removed again.
     pub fn setup(
         cfg: &NetConfig,
         vm_id: &str,
         egress: &Egress,
-        tap_owner: Option<u32>,
+        tap: TapSpec,
     ) -> Result<VmNet, NetError> {
         if vm_id.is_empty()
             || vm_id.len() > 13
@@ -436,7 +468,7 @@ impl VmNet {
             // It builds the namespace, then forwards DNS: little stack.
             .stack_size(256 << 10)
             .spawn(
-                move || match build(&cfg2, host, &host_addrs, &id, slot, &eg, tap_owner) {
+                move || match build(&cfg2, host, &host_addrs, &id, slot, &eg, tap) {
                     Ok((built, (down, up))) => {
                         let policy = built.policy.clone();
                         let _ = tx.send(Ok(built));
@@ -452,7 +484,7 @@ impl VmNet {
         match rx.recv() {
             Ok(Ok(b)) => {
                 net.slot_addr = b.slot_addr;
-                net.tap = Some(b.tap);
+                net.tap = b.tap;
                 net.policy = Some(b.policy);
                 Ok(net)
             }
@@ -555,7 +587,7 @@ fn build(
     vm_id: &str,
     slot: u32,
     egress: &Egress,
-    tap_owner: Option<u32>,
+    tap_spec: TapSpec,
 ) -> Result<(Built, DnsParts), NetError> {
     use nix::sched::{unshare, CloneFlags};
     let (host_end, ns_end) = cfg.slot_addrs(slot);
@@ -599,12 +631,19 @@ fn build(
     let mut ns = rtnl::Rtnl::open().map_err(io("netlink socket (vm namespace)"))?;
     let lo = ns.index("lo").map_err(io("find lo"))?;
     ns.set_up(lo).map_err(io("bring lo up"))?;
-    let tap = tun::create_persistent_tap(TAP, tap_owner).map_err(io(format!("create {TAP}")))?;
+    let tap =
+        tun::create_persistent_tap(TAP, tap_spec.owner).map_err(io(format!("create {TAP}")))?;
     tun::set_mac(TAP, tun::GATEWAY_MAC).map_err(io("set tap0's address"))?;
     let tidx = ns.index(TAP).map_err(io("find tap0"))?;
     ns.add_addr(tidx, GATEWAY, GUEST_PREFIX)
         .map_err(io("address tap0"))?;
     ns.set_up(tidx).map_err(io("bring tap0 up"))?;
+    // Persistent: tap0 stays when its descriptor closes, for the VMM to
+    // attach by name.
+    let tap = match tap_spec.attach {
+        TapAttach::Fd => Some(tap),
+        TapAttach::ByName => None,
+    };
     let vidx = ns.index(VETH_NS).map_err(io("find veth0"))?;
     ns.add_addr(vidx, ns_end, 30).map_err(io("address veth0"))?;
     ns.set_up(vidx).map_err(io("bring veth0 up"))?;

@@ -19,7 +19,7 @@ fn setup(w: &World, cfg: &dough_net::NetConfig, id: &str, egress: Egress) -> VmN
     let id = id.to_string();
     in_ns(&w.host, move || {
         dough_net::prepare_host(&cfg).expect("prepare host");
-        VmNet::setup(&cfg, &id, &egress, None).expect("setup")
+        VmNet::setup(&cfg, &id, &egress, dough_net::TapSpec::ROOT_FD).expect("setup")
     })
 }
 

@@ -55,6 +55,10 @@ pub struct HostFacts {
     pub pvm_module: bool,
     /// Host TSC frequency in kHz, from /proc/cpuinfo.
     pub tsc_khz: Option<u64>,
+    /// `--allow-pvm`: an explicit `--accel kvm` accepts a PVM `/dev/kvm`
+    /// (for PVM guest kernels, and for checks that stop short of a
+    /// finished boot). Never changes what `auto` picks.
+    pub allow_pvm: bool,
 }
 
 impl HostFacts {
@@ -74,6 +78,23 @@ impl HostFacts {
                 || Path::new("/sys/module/kvm_amd").exists(),
             pvm_module: Path::new("/sys/module/kvm_pvm").exists(),
             tsc_khz: tsc_khz(&cpuinfo),
+            allow_pvm: false,
+        }
+    }
+
+    /// Why KVM cannot be used for `choice`: as [`HostFacts::kvm_problem`],
+    /// except that an explicit `kvm` with `allow_pvm` takes a PVM
+    /// `/dev/kvm` that opens.
+    pub fn kvm_problem_for(&self, choice: AccelChoice) -> Option<String> {
+        let pvm_allowed = choice == AccelChoice::Kvm
+            && self.allow_pvm
+            && self.pvm_module
+            && self.kvm_device
+            && self.kvm_openable;
+        if pvm_allowed {
+            None
+        } else {
+            self.kvm_problem()
         }
     }
 
@@ -87,7 +108,7 @@ impl HostFacts {
         }
         if self.pvm_module && !self.hw_kvm_module {
             return Some(
-                "/dev/kvm is provided by kvm_pvm (a PVM nested hypervisor); a stock guest kernel does not boot under it"
+                "/dev/kvm is provided by kvm_pvm (a PVM nested hypervisor); a stock guest kernel does not boot under it (--accel kvm --allow-pvm uses it anyway, for PVM guest kernels)"
                     .into(),
             );
         }
@@ -102,7 +123,7 @@ impl HostFacts {
 
     /// Resolve a choice to an accelerator, or say why KVM was refused.
     pub fn choose(&self, choice: AccelChoice) -> Result<Accel, String> {
-        match (choice, self.kvm_problem()) {
+        match (choice, self.kvm_problem_for(choice)) {
             (AccelChoice::Tcg, _) => Ok(Accel::Tcg),
             (AccelChoice::Kvm, None) | (AccelChoice::Auto, None) => Ok(Accel::Kvm),
             (AccelChoice::Kvm, Some(why)) => Err(why),
@@ -138,6 +159,7 @@ mod tests {
             hw_kvm_module: true,
             pvm_module: false,
             tsc_khz: Some(2_000_000),
+            allow_pvm: false,
         }
     }
 
@@ -163,6 +185,50 @@ mod tests {
             .choose(AccelChoice::Kvm)
             .unwrap_err()
             .contains("does not exist"));
+    }
+
+    /// `--allow-pvm` lets an explicit `--accel kvm` take a PVM `/dev/kvm`
+    /// that opens, and changes nothing else: auto stays TCG there, and it
+    /// never makes a missing or closed device usable.
+    #[test]
+    fn allow_pvm_only_lifts_the_pvm_refusal_of_an_explicit_kvm() {
+        let pvm = HostFacts {
+            cpu_virt_flag: false,
+            hw_kvm_module: false,
+            pvm_module: true,
+            ..real_kvm()
+        };
+        let allowed = HostFacts {
+            allow_pvm: true,
+            ..pvm.clone()
+        };
+        let closed = HostFacts {
+            kvm_openable: false,
+            ..allowed.clone()
+        };
+        // (facts, choice, expected accelerator or a word of the refusal)
+        let table: &[(&HostFacts, AccelChoice, Result<Accel, &str>)] = &[
+            (&pvm, AccelChoice::Kvm, Err("kvm_pvm")),
+            (&pvm, AccelChoice::Auto, Ok(Accel::Tcg)),
+            (&allowed, AccelChoice::Kvm, Ok(Accel::Kvm)),
+            (&allowed, AccelChoice::Auto, Ok(Accel::Tcg)),
+            (&allowed, AccelChoice::Tcg, Ok(Accel::Tcg)),
+            (&closed, AccelChoice::Kvm, Err("cannot be opened")),
+        ];
+        for (facts, choice, want) in table {
+            let got = facts.choose(*choice);
+            match (want, &got) {
+                (Ok(a), Ok(g)) => assert_eq!(a, g, "{choice:?} on {facts:?}"),
+                (Err(word), Err(why)) => assert!(why.contains(word), "{choice:?}: {why}"),
+                _ => panic!("{choice:?} on {facts:?}: want {want:?}, got {got:?}"),
+            }
+        }
+        // A host with real KVM is unaffected by the flag.
+        let kvm = HostFacts {
+            allow_pvm: true,
+            ..real_kvm()
+        };
+        assert_eq!(kvm.kvm_problem_for(AccelChoice::Auto), None);
     }
 
     /// On this machine (PVM) auto must be TCG; on a KVM host, KVM. The probe

@@ -138,7 +138,7 @@ fn select_with(
     accel: AccelChoice,
     fc_binary: Option<PathBuf>,
 ) -> Result<Selected, VmmError> {
-    let kvm = facts.kvm_problem();
+    let kvm = facts.kvm_problem_for(accel);
     let qemu = |why: String| -> Result<Selected, VmmError> {
         let accel = facts.choose(accel).map_err(VmmError::KvmUnusable)?;
         Ok(Selected {
@@ -361,6 +361,7 @@ mod select_tests {
             hw_kvm_module: true,
             pvm_module: false,
             tsc_khz: Some(2_000_000),
+            allow_pvm: false,
         }
     }
 
@@ -425,5 +426,36 @@ mod select_tests {
         assert!(pick(&pvm, B::Qemu, A::Kvm, false)
             .unwrap_err()
             .contains("kvm_pvm"));
+    }
+
+    /// `--accel kvm --allow-pvm` picks KVM (and Firecracker) on a PVM host;
+    /// without an explicit `kvm` the choice is what it always was.
+    #[test]
+    fn allow_pvm_needs_an_explicit_kvm() {
+        use AccelChoice as A;
+        use BackendChoice as B;
+        let pvm = HostFacts {
+            allow_pvm: true,
+            ..pvm_host()
+        };
+        assert_eq!(
+            pick(&pvm, B::Auto, A::Auto, true),
+            Ok((Backend::Qemu, Accel::Tcg))
+        );
+        assert_eq!(
+            pick(&pvm, B::Auto, A::Kvm, true),
+            Ok((Backend::Firecracker, Accel::Kvm))
+        );
+        assert_eq!(
+            pick(&pvm, B::Qemu, A::Kvm, false),
+            Ok((Backend::Qemu, Accel::Kvm))
+        );
+        assert!(pick(&pvm, B::Firecracker, A::Auto, true)
+            .unwrap_err()
+            .contains("firecracker needs KVM"));
+        // Past the KVM check: what is left is finding the binary.
+        if let Err(e) = pick(&pvm, B::Firecracker, A::Kvm, true) {
+            assert!(e.contains("`firecracker` not found"), "{e}");
+        }
     }
 }

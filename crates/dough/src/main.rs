@@ -41,6 +41,11 @@ pub struct Cli {
     /// processes inside the VM (never the VM boundary); see docs/boot.md.
     #[arg(long, global = true, env = "DOUGH_GUEST_MITIGATIONS", default_value = "on", value_parser = ["on", "off"], value_name = "ON|OFF")]
     pub guest_mitigations: String,
+    /// With `--accel kvm`: use /dev/kvm even where a PVM nested hypervisor
+    /// provides it. For PVM guest kernels, and for checks that stop short of
+    /// a finished boot (scripts/firecracker-check.sh); `auto` never does.
+    #[arg(long, global = true, env = "DOUGH_ALLOW_PVM")]
+    pub allow_pvm: bool,
     /// More logging on stderr (-v debug, -vv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -36,6 +36,15 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
         None => println!("  kvm: usable (hardware virtualization, kvm_intel/kvm_amd)"),
         Some(why) => println!("  kvm: not usable: {why}"),
     }
+    if host.facts.allow_pvm {
+        match host.facts.kvm_problem_for(AccelChoice::Kvm) {
+            None if host.facts.kvm_problem().is_some() => println!(
+                "  --allow-pvm: --accel kvm uses this PVM /dev/kvm (a stock guest kernel does not finish booting under it)"
+            ),
+            None => {}
+            Some(why) => println!("  --allow-pvm: no effect: {why}"),
+        }
+    }
     println!("  tcg: always available (software emulation; guest code runs several times slower)");
     let auto = host.facts.choose(AccelChoice::Auto).unwrap_or(Accel::Tcg);
     println!("  auto → {auto}");

@@ -19,6 +19,7 @@ pub fn host_config(cli: &Cli, accel: AccelChoice, backend: BackendChoice) -> Hos
     h.backend = backend;
     h.kernel = cli.kernel;
     h.guest_mitigations = cli.guest_mitigations == "on";
+    h.facts.allow_pvm = cli.allow_pvm;
     h
 }
 
