@@ -12,6 +12,9 @@ pub struct BootConfig {
     pub root_dev: String,
     /// Block device of the per-VM scratch disk (overlay upper layer).
     pub scratch_dev: String,
+    /// An image's read-only layers (`dough.layers=N`): the block devices
+    /// after the scratch disk, lowest first.
+    pub layers: Vec<String>,
     /// Power off at once (bare-boot benchmark baseline).
     pub bench_poweroff: bool,
     /// A warm-pool VM (`dough.warm=1`): while it waits, load what every
@@ -40,6 +43,7 @@ impl Default for BootConfig {
             port: dough_proto::CONTROL_PORT,
             root_dev: "/dev/vda".into(),
             scratch_dev: "/dev/vdb".into(),
+            layers: vec![],
             bench_poweroff: false,
             warm: false,
             serial: false,
@@ -69,6 +73,14 @@ pub fn parse(cmdline: &str) -> BootConfig {
             "dough.control" => c.serial = v == "serial",
             "dough.scratch" if v.starts_with("/dev/") => c.scratch_dev = v.to_string(),
             "dough.bench" => c.bench_poweroff = v == "poweroff",
+            "dough.layers" => {
+                if let Ok(n) = v.parse::<u8>() {
+                    // vdc, vdd, …: after the base (vda) and scratch (vdb).
+                    c.layers = (0..n.min(MAX_LAYERS))
+                        .map(|i| format!("/dev/vd{}", (b'c' + i) as char))
+                        .collect();
+                }
+            }
             "dough.ip" => {
                 ip = v.split_once('/').and_then(|(a, n)| {
                     Some((a.parse().ok()?, n.parse::<u8>().ok().filter(|n| *n <= 32)?))
@@ -90,6 +102,9 @@ pub fn parse(cmdline: &str) -> BootConfig {
     c
 }
 
+/// As many layers as the host gives a VM (`dough_vmm::MAX_LAYERS`).
+const MAX_LAYERS: u8 = 16;
+
 fn valid_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 48 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
@@ -110,6 +125,11 @@ mod tests {
         assert!(parse("dough.bench=poweroff").bench_poweroff);
         assert!(!c.warm && parse("dough.warm=1").warm && !parse("dough.warm=0").warm);
         assert!(!c.serial && parse("dough.control=serial").serial);
+        assert!(c.layers.is_empty());
+        assert_eq!(parse("dough.layers=2").layers, ["/dev/vdc", "/dev/vdd"]);
+        assert_eq!(parse("dough.layers=200").layers.len(), 16);
+        assert_eq!(parse("dough.layers=16").layers[15], "/dev/vdr");
+        assert!(parse("dough.layers=x").layers.is_empty());
         assert_eq!(c.net, None);
         let n = parse("dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 dough.dns=172.16.0.1")
             .net

@@ -123,12 +123,24 @@ pub fn switch_root(cfg: &BootConfig) -> Result<()> {
     for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
         fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
     }
+    // An image's layers: each the scratch disk a build step left, its
+    // `upper/` (whiteouts and opaque directories as overlayfs wrote them)
+    // stacked over the base, the newest on top.
+    let mut lower = String::from("/mnt/base");
+    for (i, dev) in cfg.layers.iter().enumerate() {
+        wait_for(dev, Duration::from_secs(10))?;
+        let at = format!("/mnt/layer{i}");
+        mnt(dev, &at, "ext4", MsFlags::MS_RDONLY, Some("noload"))?;
+        lower = format!("{at}/upper:{lower}");
+    }
     mnt(
         "overlay",
         "/mnt/newroot",
         "overlay",
         MsFlags::empty(),
-        Some("lowerdir=/mnt/base,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work"),
+        Some(&format!(
+            "lowerdir={lower},upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work"
+        )),
     )?;
     for d in ["proc", "sys", "dev"] {
         let target = format!("/mnt/newroot/{d}");

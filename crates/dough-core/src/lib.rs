@@ -10,12 +10,15 @@
 //! * [`rundir`] — the per-VM run directory, its owner record (written before
 //!   anything is created) and `gc` of what a crashed Dough left behind.
 //! * [`conn`] — the async side of the control protocol.
+//! * [`imagebuild`] — **where a named image is built**: each step a task in
+//!   a VM, its scratch disk kept as a read-only layer.
 //! * [`repo`] — **where a task's work becomes a branch and a pull request**:
 //!   resolve the base, the gate on the guest's bundle, push, forge API.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod conn;
+pub mod imagebuild;
 pub mod leases;
 pub mod pool;
 pub mod repo;

@@ -19,6 +19,9 @@ pub struct OwnerRecord {
     /// recycled PID is not mistaken for the owner.
     pub owner_start: u64,
     pub created_unix: u64,
+    /// The image the VM boots (`dough image rm` refuses it meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug)]
@@ -30,6 +33,11 @@ pub struct RunDir {
 impl RunDir {
     /// Make `<runs>/<id>` (mode 0700) with its owner record.
     pub fn create(runs: &Path, id: &str) -> std::io::Result<RunDir> {
+        Self::create_for(runs, id, None)
+    }
+
+    /// As [`RunDir::create`], for a VM that boots the image `image`.
+    pub fn create_for(runs: &Path, id: &str, image: Option<&str>) -> std::io::Result<RunDir> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -46,6 +54,7 @@ impl RunDir {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            image: image.map(str::to_string),
         };
         std::fs::write(
             path.join(OWNER),
@@ -92,6 +101,20 @@ pub fn processes_using(dir: &Path) -> Vec<u32> {
                         .any(|arg| arg.contains(&needle))
                 })
                 .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The VMs whose live owner boots them on the image `name`.
+pub fn image_users(runs: &Path, name: &str) -> Vec<String> {
+    std::fs::read_dir(runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let rec: OwnerRecord =
+                serde_json::from_slice(&std::fs::read(e.path().join(OWNER)).ok()?).ok()?;
+            (rec.image.as_deref() == Some(name) && owner_alive(&rec)).then_some(rec.vm_id)
         })
         .collect()
 }
@@ -254,6 +277,22 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `dough image rm` sees a live VM's image and not a dead owner's.
+    #[test]
+    fn image_users_are_live_vms_of_that_image() {
+        let runs = tempfile::tempdir().unwrap();
+        RunDir::create_for(runs.path(), "aaaa00000001", Some("py")).unwrap();
+        RunDir::create_for(runs.path(), "aaaa00000002", Some("node")).unwrap();
+        RunDir::create(runs.path(), "aaaa00000003").unwrap();
+        let dead = RunDir::create_for(runs.path(), "aaaa00000004", Some("py")).unwrap();
+        let mut rec: OwnerRecord =
+            serde_json::from_slice(&std::fs::read(dead.path.join(OWNER)).unwrap()).unwrap();
+        rec.owner_start += 1;
+        std::fs::write(dead.path.join(OWNER), serde_json::to_vec(&rec).unwrap()).unwrap();
+        assert_eq!(image_users(runs.path(), "py"), ["aaaa00000001"]);
+        assert!(image_users(runs.path(), "ruby").is_empty());
+    }
 
     #[test]
     fn gc_keeps_live_owners_and_reclaims_dead_ones() {

@@ -323,11 +323,52 @@ impl Service {
     /// Check and queue a task.
     pub fn submit(&self, req: TaskRequest) -> Result<TaskRecord, SubmitError> {
         validate(&req, &self.inner.cfg.limits)?;
+        // The image must be here now, not only when the task runs.
+        self.image_of(&req).map_err(SubmitError::Invalid)?;
         let id = crate::new_id();
         let t = self.inner.store.insert(&id, &req)?;
         self.inner.usage.lock().unwrap().submitted_total += 1;
         self.inner.wake.notify_one();
         Ok(t)
+    }
+
+    /// The image `req` boots, loaded; the error says which images there are.
+    pub fn image_of(&self, req: &TaskRequest) -> Result<dough_image::Image, String> {
+        let host = &self.inner.cfg.host;
+        let name = req.image.as_deref().unwrap_or(dough_image::DEFAULT_IMAGE);
+        dough_image::valid_name(name).map_err(|e| format!("image: {e}"))?;
+        let dir = if name == dough_image::DEFAULT_IMAGE {
+            host.image_dir.clone()
+        } else {
+            dough_image::Image::named(&host.state_dir, name)
+        };
+        dough_image::Image::load(&dir).map_err(|e| {
+            let have: Vec<String> = self.images().into_iter().map(|i| i.name()).collect();
+            format!(
+                "image: {name:?} is not usable on this daemon ({e}); it has: {}",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            )
+        })
+    }
+
+    /// The images this daemon can boot: `default` (its `--image-dir`) and
+    /// the named images of its state directory.
+    pub fn images(&self) -> Vec<dough_image::Image> {
+        let host = &self.inner.cfg.host;
+        let mut v: Vec<dough_image::Image> = dough_image::Image::load(&host.image_dir)
+            .into_iter()
+            .collect();
+        v.extend(
+            crate::imagebuild::list(&host.state_dir)
+                .into_iter()
+                .flatten()
+                .filter(|i| i.name() != dough_image::DEFAULT_IMAGE),
+        );
+        v
     }
 
     /// Cancel: a queued task ends at once; a running one gets SIGTERM, then
@@ -466,7 +507,13 @@ impl Service {
         for t in self.inner.store.queued(room)? {
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
             // A warm VM of the task's shape: its room is already counted.
-            let warm = self.pools().and_then(|p| {
+            // Pools hold VMs of the default image only.
+            let default_image = t
+                .request
+                .image
+                .as_deref()
+                .is_none_or(|i| i == dough_image::DEFAULT_IMAGE);
+            let warm = self.pools().filter(|_| default_image).and_then(|p| {
                 p.claim(Shape {
                     vcpus: v,
                     memory_mib: m as u32,
@@ -561,7 +608,16 @@ impl Service {
                 }
             }
         }
+        let image = match self.image_of(r) {
+            Ok(i) => i,
+            Err(e) => {
+                discard(warm).await;
+                self.finish(&t, State::Failed, "image", &e, None, "ok");
+                return;
+            }
+        };
         let spec = TaskSpec {
+            image: Some(image),
             task_id: t.id.clone(),
             command: r.command.clone(),
             env,
@@ -622,7 +678,15 @@ impl Service {
             vcpus: r.vcpus,
             memory_mib: r.memory_mib,
         };
-        let warm = match (warm, self.pools().and_then(|p| p.template(shape))) {
+        let template = self
+            .pools()
+            .filter(|_| {
+                r.image
+                    .as_deref()
+                    .is_none_or(|i| i == dough_image::DEFAULT_IMAGE)
+            })
+            .and_then(|p| p.template(shape));
+        let warm = match (warm, template) {
             (Some(vm), _) => {
                 // Booted already: claimed from a pool.
                 self.transition(&t.id, State::Booting, None, None, None);
@@ -675,6 +739,11 @@ impl Service {
                 }
             }
         };
+        if let Some(img) = &rep.image {
+            if let Err(e) = self.inner.store.set_image_digest(&t.id, &img.digest) {
+                warn!(task = %t.id, error = %e, "store image digest");
+            }
+        }
         let cleanup = if rep.teardown_errors.is_empty() {
             "ok".to_string()
         } else {

@@ -265,7 +265,7 @@ fn give_to_template_group(p: &Path, mode: u32) -> Result<(), RunError> {
 }
 
 /// Rename, or copy and remove across file systems.
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {

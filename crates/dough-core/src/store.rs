@@ -132,6 +132,9 @@ pub struct TaskRequest {
     /// (values are never stored).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_env: Vec<String>,
+    /// The image to boot (`dough image ls`); absent: `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 fn one() -> u32 {
@@ -170,6 +173,8 @@ pub struct TaskRecord {
     pub cleanup: Option<String>,
     /// A repository task's result: branch, commits, pull request.
     pub result: Option<crate::repo::Finalized>,
+    /// The digest of the image the task's VM booted.
+    pub image_digest: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +231,8 @@ pub trait Store: Send + Sync {
     fn set_vm(&self, id: &str, vm_id: &str) -> Result<()>;
     /// Record a repository task's result (before its final transition).
     fn set_result(&self, id: &str, result: &crate::repo::Finalized) -> Result<()>;
+    /// Record the digest of the image the task's VM booted.
+    fn set_image_digest(&self, id: &str, digest: &str) -> Result<()>;
     /// Back to the queue (recovery of a task whose VM never booted).
     fn requeue(&self, id: &str) -> Result<()>;
     /// Task counts per state.
@@ -309,6 +316,13 @@ impl SqliteStore {
         if !has_result {
             db.execute_batch("ALTER TABLE tasks ADD COLUMN result TEXT")?;
         }
+        // … and before named images, `image_digest`.
+        let has_image: bool = db
+            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'image_digest'")?
+            .exists([])?;
+        if !has_image {
+            db.execute_batch("ALTER TABLE tasks ADD COLUMN image_digest TEXT")?;
+        }
         Ok(SqliteStore { db: Mutex::new(db) })
     }
 
@@ -357,6 +371,7 @@ impl SqliteStore {
                 .get::<_, Option<String>>("result")?
                 .map(|r| serde_json::from_str(&r).map_err(|e| StoreError::Corrupt(e.to_string())))
                 .transpose()?,
+            image_digest: row.get("image_digest")?,
             id,
         })
     }
@@ -536,6 +551,17 @@ impl Store for SqliteStore {
         let n = self.conn().execute(
             "UPDATE tasks SET result = ?2 WHERE id = ?1",
             params![id, text],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(id.into()));
+        }
+        Ok(())
+    }
+
+    fn set_image_digest(&self, id: &str, digest: &str) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE tasks SET image_digest = ?2 WHERE id = ?1",
+            params![id, digest],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(id.into()));

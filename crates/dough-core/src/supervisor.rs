@@ -63,6 +63,12 @@ pub struct TaskSpec {
     /// Where the guest's bundle is written (at most `repo.max_bundle_bytes`;
     /// more marks the run's [`WorkOutput::oversized`]).
     pub bundle_path: Option<std::path::PathBuf>,
+    /// The image to boot; None: the host's ([`HostConfig::image_dir`]).
+    pub image: Option<Image>,
+    /// An image build step: when the task exits 0 and the VM powers off by
+    /// itself, its scratch disk (the overlay's upper layer) is moved here
+    /// instead of being deleted with the run directory.
+    pub keep_scratch: Option<PathBuf>,
 }
 
 impl Default for TaskSpec {
@@ -85,6 +91,8 @@ impl Default for TaskSpec {
             repo: None,
             prompt: None,
             bundle_path: None,
+            image: None,
+            keep_scratch: None,
         }
     }
 }
@@ -172,6 +180,18 @@ pub struct RunReport {
     pub vmm_ended_by: &'static str,
     /// What a repo task's guest reported and sent.
     pub work: WorkOutput,
+    /// The image the VM booted: its name and digest (None: it never got
+    /// that far).
+    pub image: Option<ImageUsed>,
+    /// `TaskSpec::keep_scratch` was honoured: the disk is there.
+    pub scratch_kept: bool,
+}
+
+/// Which image a run booted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageUsed {
+    pub name: String,
+    pub digest: String,
 }
 
 /// The repository side of a run, as received from the guest (untrusted).
@@ -379,6 +399,9 @@ pub(crate) struct Parts {
     pub(crate) lease: Option<UidLease>,
     pub(crate) net: Option<VmNet>,
     pub(crate) live: Live,
+    pub(crate) image: Option<ImageUsed>,
+    /// Where the scratch disk goes if the task succeeds (build steps).
+    pub(crate) keep_scratch: Option<PathBuf>,
 }
 
 pub(crate) type BootFailure = (Parts, Result<Outcome, RunError>);
@@ -432,12 +455,17 @@ pub(crate) async fn boot_vm(
         lease: None,
         net: None,
         live: Live::default(),
+        image: None,
+        keep_scratch: spec.keep_scratch.clone(),
     };
     // Checks that create nothing come first: a bad image or a missing tool
     // leaves nothing behind.
     type Prepared = (Image, Box<dyn Vmm>, Accel, (PathBuf, KernelKind));
     let prepared = (|| -> Result<Prepared, RunError> {
-        let image = Image::load(&host.image_dir)?;
+        let image = match &spec.image {
+            Some(i) => i.clone(),
+            None => Image::load(&host.image_dir)?,
+        };
         let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
         debug!(backend = %sel.vmm.backend(), accel = %sel.accel, why = %sel.why, "vmm selected");
         let emulated = sel.accel == Accel::Tcg;
@@ -457,7 +485,12 @@ pub(crate) async fn boot_vm(
         Err(e) => return Err((parts, Err(e))),
     };
     parts.accel = Some(accel);
-    let rd = match RunDir::create(&host.runs_dir(), &vm_id) {
+    parts.image = Some(ImageUsed {
+        name: image.name(),
+        digest: image.manifest.digest.clone(),
+    });
+    let image_name = parts.image.as_ref().map(|i| i.name.clone());
+    let rd = match RunDir::create_for(&host.runs_dir(), &vm_id, image_name.as_deref()) {
         Ok(rd) => parts.rd.insert(rd),
         Err(e) => return Err((parts, Err(RunError::RunDir(e)))),
     };
@@ -503,6 +536,9 @@ pub(crate) async fn boot_vm(
         // the guest; boots faster under TCG.
         kernel_args.push("mitigations=off".into());
     }
+    if !image.layers.is_empty() {
+        kernel_args.push(format!("dough.layers={}", image.layers.len()));
+    }
     kernel_args.extend(opts.extra_args.iter().cloned());
     if control_on_serial(vmm.backend(), opts.snapshot.is_some()) {
         kernel_args.push("dough.control=serial".into());
@@ -542,6 +578,7 @@ pub(crate) async fn boot_vm(
         initramfs: (!no_initramfs).then(|| image.initramfs.clone()),
         rootfs: image.rootfs.clone(),
         scratch: paths.scratch(),
+        layers: image.layers.clone(),
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
         accel,
@@ -728,6 +765,7 @@ impl BootedVm {
         cancel: std::pin::Pin<&mut impl Future<Output = i32>>,
     ) -> RunReport {
         let span = info_span!("vm", vm_id = %self.parts.vm_id, task_id = %spec.task_id);
+        self.parts.keep_scratch = spec.keep_scratch.clone();
         let mut work = WorkOutput::default();
         let result = drive_task(
             &self.paths,
@@ -765,13 +803,22 @@ impl Parts {
             teardown_errors: vec![],
             vmm_ended_by: "never started",
             work,
+            image: self.image.take(),
+            scratch_kept: false,
         };
         let Some(rd) = self.rd.take() else {
             // Nothing was made.
             rep.phases = ctx.phases;
             return rep;
         };
-        let (mut errors, ended_by) = teardown(&mut self.live, &rd).instrument(span).await;
+        let keep = match &rep.result {
+            Ok(Outcome::Exited(ExitStatus::Code(0))) => self.keep_scratch.take(),
+            _ => None,
+        };
+        let (mut errors, ended_by) = teardown(&mut self.live, &rd, keep.as_deref())
+            .instrument(span)
+            .await;
+        rep.scratch_kept = keep.is_some_and(|k| k.exists());
         // After the VMM: it holds tap0, and with it the namespace.
         if let Some(n) = self.net.take() {
             errors.extend(n.teardown().into_iter().map(|e| format!("network: {e}")));
@@ -1081,8 +1128,14 @@ fn libc_sigkill() -> i32 {
 }
 
 /// Undo everything in `live` and delete the run directory. Never stops at
-/// the first error.
-async fn teardown(live: &mut Live, rd: &RunDir) -> (Vec<String>, &'static str) {
+/// the first error. `keep`: move the scratch disk there first, if the VMM
+/// exited by itself (the agent powered off after the task's `sync`; a
+/// killed VMM may have left the disk half-written).
+async fn teardown(
+    live: &mut Live,
+    rd: &RunDir,
+    keep: Option<&std::path::Path>,
+) -> (Vec<String>, &'static str) {
     let mut errors = Vec::new();
     let mut grace = Duration::ZERO;
     if let Some(w) = live.writer.as_mut() {
@@ -1105,6 +1158,16 @@ async fn teardown(live: &mut Live, rd: &RunDir) -> (Vec<String>, &'static str) {
         let r = vm.stop(grace).await;
         ended_by = r.vmm_ended_by;
         errors.extend(r.errors);
+    }
+    if let Some(to) = keep {
+        let scratch = VmPaths::new(rd.path.join("vm")).scratch();
+        if ended_by != "exited" {
+            errors.push(format!(
+                "the vm did not power off by itself ({ended_by}): its disk is not kept"
+            ));
+        } else if let Err(e) = crate::snapshot::move_file(&scratch, to) {
+            errors.push(format!("keep {}: {e}", scratch.display()));
+        }
     }
     if let Err(e) = rd.remove() {
         errors.push(format!("remove {}: {e}", rd.path.display()));

@@ -48,6 +48,7 @@ async fn boot(
         initramfs: Some(image.initramfs.clone()),
         rootfs: image.rootfs.clone(),
         scratch: paths.scratch(),
+        layers: vec![],
         vcpus: 1,
         memory_mib: 256,
         accel: sel.accel,

@@ -17,7 +17,7 @@ mod elf;
 mod manifest;
 
 pub use build::{build, BuildOptions, Progress, ROOT_INIT};
-pub use manifest::{Manifest, PartInfo};
+pub use manifest::{now_rfc3339, sha256_hex, BaseRef, Layer, Manifest, PartInfo, FILE as MANIFEST};
 
 use std::path::{Path, PathBuf};
 
@@ -143,13 +143,61 @@ pub struct Image {
     pub kernel_minimal: Option<PathBuf>,
     pub initramfs: PathBuf,
     pub rootfs: PathBuf,
+    /// Read-only layers over the rootfs, lowest first (files in the layer
+    /// store, [`Image::layer_path`]).
+    pub layers: Vec<PathBuf>,
     pub manifest: Manifest,
+}
+
+/// The name of the image every task gets unless it names another.
+pub const DEFAULT_IMAGE: &str = "default";
+
+/// Where layers are kept, shared by every image of a state directory
+/// (by key, so two images built on the same steps share their files).
+pub const LAYER_STORE: &str = ".layers";
+
+/// Image names: what a directory and a URL path can hold.
+pub fn valid_name(name: &str) -> Result<(), ImageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::Invalid(format!(
+            "image name {name:?}: 1-63 of [a-z0-9._-], starting with a letter or digit"
+        )))
+    }
 }
 
 impl Image {
     /// The image directory under a state directory.
     pub fn dir_in(state_dir: &Path) -> PathBuf {
-        state_dir.join("images").join("default")
+        Self::named(state_dir, DEFAULT_IMAGE)
+    }
+
+    /// The directory of the image `name` under a state directory.
+    pub fn named(state_dir: &Path, name: &str) -> PathBuf {
+        state_dir.join("images").join(name)
+    }
+
+    /// A layer's file in the store next to the image directory `dir`.
+    pub fn layer_path(dir: &Path, key: &str) -> PathBuf {
+        dir.parent()
+            .unwrap_or(Path::new("."))
+            .join(LAYER_STORE)
+            .join(format!("{key}.ext4"))
+    }
+
+    /// The image's name (its directory's).
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// Load the image in `dir`: the manifest and all three files must exist.
@@ -169,11 +217,17 @@ impl Image {
                 .map(|_| dir.join(build::KERNEL_MINIMAL)),
             initramfs: dir.join(build::INITRAMFS),
             rootfs: dir.join(build::ROOTFS),
+            layers: manifest
+                .layers
+                .iter()
+                .map(|l| Self::layer_path(dir, &l.key))
+                .collect(),
             manifest,
         };
         for p in [&img.kernel, &img.initramfs, &img.rootfs]
             .into_iter()
             .chain(img.kernel_minimal.as_ref())
+            .chain(&img.layers)
         {
             if !p.exists() {
                 return Err(ImageError::Incomplete {
@@ -256,6 +310,7 @@ mod tests {
             kernel_minimal: minimal.map(|_| PathBuf::from("/img/vmlinux-minimal")),
             initramfs: PathBuf::from("/img/initramfs.cpio"),
             rootfs: PathBuf::from("/img/rootfs.ext4"),
+            layers: vec![],
             manifest,
         }
     }

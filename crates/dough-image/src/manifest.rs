@@ -47,8 +47,43 @@ pub struct Manifest {
     /// (the minimal kernel boots it without an initramfs); empty: none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rootfs_agent: String,
-    /// sha256 over the three parts' hashes: names the image as a whole.
+    /// The image this one was built on (named images; absent for the
+    /// base Dough builds from Debian packages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+    /// The build steps' layers, lowest first (`dough image build NAME
+    /// --packages/--run`; docs/images.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<Layer>,
+    /// sha256 over the parts' hashes and the layers' keys: names the image
+    /// as a whole.
     pub digest: String,
+}
+
+/// The image a named image was built on, when it was built.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRef {
+    pub name: String,
+    pub digest: String,
+}
+
+/// One build step's result: the scratch disk of the VM that ran it, kept
+/// read-only in the layer store as `<key>.ext4`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// The step as given (`packages: …`, `run: …`, with its `env:`).
+    pub step: String,
+    /// sha256 of the base's digest and every step up to this one: equal
+    /// keys, equal layers, so an unchanged step is never run again.
+    pub key: String,
+    /// Bytes the layer's disk holds (it is sparse).
+    pub size: u64,
+    pub built_at: String,
+    /// How long the step took, in milliseconds.
+    #[serde(default)]
+    pub ms: u64,
 }
 
 impl Manifest {
@@ -72,6 +107,9 @@ impl Manifest {
         );
         if let Some(k) = &self.kernel_minimal {
             text.push_str(&format!("minimal {}\n", k.sha256));
+        }
+        for l in &self.layers {
+            text.push_str(&format!("layer {}\n", l.key));
         }
         self.digest = sha256_hex(text.as_bytes());
     }

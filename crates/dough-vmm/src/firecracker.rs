@@ -314,6 +314,18 @@ impl Firecracker {
                 },
             ),
         ]);
+        for (i, layer) in spec.layers.iter().enumerate() {
+            r.push(ApiRequest::put(
+                format!("/drives/layer{i}"),
+                &Drive {
+                    drive_id: format!("layer{i}"),
+                    path_on_host: s(layer),
+                    is_root_device: false,
+                    is_read_only: true,
+                    cache_type: "Unsafe",
+                },
+            ));
+        }
         if let Some(tap) = &spec.tap {
             r.push(ApiRequest::put(
                 "/network-interfaces/eth0",
@@ -451,6 +463,12 @@ impl Firecracker {
         inner.rootfs = "/rootfs.ext4".into();
         inner.scratch = "/scratch.ext4".into();
         inner.jail = None;
+        for (i, layer) in spec.layers.iter().enumerate() {
+            links.push((layer.clone(), format!("layer{i}.ext4")));
+        }
+        inner.layers = (0..spec.layers.len())
+            .map(|i| PathBuf::from(format!("/layer{i}.ext4")))
+            .collect();
         if spec.initramfs.is_some() {
             links.push((
                 spec.initramfs.clone().unwrap_or_default(),

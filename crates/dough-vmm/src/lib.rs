@@ -264,6 +264,10 @@ pub struct VmSpec {
     pub rootfs: PathBuf,
     /// Writable scratch disk (`/dev/vdb`).
     pub scratch: PathBuf,
+    /// An image's read-only layers, lowest first (`/dev/vdc`, `/dev/vdd`,
+    /// …): each the scratch disk of one build step, its `upper/` stacked
+    /// over the base by the agent (`dough.layers=N`).
+    pub layers: Vec<PathBuf>,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub accel: Accel,
@@ -329,6 +333,12 @@ impl VmSpec {
                 self.memory_mib
             )));
         }
+        if self.layers.len() > MAX_LAYERS {
+            return Err(VmmError::Spec(format!(
+                "{} image layers; at most {MAX_LAYERS}",
+                self.layers.len()
+            )));
+        }
         for s in self.paths.sockets(self.guest_port) {
             if s.as_os_str().len() > 107 {
                 return Err(VmmError::PathTooLong(s));
@@ -337,6 +347,9 @@ impl VmSpec {
         Ok(())
     }
 }
+
+/// Image layers a VM takes (read-only drives after the base and scratch).
+pub const MAX_LAYERS: usize = 16;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -153,6 +153,17 @@ impl Qemu {
             "-device",
             "virtio-blk-device,drive=scratch",
         ]);
+        for (i, layer) in spec.layers.iter().enumerate() {
+            push(&[
+                "-drive",
+                &format!(
+                    "id=layer{i},file={},format=raw,if=none,readonly=on",
+                    layer.display()
+                ),
+                "-device",
+                &format!("virtio-blk-device,drive=layer{i}"),
+            ]);
+        }
         if let Some(tap) = &spec.tap {
             let netdev = match spec.tap_fd {
                 Some(fd) => format!("tap,id=n0,fd={fd}"),
@@ -201,6 +212,7 @@ impl Qemu {
         if let Some(i) = &spec.initramfs {
             binds.push(ro(i));
         }
+        binds.extend(spec.layers.iter().map(|l| ro(l)));
         let mut js = js.clone();
         if let Some(SnapshotRole::Clone { memory, .. }) = &spec.snapshot {
             // Opened read-write (QEMU has no read-only private mapping in
@@ -338,6 +350,7 @@ mod tests {
             initramfs: Some("/i/initramfs.cpio".into()),
             rootfs: "/i/rootfs.ext4".into(),
             scratch: "/r/scratch.ext4".into(),
+            layers: vec![],
             vcpus: 2,
             memory_mib: 512,
             accel,
@@ -458,6 +471,28 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"));
         assert!(a.contains("tap,id=n0,ifname=tap0,script=no,downscript=no"));
         assert!(a.contains("virtio-net-device,netdev=n0"));
+    }
+
+    /// Layers come after the base and scratch drives, read-only, lowest
+    /// first: the guest finds layer i at /dev/vd(c+i).
+    #[test]
+    fn layers_follow_the_base_and_scratch_read_only() {
+        let mut s = spec(Accel::Tcg);
+        s.layers = vec!["/l/a.ext4".into(), "/l/b.ext4".into()];
+        let a = q().args(&s).join(" ");
+        let at = |needle: &str| a.find(needle).unwrap_or_else(|| panic!("{needle} in {a}"));
+        assert!(at("drive=base") < at("drive=scratch"));
+        assert!(
+            at("drive=scratch") < at("id=layer0,file=/l/a.ext4,format=raw,if=none,readonly=on")
+        );
+        assert!(at("id=layer0,") < at("id=layer1,file=/l/b.ext4,format=raw,if=none,readonly=on"));
+        assert!(at("virtio-blk-device,drive=layer0") < at("virtio-blk-device,drive=layer1"));
+        s.layers = vec!["/l/x.ext4".into(); dough_layers_max() + 1];
+        assert!(s.validate().unwrap_err().to_string().contains("layers"));
+    }
+
+    fn dough_layers_max() -> usize {
+        crate::MAX_LAYERS
     }
 
     #[test]

@@ -162,6 +162,15 @@ fn configurations() -> Vec<VmSpec> {
                             .then(|| "/var/lib/dough/images/default/initramfs.cpio".into()),
                         rootfs: "/var/lib/dough/images/default/rootfs.ext4".into(),
                         scratch: "/var/lib/dough/vms/0123456789ab/scratch.ext4".into(),
+                        // An image with build-step layers, or none.
+                        layers: if tap.is_some() {
+                            vec![
+                                "/var/lib/dough/images/.layers/k1.ext4".into(),
+                                "/var/lib/dough/images/.layers/k2.ext4".into(),
+                            ]
+                        } else {
+                            vec![]
+                        },
                         vcpus,
                         memory_mib,
                         accel: Accel::Kvm,
@@ -194,6 +203,18 @@ fn every_planned_request_conforms_to_the_spec() {
             "InstanceStart",
             "start comes last"
         );
+        // The base, the scratch disk, then each layer read-only, in order
+        // (the guest finds layer i at /dev/vd(c+i)).
+        let drives: Vec<_> = plan
+            .iter()
+            .filter(|r| r.path.starts_with("/drives/"))
+            .collect();
+        assert_eq!(drives.len(), 2 + cfg.layers.len());
+        for (i, layer) in cfg.layers.iter().enumerate() {
+            let d = &drives[2 + i].body;
+            assert_eq!(d["path_on_host"], layer.to_str().unwrap());
+            assert_eq!(d["is_read_only"], true);
+        }
         for req in plan.iter().chain([&Firecracker::ctrl_alt_del()]) {
             spec.check(req).unwrap_or_else(|e| panic!("{e}\n{req:?}"));
             checked += 1;

@@ -549,7 +549,8 @@ pub fn openapi_doc() -> serde_json::Value {
                     "repo": {"$ref": "#/components/schemas/Repo"},
                     "pull_request": {"$ref": "#/components/schemas/PullRequest"},
                     "prompt": {"type": "string", "description": "given to the task as the file $DOUGH_PROMPT_FILE"},
-                    "secret_env": {"type": "array", "items": {"type": "string"}, "description": "names of the daemon's environment variables passed to the task; values are never stored"}
+                    "secret_env": {"type": "array", "items": {"type": "string"}, "description": "names of the daemon's environment variables passed to the task; values are never stored"},
+                    "image": {"type": "string", "description": "the image to boot (`dough image ls`); 400 if the daemon has no such image; default: `default`"}
                 }
             },
             "Repo": {
@@ -613,7 +614,7 @@ mod schema_tests {
                      "commit_message": "m", "author": "A <a@b>"},
             "pull_request": {"title": "t", "body": "b", "forge": "gitea",
                              "api": "https://g.example/api/v1", "allow_protected": true},
-            "prompt": "p", "secret_env": ["KEY"],
+            "prompt": "p", "secret_env": ["KEY"], "image": "py",
         });
         let mut documented = props("TaskRequest");
         documented.sort();

@@ -128,7 +128,7 @@ fn main() -> ExitCode {
     let res = rt.block_on(async {
         match &cli.command {
             Command::Run(a) => cmd::run::run(&cli, a).await,
-            Command::Image(c) => cmd::image::run(&cli, c),
+            Command::Image(c) => cmd::image::run(&cli, c).await,
             Command::Doctor(a) => cmd::doctor::run(&cli, a),
             Command::Gc => cmd::gc::run(&cli),
             Command::Bench(c) => cmd::bench::run(&cli, c).await,

@@ -666,9 +666,12 @@ pub async fn run(
             hosts.push(h);
         }
     }
-    let image_digest = dough_image::Image::load(&host.image_dir)
-        .map(|i| i.manifest.digest)
-        .unwrap_or_default();
+    let image_digest = match &spec.image {
+        Some(i) => i.manifest.digest.clone(),
+        None => dough_image::Image::load(&host.image_dir)
+            .map(|i| i.manifest.digest)
+            .unwrap_or_default(),
+    };
     let report = crate::run_task_in(host, &spec, vm, on_event, cancel).await;
     let work = match &report.result {
         Ok(crate::Outcome::CloneFailed(m)) => Some(Err(RepoError::CloneFailed(m.clone()))),

@@ -17,6 +17,9 @@ pub struct SubmitArgs {
     pub memory: u32,
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// The image to boot (the daemon's `dough image ls`) [default: default].
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     pub env: Vec<String>,
     #[arg(long = "label", short = 'l', value_name = "K=V")]
@@ -167,6 +170,9 @@ pub fn submit(cli: &Cli, a: &SubmitArgs) -> anyhow::Result<u8> {
     }
     if !a.repo.secret_env.is_empty() {
         body["secret_env"] = json!(a.repo.secret_env);
+    }
+    if let Some(i) = &a.image {
+        body["image"] = json!(i);
     }
     let r: Value = c
         .call(c.req("POST", "/v1/tasks").send_json(body))?

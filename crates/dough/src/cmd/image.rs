@@ -1,22 +1,88 @@
-//! `dough image build|show`.
+//! `dough image build|ls|show|rm|gc`.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use dough_image::{BuildOptions, Image, KernelTarget, Progress};
+use dough_core::imagebuild::{self, BuildSpec, Step};
+use dough_image::{BuildOptions, Image, KernelTarget, Progress, DEFAULT_IMAGE};
 
 use crate::Cli;
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
-    /// Build the guest image (kernel, initramfs, rootfs); unchanged parts are skipped.
-    Build(BuildArgs),
-    /// Print the image manifest.
-    Show,
+    /// Build an image: without a NAME (or `default`), Dough's base image
+    /// (kernel, initramfs, rootfs; unchanged parts are skipped); with a NAME,
+    /// an image on a base (`--from`) made by steps run in microVMs.
+    Build(Box<BuildArgs>),
+    /// List the images.
+    Ls,
+    /// Print an image's manifest (source, steps, sizes, digest, kernel).
+    Show {
+        #[arg(default_value = DEFAULT_IMAGE)]
+        name: String,
+    },
+    /// Delete an image (refused while a VM runs on it; its layers go with
+    /// `dough image gc`).
+    Rm { name: String },
+    /// Delete layers no image uses, and what interrupted builds left.
+    Gc,
 }
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
+    /// The image to build (default: Dough's base image, `default`).
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// The image to build on.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_IMAGE, help_heading = "Steps")]
+    pub from: String,
+    /// Debian packages to install (comma-separated, repeatable): the first
+    /// step, with apt in a microVM.
+    #[arg(
+        long,
+        value_name = "PKG,…",
+        value_delimiter = ',',
+        help_heading = "Steps"
+    )]
+    pub packages: Vec<String>,
+    /// A shell command run as root in a microVM (repeatable, in order, after
+    /// the packages); what it leaves becomes part of the image.
+    #[arg(long = "run", value_name = "CMD", help_heading = "Steps")]
+    pub runs: Vec<String>,
+    /// A variable for every --run step (K=V, repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = super::run::parse_env, help_heading = "Steps")]
+    pub env: Vec<(String, String)>,
+    /// The steps' network: `open` (the default), `none`, or `allowlist`
+    /// (implied by --allow-host/--allow-cidr), as for `dough run`.
+    #[arg(long, value_name = "MODE", value_parser = ["open", "none", "allowlist"], help_heading = "Steps")]
+    pub egress: Option<String>,
+    #[arg(long = "allow-host", value_name = "NAME", help_heading = "Steps")]
+    pub allow_host: Vec<String>,
+    #[arg(long = "allow-cidr", value_name = "CIDR", help_heading = "Steps")]
+    pub allow_cidr: Vec<dough_net::Cidr>,
+    /// vCPUs of each step's VM.
+    #[arg(long, default_value_t = 2, help_heading = "Steps")]
+    pub vcpus: u32,
+    /// Memory of each step's VM, in MiB.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 1024,
+        help_heading = "Steps"
+    )]
+    pub memory: u32,
+    /// Each step's disk in MiB: the most one step can add.
+    #[arg(long, value_name = "MIB", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(64..=1048576), help_heading = "Steps")]
+    pub disk: u64,
+    /// Each step's time limit in seconds.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 1800,
+        help_heading = "Steps"
+    )]
+    pub step_timeout: u64,
     /// The static dough-agent binary (default: found next to this program's build).
     #[arg(long, env = "DOUGH_AGENT", value_name = "PATH")]
     pub agent: Option<PathBuf>,
@@ -70,9 +136,18 @@ fn default_agent() -> PathBuf {
         .unwrap_or_else(|| candidates[0].clone())
 }
 
-pub fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
+pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
     let host = super::host_config(cli, Default::default(), Default::default());
     match c {
+        ImageCmd::Build(a) if a.name.as_deref().is_some_and(|n| n != DEFAULT_IMAGE) => {
+            build_named(cli, a).await
+        }
+        ImageCmd::Build(a) if !a.packages.is_empty() || !a.runs.is_empty() => {
+            crate::print_error(&anyhow::anyhow!(
+                "`default` is Dough's base image, built from Debian packages on the host; name the image to build steps on it: dough image build NAME --packages …"
+            ));
+            Ok(crate::EXIT_USAGE)
+        }
         ImageCmd::Build(a) => {
             let opts = BuildOptions {
                 dir: host.image_dir.clone(),
@@ -101,10 +176,148 @@ pub fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        ImageCmd::Show => {
-            let img = Image::load(&host.image_dir)?;
+        ImageCmd::Show { name } => {
+            let dir = if name == DEFAULT_IMAGE {
+                host.image_dir.clone()
+            } else {
+                dough_image::valid_name(name)?;
+                Image::named(&host.state_dir, name)
+            };
+            let img = Image::load(&dir)?;
             println!("{}", serde_json::to_string_pretty(&img.manifest)?);
             Ok(0)
+        }
+        ImageCmd::Ls => {
+            println!(
+                "{:<20} {:<12} {:>6} {:>9}  {:<14} KERNEL",
+                "NAME", "DIGEST", "LAYERS", "SIZE_MIB", "BASE"
+            );
+            for i in imagebuild::list(&host.state_dir) {
+                match i {
+                    Ok(img) => {
+                        let m = &img.manifest;
+                        let size = m.rootfs.size + m.layers.iter().map(|l| l.size).sum::<u64>();
+                        println!(
+                            "{:<20} {:<12} {:>6} {:>9}  {:<14} {}",
+                            img.name(),
+                            &m.digest[..12.min(m.digest.len())],
+                            m.layers.len(),
+                            size >> 20,
+                            m.base.as_ref().map_or("-".to_string(), |b| b.name.clone()),
+                            if m.kernel_minimal_version.is_empty() {
+                                m.kernel_version.clone()
+                            } else {
+                                format!("{} (minimal)", m.kernel_minimal_version)
+                            }
+                        );
+                    }
+                    Err((name, e)) => println!("{name:<20} unusable: {e}"),
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Rm { name } => {
+            dough_image::valid_name(name)?;
+            if name == DEFAULT_IMAGE {
+                anyhow::bail!("`default` is the base every task and pool uses; rebuild it with `dough image build`");
+            }
+            let dir = Image::named(&host.state_dir, name);
+            if !dir.join(dough_image::MANIFEST).exists() {
+                anyhow::bail!("no image {name:?} (dough image ls)");
+            }
+            let users = dough_core::rundir::image_users(&host.runs_dir(), name);
+            if !users.is_empty() {
+                anyhow::bail!(
+                    "image {name:?} is in use by vm {}: try again when it is done",
+                    users.join(", ")
+                );
+            }
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            eprintln!("removed image {name}; `dough image gc` deletes layers no image uses");
+            Ok(0)
+        }
+        ImageCmd::Gc => {
+            let (removed, bytes) = imagebuild::gc(&host.state_dir);
+            for r in &removed {
+                println!("removed {}", r.display());
+            }
+            eprintln!("{} removed, {} MiB freed", removed.len(), bytes >> 20);
+            Ok(0)
+        }
+    }
+}
+
+/// `dough image build NAME …`: steps in microVMs (dough_core::imagebuild).
+async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
+    let prepared = (|| -> anyhow::Result<_> {
+        let host = super::host_config_net(cli, Default::default(), Default::default())?;
+        let network = dough_net::Egress::from_flags(
+            a.egress.as_deref(),
+            a.allow_host.clone(),
+            a.allow_cidr.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let mut steps = vec![];
+        if !a.packages.is_empty() {
+            steps.push(Step::Packages(a.packages.clone()));
+        }
+        steps.extend(a.runs.iter().map(|cmd| Step::Run {
+            cmd: cmd.clone(),
+            env: a.env.clone(),
+        }));
+        Ok((host, network, steps))
+    })();
+    let (host, network, steps) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            crate::print_error(&e);
+            return Ok(crate::EXIT_USAGE);
+        }
+    };
+    let spec = BuildSpec {
+        name: a.name.clone().unwrap_or_default(),
+        from: a.from.clone(),
+        steps,
+        network,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        disk_mib: a.disk,
+        step_timeout: Duration::from_secs(a.step_timeout),
+    };
+    let progress = Progress::new(a.quiet);
+    let mut on_event = |ev: dough_core::Event<'_>| match ev {
+        dough_core::Event::Progress(p) => progress.say(p),
+        dough_core::Event::Output(_, data) if !a.quiet => {
+            use std::io::Write;
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(data).and_then(|_| e.flush());
+        }
+        _ => {}
+    };
+    match imagebuild::build(&host, &spec, &mut on_event, super::run::interrupted()).await {
+        Ok(b) => {
+            let m = &b.image.manifest;
+            eprintln!(
+                "image {} · digest {} · {} layer{} ({} cached){}",
+                spec.name,
+                &m.digest[..12],
+                m.layers.len(),
+                if m.layers.len() == 1 { "" } else { "s" },
+                b.cached,
+                if b.unchanged { " · unchanged" } else { "" }
+            );
+            Ok(0)
+        }
+        Err(e @ (imagebuild::BuildError::Invalid(_) | imagebuild::BuildError::Image(_))) => {
+            crate::print_error(&anyhow::Error::new(e).context("image build refused"));
+            Ok(crate::EXIT_USAGE)
+        }
+        Err(e) => {
+            crate::print_error(&anyhow::Error::new(e).context(format!(
+                "image build failed; the previous image {:?} (if any) is unchanged",
+                spec.name
+            )));
+            Ok(crate::EXIT_DOUGH)
         }
     }
 }

@@ -23,6 +23,22 @@ pub fn host_config(cli: &Cli, accel: AccelChoice, backend: BackendChoice) -> Hos
     h
 }
 
+/// The image `name` of this host (`default`: the one `--image-dir` names).
+pub fn load_image(host: &HostConfig, name: &str) -> anyhow::Result<dough_image::Image> {
+    dough_image::valid_name(name).map_err(|e| anyhow::anyhow!("--image: {e}"))?;
+    let dir = if name == dough_image::DEFAULT_IMAGE {
+        host.image_dir.clone()
+    } else {
+        dough_image::Image::named(&host.state_dir, name)
+    };
+    dough_image::Image::load(&dir).map_err(|e| match e {
+        dough_image::ImageError::NotBuilt(_) => anyhow::anyhow!(
+            "--image {name}: no such image here (dough image ls; dough image build {name} …)"
+        ),
+        e => anyhow::Error::new(e).context(format!("--image {name}")),
+    })
+}
+
 /// As [`host_config`], with the network settings from the environment
 /// (`DOUGH_SLOT_POOL`, `DOUGH_DNS`, `DOUGH_HOST_NAT`).
 pub fn host_config_net(

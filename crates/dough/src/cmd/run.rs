@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// Scratch disk size (the guest's writable layer) in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(64..=1048576))]
     pub disk: u64,
+    /// The image to boot (`dough image ls`) [default: default].
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
     /// Accelerator: auto picks KVM only where it boots a guest, else TCG.
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
@@ -191,7 +194,7 @@ impl RepoArgs {
     }
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("`{s}` is not K=V"))?;
@@ -266,9 +269,13 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 .map_err(|e| anyhow::anyhow!("--forge-api: {e}"))?;
         }
         let gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
-        Ok((host, network, env, prompt, repo, gate))
+        let image = match &a.image {
+            None => None,
+            Some(name) => Some(super::load_image(&host, name)?),
+        };
+        Ok((host, network, env, prompt, repo, gate, image))
     })();
-    let (host, network, env, prompt, repo, mut gate) = match prepared {
+    let (host, network, env, prompt, repo, mut gate, image) = match prepared {
         Ok(p) => p,
         Err(e) => {
             crate::print_error(&e);
@@ -290,6 +297,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         timeout: a.timeout.map(Duration::from_secs),
         boot_timeout: Duration::from_secs(a.boot_timeout),
         network,
+        image,
         ..TaskSpec::default()
     };
     let json = a.repo.json;

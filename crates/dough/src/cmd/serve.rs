@@ -171,7 +171,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
         .with_context(|| format!("listen on {}", a.listen))?;
     let token = token_file(&host.state_dir)?;
     if let Err(e) = dough_image::Image::load(&host.image_dir) {
-        eprintln!("dough serve: warning: {e}; tasks will fail (reason `image`) until it exists");
+        eprintln!("dough serve: warning: {e}; tasks for the default image are refused (400) until it exists");
     }
     let store = Arc::new(
         SqliteStore::open(&host.state_dir.join("dough.db")).context("open the task store")?,
@@ -205,6 +205,19 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
                 limits.max_vms,
                 limits.vcpu_capacity(),
                 limits.memory_mib
+            );
+            let images: Vec<String> = svc
+                .images()
+                .iter()
+                .map(|i| format!("{} ({})", i.name(), &i.manifest.digest[..12.min(i.manifest.digest.len())]))
+                .collect();
+            eprintln!(
+                "dough serve: images: {}",
+                if images.is_empty() {
+                    "none (dough image build)".to_string()
+                } else {
+                    images.join(", ")
+                }
             );
             for p in &svc.config().pools {
                 eprintln!(

@@ -1,0 +1,558 @@
+//! **Where a named image is built from steps run in microVMs.**
+//!
+//! `dough image build NAME --packages … --run … [--from IMAGE]`: every step
+//! is a task, as root, in a VM of the image so far (the base plus the
+//! layers of the steps before it), with the network of a task. Nothing of
+//! a step runs on the host. When the step exits 0 its command ends with a
+//! `sync` and the agent powers the VM off; the VM's scratch disk — the
+//! overlay's upper layer, whiteouts and opaque directories as the guest
+//! kernel wrote them — becomes the step's read-only **layer**. The host
+//! never mounts or parses it: the next VM gets it as one more read-only
+//! drive and the agent stacks its `upper/` over the base
+//! (`dough.layers=N`; `dough-agent/src/init.rs`).
+//!
+//! Layers are kept by key in `<state>/images/.layers/<key>.ext4`, where the
+//! key hashes the base image's digest and every step up to this one: an
+//! unchanged build runs no VM, and changing the last step reruns only that
+//! step. An image is a directory with the base's kernel, initramfs and
+//! rootfs (hard links) and a manifest naming its layers; it replaces the
+//! previous image of that name in one `renameat2(RENAME_EXCHANGE)`, only
+//! after every step succeeded, so a failing or interrupted build leaves the
+//! previous image usable.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dough_image::{valid_name, BaseRef, Image, ImageError, Layer};
+use dough_net::Egress;
+
+use crate::supervisor::{Event, Outcome, RunError, TaskSpec};
+use crate::HostConfig;
+
+/// One build step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Debian packages, installed with apt in the VM.
+    Packages(Vec<String>),
+    /// A shell command (`sh -c`), as root, with these variables.
+    Run {
+        cmd: String,
+        env: Vec<(String, String)>,
+    },
+}
+
+impl Step {
+    /// The step as the manifest records it and its key hashes.
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Packages(p) => format!("packages: {}", p.join(",")),
+            Step::Run { cmd, env } if env.is_empty() => format!("run: {cmd}"),
+            Step::Run { cmd, env } => {
+                let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("run: {cmd}\nenv: {}", env.join(" "))
+            }
+        }
+    }
+
+    /// What the VM runs. It ends with `sync`, so the layer is on its disk
+    /// when the agent powers off; the step's own exit code is kept.
+    fn command(&self) -> Vec<String> {
+        let body = match self {
+            Step::Packages(p) => format!(
+                "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q --no-install-recommends {} && apt-get clean && rm -rf /var/lib/apt/lists/*",
+                p.join(" ")
+            ),
+            Step::Run { cmd, .. } => cmd.clone(),
+        };
+        vec![
+            "sh".into(),
+            "-c".into(),
+            format!("(\n{body}\n)\nrc=$?\nsync\nexit $rc"),
+        ]
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        match self {
+            Step::Packages(_) => vec![],
+            Step::Run { env, .. } => env.clone(),
+        }
+    }
+}
+
+/// A Debian package name, optionally `=VERSION` (what apt-get install
+/// takes, and nothing a shell would read as more).
+pub fn valid_package(p: &str) -> Result<(), BuildError> {
+    let (name, version) = p.split_once('=').unwrap_or((p, ""));
+    let name_ok = name.len() >= 2
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let version_ok = p.contains('=') != version.is_empty()
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.~:".contains(&b));
+    if name_ok && version_ok {
+        Ok(())
+    } else {
+        Err(BuildError::Invalid(format!(
+            "package {p:?}: a Debian package name (a-z 0-9 + - .), optionally =VERSION"
+        )))
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    pub name: String,
+    /// The image it is built on (`default` unless `--from`).
+    pub from: String,
+    pub steps: Vec<Step>,
+    /// The steps' network (as for a task).
+    pub network: Egress,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Each step's scratch disk: the most its layer can hold.
+    pub disk_mib: u64,
+    /// Each step's time limit.
+    pub step_timeout: Duration,
+}
+
+/// Why a build failed. The previous image of the name is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("step {n} ({step}) failed: {how}")]
+    StepFailed { n: usize, step: String, how: String },
+    #[error("step {n} ({step}): the vm failed")]
+    Vm {
+        n: usize,
+        step: String,
+        #[source]
+        source: RunError,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
+    let what = what.into();
+    move |source| BuildError::Io { what, source }
+}
+
+/// What happened to each step and to the image.
+#[derive(Debug)]
+pub struct Built {
+    pub image: Image,
+    /// Steps whose layer was already in the store.
+    pub cached: usize,
+    /// The image of that name was already exactly this.
+    pub unchanged: bool,
+}
+
+/// The keys of `steps` over a base with this digest.
+pub fn layer_keys(base_digest: &str, steps: &[Step]) -> Vec<String> {
+    let mut prev = dough_image::sha256_hex(format!("layer/1\n{base_digest}").as_bytes());
+    steps
+        .iter()
+        .map(|s| {
+            prev = dough_image::sha256_hex(format!("{prev}\n{}", s.describe()).as_bytes());
+            prev.clone()
+        })
+        .collect()
+}
+
+/// Build `spec` (see the module doc). `on_event` gets each step's live
+/// output and progress lines; `cancel` ends the step running (its VM torn
+/// down, nothing kept).
+pub async fn build(
+    host: &HostConfig,
+    spec: &BuildSpec,
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+    cancel: impl std::future::Future<Output = i32>,
+) -> Result<Built, BuildError> {
+    valid_name(&spec.name)?;
+    if spec.name == dough_image::DEFAULT_IMAGE {
+        return Err(BuildError::Invalid(
+            "`default` is Dough's base image (`dough image build` without steps); name the image to build on it".into(),
+        ));
+    }
+    if spec.steps.is_empty() {
+        return Err(BuildError::Invalid(
+            "nothing to build: give --packages or --run".into(),
+        ));
+    }
+    for s in &spec.steps {
+        if let Step::Packages(p) = s {
+            if p.is_empty() {
+                return Err(BuildError::Invalid("--packages names no package".into()));
+            }
+            p.iter().try_for_each(|p| valid_package(p))?;
+        }
+    }
+    let state = &host.state_dir;
+    let base = Image::load(&Image::named(state, &spec.from))?;
+    let total = base.manifest.layers.len() + spec.steps.len();
+    if total > dough_vmm::MAX_LAYERS {
+        return Err(BuildError::Invalid(format!(
+            "{total} layers ({} from {}); an image has at most {}",
+            base.manifest.layers.len(),
+            spec.from,
+            dough_vmm::MAX_LAYERS
+        )));
+    }
+    let store = Image::layer_path(&base.dir, "x")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    std::fs::create_dir_all(&store).map_err(io(format!("create {}", store.display())))?;
+    let keys = layer_keys(&base.manifest.digest, &spec.steps);
+    tokio::pin!(cancel);
+
+    let mut image = base.clone();
+    let mut layers = base.manifest.layers.clone();
+    let mut cached = 0;
+    for (i, (step, key)) in spec.steps.iter().zip(&keys).enumerate() {
+        let n = i + 1;
+        let path = Image::layer_path(&base.dir, key);
+        let label = step
+            .describe()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let progress = |on_event: &mut (dyn FnMut(Event<'_>) + Send), msg: String| {
+            on_event(Event::Progress(&msg));
+        };
+        if path.exists() {
+            cached += 1;
+            progress(
+                on_event,
+                format!("step {n}/{}: {label}: cached", spec.steps.len()),
+            );
+            let size = allocated(&path);
+            layers.push(Layer {
+                step: step.describe(),
+                key: key.clone(),
+                size,
+                built_at: String::new(),
+                ms: 0,
+            });
+            image.layers.push(path);
+            continue;
+        }
+        progress(
+            on_event,
+            format!("step {n}/{}: {label}: running in a vm", spec.steps.len()),
+        );
+        let tmp = store.join(format!(".{key}.{}.tmp", std::process::id()));
+        let t = Instant::now();
+        let task = TaskSpec {
+            task_id: format!("image-{}-{n}", spec.name),
+            command: step.command(),
+            env: step.env(),
+            root: true,
+            workdir: Some("/".into()),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            scratch_mib: spec.disk_mib,
+            timeout: Some(spec.step_timeout),
+            network: Some(spec.network.clone()),
+            image: Some(image.clone()),
+            keep_scratch: Some(tmp.clone()),
+            ..TaskSpec::default()
+        };
+        let report = crate::run_task(host, &task, on_event, &mut cancel).await;
+        let fail = |how: String| {
+            let _ = std::fs::remove_file(&tmp);
+            BuildError::StepFailed {
+                n,
+                step: label.clone(),
+                how,
+            }
+        };
+        match report.result {
+            Ok(Outcome::Exited(dough_proto::ExitStatus::Code(0))) => {}
+            Ok(Outcome::Exited(dough_proto::ExitStatus::Code(c))) => {
+                return Err(fail(format!("exit code {c}")))
+            }
+            Ok(Outcome::Exited(dough_proto::ExitStatus::Signal(s))) => {
+                return Err(fail(format!("killed by signal {s}")))
+            }
+            Ok(Outcome::OutOfMemory(_)) => {
+                return Err(fail(format!(
+                    "out of memory in {} MiB (--memory)",
+                    spec.memory_mib
+                )))
+            }
+            Ok(Outcome::TimedOut(d)) => {
+                return Err(fail(format!("timed out after {} s", d.as_secs())))
+            }
+            Ok(Outcome::SpawnFailed(m)) => return Err(fail(m)),
+            Ok(Outcome::Cancelled(s)) => return Err(fail(format!("interrupted (signal {s})"))),
+            Ok(Outcome::CloneFailed(m)) => return Err(fail(m)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(BuildError::Vm {
+                    n,
+                    step: label,
+                    source: e,
+                });
+            }
+        }
+        if !report.scratch_kept {
+            return Err(fail(format!(
+                "its disk could not be kept: {}",
+                report.teardown_errors.join("; ")
+            )));
+        }
+        // Root's and readable: every later VM's jail opens it read-only.
+        std::os::unix::fs::chown(&tmp, Some(0), Some(0))
+            .and_then(|_| {
+                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            })
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                BuildError::Io {
+                    what: format!("store layer {}", path.display()),
+                    source: e,
+                }
+            })?;
+        let ms = t.elapsed().as_millis() as u64;
+        let size = allocated(&path);
+        progress(
+            on_event,
+            format!(
+                "step {n}/{}: {label}: done in {:.1} s, layer {} MiB",
+                spec.steps.len(),
+                ms as f64 / 1000.0,
+                size >> 20
+            ),
+        );
+        layers.push(Layer {
+            step: step.describe(),
+            key: key.clone(),
+            size,
+            built_at: dough_image::now_rfc3339(),
+            ms,
+        });
+        image.layers.push(path);
+    }
+
+    // The image: the base's files, its manifest with the layers.
+    let mut m = base.manifest.clone();
+    m.base = Some(BaseRef {
+        name: spec.from.clone(),
+        digest: base.manifest.digest.clone(),
+    });
+    m.layers = layers;
+    m.compute_digest();
+    let dir = Image::named(state, &spec.name);
+    if let Ok(old) = Image::load(&dir) {
+        if old.manifest.digest == m.digest {
+            progress_line(on_event, format!("image {}: unchanged", spec.name));
+            return Ok(Built {
+                image: old,
+                cached,
+                unchanged: true,
+            });
+        }
+    }
+    let image = install(&base, &m, &dir)?;
+    Ok(Built {
+        image,
+        cached,
+        unchanged: false,
+    })
+}
+
+fn progress_line(on_event: &mut (dyn FnMut(Event<'_>) + Send), msg: String) {
+    on_event(Event::Progress(&msg));
+}
+
+/// Bytes a (sparse) file holds on disk.
+fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0)
+}
+
+/// Lay out image `m` in a staging directory next to `dir` (the base's files
+/// hard-linked), then put it in place in one exchange; the previous image
+/// is removed after.
+fn install(base: &Image, m: &dough_image::Manifest, dir: &Path) -> Result<Image, BuildError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let staging = parent.join(format!(".{name}.{}.new", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).map_err(io(format!("create {}", staging.display())))?;
+    let result = (|| {
+        let files: Vec<&PathBuf> = [&base.kernel, &base.initramfs, &base.rootfs]
+            .into_iter()
+            .chain(base.kernel_minimal.as_ref())
+            .collect();
+        for f in files {
+            let to = staging.join(f.file_name().unwrap_or_default());
+            if std::fs::hard_link(f, &to).is_err() {
+                std::fs::copy(f, &to).map_err(io(format!("copy {}", f.display())))?;
+            }
+        }
+        m.write(&staging.join(dough_image::MANIFEST))?;
+        if dir.exists() {
+            nix::fcntl::renameat2(
+                None,
+                &staging,
+                None,
+                dir,
+                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| io(format!("replace {}", dir.display()))(e.into()))?;
+        } else {
+            std::fs::rename(&staging, dir).map_err(io(format!("create {}", dir.display())))?;
+        }
+        Ok::<_, BuildError>(())
+    })();
+    // After an exchange the staging name holds the previous image.
+    let _ = std::fs::remove_dir_all(&staging);
+    result?;
+    Ok(Image::load(dir)?)
+}
+
+/// The image directories under `state` (not the layer store or staging).
+pub fn list(state: &Path) -> Vec<Result<Image, (String, ImageError)>> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("images"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| Image::load(&Image::named(state, &n)).map_err(|e| (n, e)))
+        .collect()
+}
+
+/// Delete what no image uses: layers no manifest names, and the staging
+/// and half-written files of builds that died. Returns (files, bytes).
+pub fn gc(state: &Path) -> (Vec<PathBuf>, u64) {
+    let mut used = std::collections::HashSet::new();
+    for img in list(state).into_iter().flatten() {
+        used.extend(
+            img.manifest
+                .layers
+                .iter()
+                .map(|l| format!("{}.ext4", l.key)),
+        );
+    }
+    let images = state.join("images");
+    let mut removed = vec![];
+    let mut bytes = 0;
+    let store = images.join(dough_image::LAYER_STORE);
+    for e in std::fs::read_dir(&store).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let live_tmp = n.starts_with('.') && pid_alive(&n);
+        if !used.contains(&n) && !live_tmp {
+            bytes += allocated(&e.path());
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    for e in std::fs::read_dir(&images).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.')
+            && n.ends_with(".new")
+            && !pid_alive(&n)
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed.push(e.path());
+        }
+    }
+    (removed, bytes)
+}
+
+/// `.<what>.<pid>.<ext>`: whether that pid still runs.
+fn pid_alive(name: &str) -> bool {
+    let parts: Vec<&str> = name.rsplitn(3, '.').collect();
+    parts
+        .get(1)
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(cmd: &str) -> Step {
+        Step::Run {
+            cmd: cmd.into(),
+            env: vec![],
+        }
+    }
+
+    /// A key depends on the base and every step before it: changing the
+    /// last step changes only the last key.
+    #[test]
+    fn keys_chain_over_the_base_and_the_steps() {
+        let a = layer_keys("base1", &[run("a"), run("b")]);
+        let b = layer_keys("base1", &[run("a"), run("c")]);
+        let c = layer_keys("base2", &[run("a"), run("b")]);
+        assert_eq!(a[0], b[0]);
+        assert_ne!(a[1], b[1]);
+        assert_ne!(a[0], c[0]);
+        assert_ne!(a[1], c[1]);
+        let env = Step::Run {
+            cmd: "a".into(),
+            env: vec![("K".into(), "V".into())],
+        };
+        assert_ne!(layer_keys("base1", &[env])[0], a[0]);
+        assert_eq!(layer_keys("base1", &[run("a"), run("b")]), a);
+    }
+
+    #[test]
+    fn package_names_are_what_apt_takes_and_nothing_more() {
+        for ok in ["python3", "g++", "libc6=2.36-9", "nodejs", "lib32z1"] {
+            assert!(valid_package(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "a", "x;rm", "Py", "-o", "a b", "foo=", "foo=1;2", "$(id)",
+        ] {
+            assert!(valid_package(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The step's exit code survives the `sync` after it.
+    #[test]
+    fn the_command_keeps_the_steps_exit_code() {
+        let c = run("exit 7").command();
+        let st = std::process::Command::new(&c[0])
+            .args(&c[1..])
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(7));
+        let c = run("true").command();
+        let st = std::process::Command::new(&c[0])
+            .args(&c[1..])
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(0));
+    }
+
+    #[test]
+    fn stale_tmp_names_carry_their_pid() {
+        assert!(pid_alive(&format!(".abc.{}.tmp", std::process::id())));
+        assert!(!pid_alive(".abc.999999999.tmp"));
+        assert!(!pid_alive("abc.ext4"));
+    }
+}
