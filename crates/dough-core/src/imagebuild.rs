@@ -31,6 +31,11 @@ use crate::HostConfig;
 /// One build step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
+    /// Certificate authorities the guest trusts from now on (in
+    /// `/usr/local/share/ca-certificates/dough/`, then
+    /// `update-ca-certificates`): for hosts behind a TLS-intercepting
+    /// proxy. (file name, PEM text)
+    TrustCas(Vec<(String, String)>),
     /// Debian packages, installed with apt in the VM.
     Packages(Vec<String>),
     /// A shell command (`sh -c`), as root, with these variables.
@@ -44,6 +49,15 @@ impl Step {
     /// The step as the manifest records it and its key hashes.
     pub fn describe(&self) -> String {
         match self {
+            Step::TrustCas(cas) => {
+                let named: Vec<String> = cas
+                    .iter()
+                    .map(|(n, pem)| {
+                        format!("{n} {}", &dough_image::sha256_hex(pem.as_bytes())[..12])
+                    })
+                    .collect();
+                format!("trust CAs: {}", named.join(", "))
+            }
             Step::Packages(p) => format!("packages: {}", p.join(",")),
             Step::Run { cmd, env } if env.is_empty() => format!("run: {cmd}"),
             Step::Run { cmd, env } => {
@@ -57,6 +71,18 @@ impl Step {
     /// when the agent powers off; the step's own exit code is kept.
     fn command(&self) -> Vec<String> {
         let body = match self {
+            Step::TrustCas(cas) => {
+                let mut b = String::from(
+                    "set -e; d=/usr/local/share/ca-certificates/dough; mkdir -p \"$d\"",
+                );
+                for (i, _) in cas.iter().enumerate() {
+                    b.push_str(&format!(
+                        "; printf '%s\\n' \"$DOUGH_CA_{i}\" > \"$d/ca-{i}.crt\""
+                    ));
+                }
+                b.push_str("; update-ca-certificates >/dev/null; echo \"trusting $(ls \"$d\" | wc -l) more CAs\"");
+                b
+            }
             Step::Packages(p) => format!(
                 "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q --no-install-recommends {} && apt-get clean && rm -rf /var/lib/apt/lists/*",
                 p.join(" ")
@@ -72,11 +98,59 @@ impl Step {
 
     fn env(&self) -> Vec<(String, String)> {
         match self {
+            Step::TrustCas(cas) => cas
+                .iter()
+                .enumerate()
+                .map(|(i, (_, pem))| (format!("DOUGH_CA_{i}"), pem.clone()))
+                .collect(),
             Step::Packages(_) => vec![],
             Step::Run { env, .. } => env.clone(),
         }
     }
 }
+
+/// The certificates in `path` (a PEM file, or a directory of `*.crt`
+/// files, as `/usr/local/share/ca-certificates` is), as (name, PEM) pairs.
+/// Anything that is not a PEM certificate is refused.
+pub fn read_cas(path: &Path) -> Result<Vec<(String, String)>, BuildError> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io(format!("read {}", path.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "crt"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files
+        .into_iter()
+        .map(|f| {
+            let pem = std::fs::read_to_string(&f).map_err(io(format!("read {}", f.display())))?;
+            let pem = pem.trim().to_string();
+            if !pem.starts_with("-----BEGIN CERTIFICATE-----")
+                || !pem.ends_with("-----END CERTIFICATE-----")
+                || pem.len() > 64 << 10
+            {
+                return Err(BuildError::Invalid(format!(
+                    "{}: not a PEM certificate (-----BEGIN CERTIFICATE----- …)",
+                    f.display()
+                )));
+            }
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok((name, pem))
+        })
+        .collect()
+}
+
+/// Where Debian keeps the certificate authorities an administrator added:
+/// on hosts behind a TLS-intercepting proxy, its CA is here.
+pub const HOST_LOCAL_CAS: &str = "/usr/local/share/ca-certificates";
 
 /// A Debian package name, optionally `=VERSION` (what apt-get install
 /// takes, and nothing a shell would read as more).
@@ -185,7 +259,7 @@ pub async fn build(
     }
     if spec.steps.is_empty() {
         return Err(BuildError::Invalid(
-            "nothing to build: give --packages or --run".into(),
+            "nothing to build: give --packages, --run or --ca-file".into(),
         ));
     }
     for s in &spec.steps {
@@ -197,7 +271,22 @@ pub async fn build(
         }
     }
     let state = &host.state_dir;
-    let base = Image::load(&Image::named(state, &spec.from))?;
+    valid_name(&spec.from)?;
+    let base_dir = if spec.from == dough_image::DEFAULT_IMAGE {
+        host.image_dir.clone()
+    } else {
+        Image::named(state, &spec.from)
+    };
+    let base = Image::load(&base_dir).map_err(|e| match e {
+        ImageError::NotBuilt(_) => BuildError::Invalid(format!(
+            "--from {}: no such image here (dough image ls)",
+            spec.from
+        )),
+        e => e.into(),
+    })?;
+    // Layers live beside the image being built (`<state>/images/.layers`),
+    // wherever its base is.
+    let dir = Image::named(state, &spec.name);
     let total = base.manifest.layers.len() + spec.steps.len();
     if total > dough_vmm::MAX_LAYERS {
         return Err(BuildError::Invalid(format!(
@@ -207,7 +296,7 @@ pub async fn build(
             dough_vmm::MAX_LAYERS
         )));
     }
-    let store = Image::layer_path(&base.dir, "x")
+    let store = Image::layer_path(&dir, "x")
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
@@ -220,7 +309,7 @@ pub async fn build(
     let mut cached = 0;
     for (i, (step, key)) in spec.steps.iter().zip(&keys).enumerate() {
         let n = i + 1;
-        let path = Image::layer_path(&base.dir, key);
+        let path = Image::layer_path(&dir, key);
         let label = step
             .describe()
             .lines()
@@ -354,7 +443,6 @@ pub async fn build(
     });
     m.layers = layers;
     m.compute_digest();
-    let dir = Image::named(state, &spec.name);
     if let Ok(old) = Image::load(&dir) {
         if old.manifest.digest == m.digest {
             progress_line(on_event, format!("image {}: unchanged", spec.name));
@@ -547,6 +635,30 @@ mod tests {
             .status()
             .unwrap();
         assert_eq!(st.code(), Some(0));
+    }
+
+    /// CAs come from a file or a directory of `.crt` files; anything else
+    /// is refused; the step writes each from its own variable.
+    #[test]
+    fn cas_are_read_checked_and_handed_over_by_variable() {
+        let d = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        std::fs::write(d.path().join("b.crt"), format!("{pem}\n")).unwrap();
+        std::fs::write(d.path().join("a.crt"), pem).unwrap();
+        std::fs::write(d.path().join("notes.txt"), "x").unwrap();
+        let cas = read_cas(d.path()).unwrap();
+        assert_eq!(
+            cas.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            ["a.crt", "b.crt"]
+        );
+        assert!(cas.iter().all(|c| c.1 == pem));
+        std::fs::write(d.path().join("bad.crt"), "hello").unwrap();
+        let e = read_cas(d.path()).unwrap_err().to_string();
+        assert!(e.contains("bad.crt") && e.contains("not a PEM"), "{e}");
+        let step = Step::TrustCas(cas);
+        assert_eq!(step.env()[1], ("DOUGH_CA_1".to_string(), pem.to_string()));
+        assert!(step.describe().starts_with("trust CAs: a.crt "));
+        assert!(step.command()[2].contains("\"$DOUGH_CA_1\" > \"$d/ca-1.crt\""));
     }
 
     #[test]

@@ -344,6 +344,26 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
             "invalid",
             "not set in the daemon's environment",
         ),
+        // An image the daemon does not have is refused now, not when the
+        // task would run; the answer names the images it has.
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"image":"no-such-image"}"#),
+            400,
+            "invalid",
+            "it has: default",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"image":"../default"}"#),
+            400,
+            "invalid",
+            "image name",
+        ),
         (
             Some(""),
             "POST",

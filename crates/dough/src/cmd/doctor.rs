@@ -243,6 +243,28 @@ pub fn run(cli: &Cli, a: &DoctorArgs) -> anyhow::Result<u8> {
             println!("  {e}");
         }
     }
+    let named: Vec<String> = dough_core::imagebuild::list(&host.state_dir)
+        .into_iter()
+        .map(|i| match i {
+            Ok(img) if img.name() == dough_image::DEFAULT_IMAGE => String::new(),
+            Ok(img) => format!(
+                "{} ({} layer{}, {})",
+                img.name(),
+                img.manifest.layers.len(),
+                if img.manifest.layers.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                &img.manifest.digest[..12.min(img.manifest.digest.len())]
+            ),
+            Err((name, e)) => format!("{name} (unusable: {e})"),
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !named.is_empty() {
+        println!("  named images: {}", named.join(", "));
+    }
     println!("state: {}", host.state_dir.display());
     println!(
         "{}",

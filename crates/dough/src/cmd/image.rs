@@ -50,6 +50,16 @@ pub struct BuildArgs {
     /// the packages); what it leaves becomes part of the image.
     #[arg(long = "run", value_name = "CMD", help_heading = "Steps")]
     pub runs: Vec<String>,
+    /// Make the guest trust this CA (a PEM file, or a directory of .crt
+    /// files; repeatable): the first step. For hosts whose HTTPS passes a
+    /// TLS-intercepting proxy.
+    #[arg(long = "ca-file", value_name = "PATH", help_heading = "Steps")]
+    pub ca_files: Vec<PathBuf>,
+    /// Do not adopt the CAs this host's administrator added
+    /// (/usr/local/share/ca-certificates/*.crt), which builds trust by
+    /// default: a host that needs them for HTTPS has guests that do too.
+    #[arg(long, help_heading = "Steps")]
+    pub no_host_cas: bool,
     /// A variable for every --run step (K=V, repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = super::run::parse_env, help_heading = "Steps")]
     pub env: Vec<(String, String)>,
@@ -257,7 +267,23 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
             a.allow_cidr.clone(),
         )
         .map_err(anyhow::Error::msg)?;
+        if a.packages.is_empty() && a.runs.is_empty() && a.ca_files.is_empty() {
+            anyhow::bail!("nothing to build: give --packages, --run or --ca-file");
+        }
         let mut steps = vec![];
+        let mut cas = vec![];
+        let host_cas = std::path::Path::new(imagebuild::HOST_LOCAL_CAS);
+        if !a.no_host_cas && host_cas.is_dir() {
+            cas.extend(imagebuild::read_cas(host_cas)?);
+        }
+        for f in &a.ca_files {
+            cas.extend(
+                imagebuild::read_cas(f).with_context(|| format!("--ca-file {}", f.display()))?,
+            );
+        }
+        if !cas.is_empty() {
+            steps.push(Step::TrustCas(cas));
+        }
         if !a.packages.is_empty() {
             steps.push(Step::Packages(a.packages.clone()));
         }
