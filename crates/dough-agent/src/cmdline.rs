@@ -15,6 +15,11 @@ pub struct BootConfig {
     /// An image's read-only layers (`dough.layers=N`): the block devices
     /// after the scratch disk, lowest first.
     pub layers: Vec<String>,
+    /// Mount the scratch disk with online discard (`dough.discard=1`): an
+    /// image build step, whose disk becomes a layer, gives the blocks of
+    /// what it deleted back (apt's lists, build trees) instead of keeping
+    /// them allocated in the host's sparse file.
+    pub discard: bool,
     /// Power off at once (bare-boot benchmark baseline).
     pub bench_poweroff: bool,
     /// A warm-pool VM (`dough.warm=1`): while it waits, load what every
@@ -44,6 +49,7 @@ impl Default for BootConfig {
             root_dev: "/dev/vda".into(),
             scratch_dev: "/dev/vdb".into(),
             layers: vec![],
+            discard: false,
             bench_poweroff: false,
             warm: false,
             serial: false,
@@ -73,6 +79,7 @@ pub fn parse(cmdline: &str) -> BootConfig {
             "dough.control" => c.serial = v == "serial",
             "dough.scratch" if v.starts_with("/dev/") => c.scratch_dev = v.to_string(),
             "dough.bench" => c.bench_poweroff = v == "poweroff",
+            "dough.discard" => c.discard = v == "1",
             "dough.layers" => {
                 if let Ok(n) = v.parse::<u8>() {
                     // vdc, vdd, …: after the base (vda) and scratch (vdb).
@@ -126,6 +133,7 @@ mod tests {
         assert!(!c.warm && parse("dough.warm=1").warm && !parse("dough.warm=0").warm);
         assert!(!c.serial && parse("dough.control=serial").serial);
         assert!(c.layers.is_empty());
+        assert!(!c.discard && parse("dough.discard=1").discard);
         assert_eq!(parse("dough.layers=2").layers, ["/dev/vdc", "/dev/vdd"]);
         assert_eq!(parse("dough.layers=200").layers.len(), 16);
         assert_eq!(parse("dough.layers=16").layers[15], "/dev/vdr");

@@ -118,7 +118,7 @@ pub fn switch_root(cfg: &BootConfig) -> Result<()> {
         "/mnt/scratch",
         "ext4",
         MsFlags::MS_NOATIME,
-        None,
+        cfg.discard.then_some("discard"),
     )?;
     for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
         fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;

@@ -31,10 +31,10 @@ use crate::HostConfig;
 /// One build step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Certificate authorities the guest trusts from now on (in
-    /// `/usr/local/share/ca-certificates/dough/`, then
-    /// `update-ca-certificates`): for hosts behind a TLS-intercepting
-    /// proxy. (file name, PEM text)
+    /// Certificate authorities the guest trusts from now on (kept in
+    /// `/usr/local/share/ca-certificates/dough/` and appended to
+    /// `/etc/ssl/certs/ca-certificates.crt`): for hosts behind a
+    /// TLS-intercepting proxy. (file name, PEM text)
     TrustCas(Vec<(String, String)>),
     /// Debian packages, installed with apt in the VM.
     Packages(Vec<String>),
@@ -80,7 +80,11 @@ impl Step {
                         "; printf '%s\\n' \"$DOUGH_CA_{i}\" > \"$d/ca-{i}.crt\""
                     ));
                 }
-                b.push_str("; update-ca-certificates >/dev/null; echo \"trusting $(ls \"$d\" | wc -l) more CAs\"");
+                // Appended to the bundle every TLS library here reads
+                // (update-ca-certificates would rehash all ~140 system
+                // CAs: ~100 s under TCG); a later run of it keeps them,
+                // as they sit in its local directory.
+                b.push_str("; cat \"$d\"/ca-*.crt >> /etc/ssl/certs/ca-certificates.crt; echo \"trusting $(ls \"$d\" | wc -l) more CAs\"");
                 b
             }
             Step::Packages(p) => format!(

@@ -539,6 +539,10 @@ pub(crate) async fn boot_vm(
     if !image.layers.is_empty() {
         kernel_args.push(format!("dough.layers={}", image.layers.len()));
     }
+    if spec.keep_scratch.is_some() {
+        // Its disk becomes a layer: what the step deletes is given back.
+        kernel_args.push("dough.discard=1".into());
+    }
     kernel_args.extend(opts.extra_args.iter().cloned());
     if control_on_serial(vmm.backend(), opts.snapshot.is_some()) {
         kernel_args.push("dough.control=serial".into());

@@ -174,6 +174,29 @@ mod tests {
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 
+    /// An image's digest names its layers too: the same base with other
+    /// steps is another image; the same steps, the same image.
+    #[test]
+    fn digest_covers_the_layers() {
+        let mut a = Manifest::default();
+        a.rootfs.sha256 = "r".into();
+        a.compute_digest();
+        let mut b = a.clone();
+        b.layers.push(Layer {
+            key: "k1".into(),
+            ..Default::default()
+        });
+        b.compute_digest();
+        assert_ne!(a.digest, b.digest);
+        let mut c = b.clone();
+        c.layers[0].built_at = "later".into();
+        c.compute_digest();
+        assert_eq!(b.digest, c.digest);
+        c.layers[0].key = "k2".into();
+        c.compute_digest();
+        assert_ne!(b.digest, c.digest);
+    }
+
     #[test]
     fn manifest_round_trips_and_rejects_unknown_fields() {
         let dir = tempfile::tempdir().unwrap();

@@ -58,6 +58,7 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
         (vec!["default", "--run", "true"], "name the image"),
         (vec!["t1"], "nothing to build"),
         (vec!["t1", "--ca-file", "/etc/hostname"], "not a PEM"),
+        (vec!["t1", "--ca-file", "/etc/hostname"], "not a PEM"),
         (vec!["t1", "--packages", "x;rm"], "package"),
         (vec!["t1", "--from", "nope", "--run", "true"], "--from nope"),
     ] {
@@ -75,10 +76,28 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
     assert!(layer_files(&h).is_empty());
     assert!(!h.runs_dir().exists() || std::fs::read_dir(h.runs_dir()).unwrap().count() == 0);
 
+    // A CA of the test's own, trusted from the first step on (the host's
+    // own additions left out: the steps must not depend on this host).
+    let ca = h.state.path().join("test-ca.crt");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=dough-test-ca", "-keyout"])
+        .arg(h.state.path().join("test-ca.key"))
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let ca = ca.to_str().unwrap().to_string();
     let steps = [
         "t1",
         "--egress",
         "none",
+        "--no-host-cas",
+        "--ca-file",
+        &ca,
         "-e",
         "GREETING=hello",
         "--run",
@@ -88,9 +107,10 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
     ];
     let (code, err) = build(&h, &steps);
     assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("step 1/2: run: echo built"), "{err}");
-    assert_eq!(err.matches("running in a vm").count(), 2, "{err}");
-    assert_eq!(layer_files(&h).len(), 2, "{:?}", layer_files(&h));
+    assert!(err.contains("step 1/3: trust CAs: test-ca.crt"), "{err}");
+    assert!(err.contains("step 2/3: run: echo built"), "{err}");
+    assert_eq!(err.matches("running in a vm").count(), 3, "{err}");
+    assert_eq!(layer_files(&h).len(), 3, "{:?}", layer_files(&h));
     let d1 = digest(&h, "t1");
 
     // A failing step: its output and code, and t1 as it was.
@@ -100,6 +120,7 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
             "t1",
             "--egress",
             "none",
+            "--no-host-cas",
             "--run",
             "echo oops-out; echo oops-err >&2; exit 3",
         ],
@@ -195,7 +216,10 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
 #[test]
 fn packages_are_installed_in_a_vm_and_a_task_runs_them() {
     let h = Harness::new();
-    let (code, err) = build(&h, &["py", "--packages", "python3-minimal"]);
+    let (code, err) = build(
+        &h,
+        &["py", "--no-host-cas", "--packages", "python3-minimal"],
+    );
     assert_eq!(code, Some(0), "{err}");
     assert!(
         err.contains("step 1/1: packages: python3-minimal: running in a vm"),
