@@ -9,6 +9,8 @@
 //!   restored from it** (reseeded, clock set, re-identified).
 //! * [`rundir`] — the per-VM run directory, its owner record (written before
 //!   anything is created) and `gc` of what a crashed Dough left behind.
+//! * [`agents`] — agent presets (TOML data): image, command, secrets,
+//!   allowlist, model API.
 //! * [`conn`] — the async side of the control protocol.
 //! * [`imagebuild`] — **where a named image is built**: each step a task in
 //!   a VM, its scratch disk kept as a read-only layer.
@@ -16,6 +18,7 @@
 //!   resolve the base, the gate on the guest's bundle, push, forge API.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod config;
 pub mod conn;
 pub mod imagebuild;

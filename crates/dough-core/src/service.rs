@@ -322,6 +322,17 @@ impl Service {
 
     /// Check and queue a task.
     pub fn submit(&self, req: TaskRequest) -> Result<TaskRecord, SubmitError> {
+        let req = match &req.agent {
+            Some(name) => {
+                let (p, _) = crate::agents::find(&self.inner.cfg.host.state_dir, name)
+                    .map_err(|e| SubmitError::Invalid(format!("agent: {e}")))?;
+                with_agent(req, &p).map_err(SubmitError::Invalid)?
+            }
+            None if req.model_url.is_some() => {
+                return Err(SubmitError::Invalid("model_url: needs an agent".into()))
+            }
+            None => req,
+        };
         validate(&req, &self.inner.cfg.limits)?;
         // The image must be here now, not only when the task runs.
         self.image_of(&req).map_err(SubmitError::Invalid)?;
@@ -875,6 +886,45 @@ fn egress_of(r: &TaskRequest) -> Result<Egress, String> {
     Egress::from_flags(r.egress.as_deref(), r.allow_hosts.clone(), cidrs)
 }
 
+/// `r` with what its agent preset gives and `r` leaves out: the image, the
+/// command, variables (the model API's address among them), secrets, the
+/// allowlist (when `r` sets no egress), and resources left at their
+/// defaults.
+pub fn with_agent(mut r: TaskRequest, p: &crate::agents::Preset) -> Result<TaskRequest, String> {
+    let crate::agents::TaskNetwork { env, hosts, cidrs } = p
+        .task_network(r.model_url.as_deref())
+        .map_err(|e| format!("agent: {e}"))?;
+    r.image.get_or_insert_with(|| p.image.name.clone());
+    if r.command.is_empty() {
+        r.command = p.task.command.clone();
+    }
+    for (k, v) in env {
+        r.env.entry(k).or_insert(v);
+    }
+    for s in &p.task.secret_env {
+        if !r.secret_env.contains(s) {
+            r.secret_env.push(s.clone());
+        }
+    }
+    if r.egress.is_none() && r.allow_hosts.is_empty() && r.allow_cidrs.is_empty() {
+        r.egress = Some("allowlist".into());
+        r.allow_hosts = hosts;
+        r.allow_cidrs = cidrs.iter().map(|c| c.to_string()).collect();
+    }
+    if r.vcpus == one() {
+        r.vcpus = p.task.vcpus.unwrap_or(r.vcpus);
+    }
+    if r.memory_mib == crate::store::DEFAULT_MEMORY_MIB {
+        r.memory_mib = p.task.memory_mib.unwrap_or(r.memory_mib);
+    }
+    r.timeout_secs = r.timeout_secs.or(p.task.timeout_secs);
+    Ok(r)
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// Everything wrong with a request, before it is queued.
 pub fn validate(r: &TaskRequest, lim: &Limits) -> Result<(), SubmitError> {
     let bad = |m: String| Err(SubmitError::Invalid(m));
@@ -967,6 +1017,40 @@ mod tests {
 
     fn req() -> TaskRequest {
         serde_json::from_str(r#"{"command": ["true"]}"#).unwrap()
+    }
+
+    /// A preset fills in what the request leaves out, and only that.
+    #[test]
+    fn an_agent_fills_in_what_the_request_leaves_out() {
+        let (p, _) =
+            crate::agents::find(std::path::Path::new("/nonexistent"), "claude-code").unwrap();
+        let bare: TaskRequest = serde_json::from_str(
+            r#"{"agent": "claude-code", "model_url": "http://198.51.100.7:8080"}"#,
+        )
+        .unwrap();
+        let r = with_agent(bare, &p).unwrap();
+        assert_eq!(r.image.as_deref(), Some("agent-claude-code"));
+        assert_eq!(r.command, p.task.command);
+        assert_eq!(r.secret_env, ["ANTHROPIC_API_KEY"]);
+        assert_eq!(r.env["ANTHROPIC_BASE_URL"], "http://198.51.100.7:8080");
+        assert_eq!(r.egress.as_deref(), Some("allowlist"));
+        assert_eq!(r.allow_cidrs, ["198.51.100.7/32"]);
+        assert_eq!(
+            (r.vcpus, r.memory_mib, r.timeout_secs),
+            (2, 2048, Some(1800))
+        );
+        let mine: TaskRequest = serde_json::from_str(
+            r#"{"agent": "claude-code", "command": ["my-claude"], "image": "mine", "vcpus": 4,
+                "memory_mib": 1024, "egress": "open", "env": {"ANTHROPIC_BASE_URL": "http://x"}}"#,
+        )
+        .unwrap();
+        let r = with_agent(mine, &p).unwrap();
+        assert_eq!(r.command, ["my-claude"]);
+        assert_eq!(r.image.as_deref(), Some("mine"));
+        assert_eq!((r.vcpus, r.memory_mib), (4, 1024));
+        assert_eq!(r.egress.as_deref(), Some("open"));
+        assert!(r.allow_hosts.is_empty());
+        assert_eq!(r.env["ANTHROPIC_BASE_URL"], "http://x");
     }
 
     /// Recovery without VMs: what the store says was in flight is failed

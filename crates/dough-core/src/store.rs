@@ -93,6 +93,8 @@ impl std::fmt::Display for State {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
+    /// Required unless `agent` gives one.
+    #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -135,13 +137,23 @@ pub struct TaskRequest {
     /// The image to boot (`dough image ls`); absent: `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// An agent preset (`dough agents`): fills in the image, command,
+    /// secrets, allowlist and resources the request leaves out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// With `agent`: the model API's address (the allowlist follows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_url: Option<String>,
 }
 
 fn one() -> u32 {
     1
 }
+/// `memory_mib` when a request does not say.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+
 fn default_memory() -> u32 {
-    512
+    DEFAULT_MEMORY_MIB
 }
 
 /// One state change, as recorded.

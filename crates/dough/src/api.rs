@@ -532,9 +532,8 @@ pub fn openapi_doc() -> serde_json::Value {
             "schemas": {"TaskRequest": {
                 "type": "object",
                 "additionalProperties": false,
-                "required": ["command"],
                 "properties": {
-                    "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "command": {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "required unless `agent` gives one"},
                     "env": {"type": "object", "additionalProperties": {"type": "string"}},
                     "vcpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
                     "memory_mib": {"type": "integer", "minimum": 128, "maximum": 262144, "default": 512},
@@ -550,7 +549,9 @@ pub fn openapi_doc() -> serde_json::Value {
                     "pull_request": {"$ref": "#/components/schemas/PullRequest"},
                     "prompt": {"type": "string", "description": "given to the task as the file $DOUGH_PROMPT_FILE"},
                     "secret_env": {"type": "array", "items": {"type": "string"}, "description": "names of the daemon's environment variables passed to the task; values are never stored"},
-                    "image": {"type": "string", "description": "the image to boot (`dough image ls`); 400 if the daemon has no such image; default: `default`"}
+                    "image": {"type": "string", "description": "the image to boot (`dough image ls`); 400 if the daemon has no such image; default: `default`"},
+                    "agent": {"type": "string", "description": "an agent preset of the daemon's (`dough agents`): fills in the image, command, secrets, allowlist and resources the request leaves out; 400 if unknown"},
+                    "model_url": {"type": "string", "description": "with `agent`: the model API's address; the allowlist follows it"}
                 }
             },
             "Repo": {
@@ -614,7 +615,8 @@ mod schema_tests {
                      "commit_message": "m", "author": "A <a@b>"},
             "pull_request": {"title": "t", "body": "b", "forge": "gitea",
                              "api": "https://g.example/api/v1", "allow_protected": true},
-            "prompt": "p", "secret_env": ["KEY"], "image": "py",
+            "prompt": "p", "secret_env": ["KEY"], "image": "py", "agent": "aider",
+            "model_url": "http://198.51.100.7/v1",
         });
         let mut documented = props("TaskRequest");
         documented.sort();

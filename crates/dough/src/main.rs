@@ -63,6 +63,9 @@ pub enum Command {
     /// Build or inspect the guest image.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
+    /// List the agent presets (Claude Code, Codex CLI, aider, yours) and
+    /// whether each image is built.
+    Agents,
     /// Tell what works on this host and why.
     Doctor(cmd::doctor::DoctorArgs),
     /// Remove what crashed Dough processes left behind (VM processes, run directories).
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
             Command::Run(a) => cmd::run::run(&cli, a).await,
             Command::Image(c) => cmd::image::run(&cli, c).await,
             Command::Doctor(a) => cmd::doctor::run(&cli, a),
+            Command::Agents => cmd::agents::run(&cli),
             Command::Gc => cmd::gc::run(&cli),
             Command::Bench(c) => cmd::bench::run(&cli, c).await,
             Command::Serve(a) => cmd::serve::run(&cli, a).await,

@@ -90,7 +90,12 @@ fn a_dynamic_agent_is_refused_with_a_hint() {
     let out = h
         .cmd()
         .env("DOUGH_IMAGE_DIR", h.state.path().join("img"))
-        .args(["image", "build", "--agent", env!("CARGO_BIN_EXE_dough")])
+        .args([
+            "image",
+            "build",
+            "--guest-agent",
+            env!("CARGO_BIN_EXE_dough"),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));

@@ -344,6 +344,34 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
             "invalid",
             "not set in the daemon's environment",
         ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"agent":"no-such-agent"}"#),
+            400,
+            "invalid",
+            "aider, claude-code, codex",
+        ),
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"command":["true"],"model_url":"http://198.51.100.7/"}"#),
+            400,
+            "invalid",
+            "needs an agent",
+        ),
+        // A preset whose image is not built: refused at submit, naming it.
+        (
+            Some(""),
+            "POST",
+            "/v1/tasks",
+            Some(r#"{"agent":"codex"}"#),
+            400,
+            "invalid",
+            "agent-codex",
+        ),
         // An image the daemon does not have is refused now, not when the
         // task would run; the answer names the images it has.
         (

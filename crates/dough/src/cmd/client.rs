@@ -20,6 +20,13 @@ pub struct SubmitArgs {
     /// The image to boot (the daemon's `dough image ls`) [default: default].
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
+    /// An agent preset of the daemon's (`dough agents` on its host): its
+    /// image, command, secrets, allowlist and resources, each unless given.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// With --agent: the model API's address; the allowlist follows it.
+    #[arg(long, value_name = "URL", requires = "agent")]
+    pub model_url: Option<String>,
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     pub env: Vec<String>,
     #[arg(long = "label", short = 'l', value_name = "K=V")]
@@ -41,7 +48,7 @@ pub struct SubmitArgs {
     /// environment (only names are sent and stored).
     #[command(flatten)]
     pub repo: super::run::RepoArgs,
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required_unless_present = "agent", value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -173,6 +180,12 @@ pub fn submit(cli: &Cli, a: &SubmitArgs) -> anyhow::Result<u8> {
     }
     if let Some(i) = &a.image {
         body["image"] = json!(i);
+    }
+    if let Some(g) = &a.agent {
+        body["agent"] = json!(g);
+    }
+    if let Some(u) = &a.model_url {
+        body["model_url"] = json!(u);
     }
     let r: Value = c
         .call(c.req("POST", "/v1/tasks").send_json(body))?

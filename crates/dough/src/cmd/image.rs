@@ -93,9 +93,13 @@ pub struct BuildArgs {
         help_heading = "Steps"
     )]
     pub step_timeout: u64,
+    /// Build the image of this agent preset (`dough agents`) from its
+    /// public package, under the preset's image name.
+    #[arg(long, value_name = "PRESET", conflicts_with_all = ["name", "packages", "runs"], help_heading = "Steps")]
+    pub agent: Option<String>,
     /// The static dough-agent binary (default: found next to this program's build).
-    #[arg(long, env = "DOUGH_AGENT", value_name = "PATH")]
-    pub agent: Option<PathBuf>,
+    #[arg(long, env = "DOUGH_GUEST_AGENT", value_name = "PATH")]
+    pub guest_agent: Option<PathBuf>,
     /// Debian mirror for debootstrap.
     #[arg(long, default_value = "http://deb.debian.org/debian")]
     pub mirror: String,
@@ -149,7 +153,9 @@ fn default_agent() -> PathBuf {
 pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
     let host = super::host_config(cli, Default::default(), Default::default());
     match c {
-        ImageCmd::Build(a) if a.name.as_deref().is_some_and(|n| n != DEFAULT_IMAGE) => {
+        ImageCmd::Build(a)
+            if a.agent.is_some() || a.name.as_deref().is_some_and(|n| n != DEFAULT_IMAGE) =>
+        {
             build_named(cli, a).await
         }
         ImageCmd::Build(a) if !a.packages.is_empty() || !a.runs.is_empty() => {
@@ -162,7 +168,7 @@ pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
             let opts = BuildOptions {
                 dir: host.image_dir.clone(),
                 cache_dir: host.cache_dir(),
-                agent: a.agent.clone().unwrap_or_else(default_agent),
+                agent: a.guest_agent.clone().unwrap_or_else(default_agent),
                 mirror: a.mirror.clone(),
                 suite: a.suite.clone(),
                 force: a.force,
@@ -267,7 +273,15 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
             a.allow_cidr.clone(),
         )
         .map_err(anyhow::Error::msg)?;
-        if a.packages.is_empty() && a.runs.is_empty() && a.ca_files.is_empty() {
+        let preset = match &a.agent {
+            Some(n) => Some(
+                dough_core::agents::find(&host.state_dir, n)
+                    .map_err(|e| anyhow::anyhow!("--agent: {e}"))?
+                    .0,
+            ),
+            None => None,
+        };
+        if preset.is_none() && a.packages.is_empty() && a.runs.is_empty() && a.ca_files.is_empty() {
             anyhow::bail!("nothing to build: give --packages, --run or --ca-file");
         }
         let mut steps = vec![];
@@ -284,6 +298,9 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
         if !cas.is_empty() {
             steps.push(Step::TrustCas(cas));
         }
+        if let Some(p) = &preset {
+            steps.extend(p.steps());
+        }
         if !a.packages.is_empty() {
             steps.push(Step::Packages(a.packages.clone()));
         }
@@ -291,9 +308,16 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
             cmd: cmd.clone(),
             env: a.env.clone(),
         }));
-        Ok((host, network, steps))
+        let (name, from) = match &preset {
+            Some(p) => (
+                p.image.name.clone(),
+                p.image.from.clone().unwrap_or_else(|| a.from.clone()),
+            ),
+            None => (a.name.clone().unwrap_or_default(), a.from.clone()),
+        };
+        Ok((host, network, steps, name, from))
     })();
-    let (host, network, steps) = match prepared {
+    let (host, network, steps, name, from) = match prepared {
         Ok(p) => p,
         Err(e) => {
             crate::print_error(&e);
@@ -301,8 +325,8 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
         }
     };
     let spec = BuildSpec {
-        name: a.name.clone().unwrap_or_default(),
-        from: a.from.clone(),
+        name,
+        from,
         steps,
         network,
         vcpus: a.vcpus,

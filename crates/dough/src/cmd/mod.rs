@@ -1,3 +1,4 @@
+pub mod agents;
 pub mod bench;
 pub mod bench_net;
 pub mod bench_serve;

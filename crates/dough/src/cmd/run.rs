@@ -14,12 +14,20 @@ use crate::{Cli, EXIT_DOUGH};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=262144))]
-    pub memory: u32,
+    /// Run this agent preset (`dough agents`): its image, command, secrets,
+    /// allowlist and resources, each unless given here.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// With --agent: the model API's address (an enterprise gateway, a
+    /// self-hosted model); the allowlist follows it.
+    #[arg(long, value_name = "URL", requires = "agent")]
+    pub model_url: Option<String>,
+    /// Virtual CPUs [default: 1, or the agent preset's].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: Option<u32>,
+    /// Guest memory in MiB [default: 512, or the agent preset's].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(128..=262144))]
+    pub memory: Option<u32>,
     /// Kill the task after SECS seconds and exit 124.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: Option<u64>,
@@ -73,8 +81,9 @@ pub struct RunArgs {
     pub dns: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments, after `--` (with --agent: the
+    /// preset's unless given).
+    #[arg(last = true, required_unless_present = "agent", value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -234,6 +243,16 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         if a.dns.is_some() {
             host.dns_upstream = a.dns;
         }
+        let agent = match &a.agent {
+            Some(name) => Some(
+                dough_core::agents::find(&host.state_dir, name)
+                    .map_err(|e| anyhow::anyhow!("--agent: {e}"))?
+                    .0,
+            ),
+            None => None,
+        };
+        let given_egress =
+            a.egress.is_some() || !a.allow_host.is_empty() || !a.allow_cidr.is_empty();
         let network = if a.no_network {
             None
         } else {
@@ -247,7 +266,42 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             )
         };
         let mut env = a.env.clone();
-        for name in &a.repo.secret_env {
+        let mut secret_env = a.repo.secret_env.clone();
+        let mut network = network;
+        if let Some(p) = &agent {
+            let dough_core::agents::TaskNetwork {
+                env: penv,
+                hosts,
+                cidrs,
+            } = p
+                .task_network(a.model_url.as_deref())
+                .map_err(|e| anyhow::anyhow!("--agent {}: {e}", p.name))?;
+            // The user's own variables win.
+            for (k, v) in penv {
+                if !env.iter().any(|(k2, _)| *k2 == k) {
+                    env.push((k, v));
+                }
+            }
+            for s in &p.task.secret_env {
+                if std::env::var_os(s).is_none() {
+                    anyhow::bail!(
+                        "--agent {}: it needs {s} in this environment (the key stays on the host until the task starts; see docs/agents.md)",
+                        p.name
+                    );
+                }
+                if !secret_env.contains(s) {
+                    secret_env.push(s.clone());
+                }
+            }
+            // The preset's allowlist unless the flags said otherwise.
+            if !given_egress && network.is_some() {
+                network = Some(
+                    Egress::from_flags(Some("allowlist"), hosts, cidrs)
+                        .map_err(anyhow::Error::msg)?,
+                );
+            }
+        }
+        for name in &secret_env {
             let v = std::env::var(name).map_err(|_| {
                 anyhow::anyhow!("--secret-env {name}: {name} is not set in this environment")
             })?;
@@ -269,32 +323,67 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 .map_err(|e| anyhow::anyhow!("--forge-api: {e}"))?;
         }
         let gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
-        let image = match &a.image {
+        let image_name = a
+            .image
+            .clone()
+            .or_else(|| agent.as_ref().map(|p| p.image.name.clone()));
+        let image = match &image_name {
             None => None,
-            Some(name) => Some(super::load_image(&host, name)?),
+            Some(name) => Some(super::load_image(&host, name).map_err(|e| match &agent {
+                Some(p) if a.image.is_none() => e.context(format!(
+                    "--agent {}: its image is not built here: dough image build --agent {}",
+                    p.name, p.name
+                )),
+                _ => e,
+            })?),
         };
-        Ok((host, network, env, prompt, repo, gate, image))
+        let command = match (&agent, a.command.is_empty()) {
+            (Some(p), true) => p.task.command.clone(),
+            _ => a.command.clone(),
+        };
+        let vcpus = a
+            .vcpus
+            .or(agent.as_ref().and_then(|p| p.task.vcpus))
+            .unwrap_or(1);
+        let memory = a
+            .memory
+            .or(agent.as_ref().and_then(|p| p.task.memory_mib))
+            .unwrap_or(512);
+        let timeout = a
+            .timeout
+            .or(agent.as_ref().and_then(|p| p.task.timeout_secs));
+        Ok((
+            host,
+            network,
+            env,
+            prompt,
+            repo,
+            gate,
+            image,
+            (command, vcpus, memory, timeout),
+        ))
     })();
-    let (host, network, env, prompt, repo, mut gate, image) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            crate::print_error(&e);
-            return Ok(crate::EXIT_USAGE);
-        }
-    };
+    let (host, network, env, prompt, repo, mut gate, image, (command, vcpus, memory, timeout)) =
+        match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                crate::print_error(&e);
+                return Ok(crate::EXIT_USAGE);
+            }
+        };
     let task_id = dough_core::new_id();
     let spec = TaskSpec {
         task_id: task_id.clone(),
         vm_id: Some(task_id.clone()),
         prompt,
-        command: a.command.clone(),
+        command,
         env,
         root: a.root,
         workdir: a.workdir.clone(),
-        vcpus: a.vcpus,
-        memory_mib: a.memory,
+        vcpus,
+        memory_mib: memory,
         scratch_mib: a.disk,
-        timeout: a.timeout.map(Duration::from_secs),
+        timeout: timeout.map(Duration::from_secs),
         boot_timeout: Duration::from_secs(a.boot_timeout),
         network,
         image,
@@ -409,7 +498,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         Ok(Outcome::OutOfMemory(st)) => {
             eprintln!(
                 "dough: the task ran out of memory (oom): the guest has {} MiB; try a larger --memory",
-                a.memory
+                memory
             );
             Ok(st.shell_code().clamp(0, 255) as u8)
         }

@@ -1,0 +1,51 @@
+//! `dough agents`: the agent presets and whether each can run here.
+use dough_core::agents::{self, Source};
+
+use crate::Cli;
+
+pub fn run(cli: &Cli) -> anyhow::Result<u8> {
+    let host = super::host_config(cli, Default::default(), Default::default());
+    let presets = agents::all(&host.state_dir)?;
+    println!(
+        "{:<14} {:<20} {:<16} {:<28} {:<32} SOURCE",
+        "AGENT", "IMAGE", "BUILT", "SECRETS", "MODEL API"
+    );
+    for (p, src) in &presets {
+        let built = match dough_image::Image::load(&dough_image::Image::named(
+            &host.state_dir,
+            &p.image.name,
+        )) {
+            Ok(img) => img.manifest.digest[..12.min(img.manifest.digest.len())].to_string(),
+            Err(_) => "no".to_string(),
+        };
+        let secrets: Vec<String> = p
+            .task
+            .secret_env
+            .iter()
+            .map(|s| {
+                if std::env::var_os(s).is_some() {
+                    format!("{s} (set)")
+                } else {
+                    format!("{s} (unset)")
+                }
+            })
+            .collect();
+        println!(
+            "{:<14} {:<20} {:<16} {:<28} {:<32} {}",
+            p.name,
+            p.image.name,
+            built,
+            secrets.join(","),
+            p.provider.as_ref().map_or("-", |pr| pr.base_url.as_str()),
+            match src {
+                Source::BuiltIn => "built-in".to_string(),
+                Source::File(f) => f.display().to_string(),
+            }
+        );
+    }
+    println!(
+        "\nbuild an image: dough image build --agent NAME · run: dough run --agent NAME --repo URL --prompt TEXT\nyour own presets: {}/NAME.toml (docs/agents.md)",
+        agents::user_dir(&host.state_dir).display()
+    );
+    Ok(0)
+}
