@@ -234,9 +234,22 @@ pub struct Built {
     pub unchanged: bool,
 }
 
-/// The keys of `steps` over a base with this digest.
-pub fn layer_keys(base_digest: &str, steps: &[Step]) -> Vec<String> {
-    let mut prev = dough_image::sha256_hex(format!("layer/1\n{base_digest}").as_bytes());
+/// What a layer built on `m` depends on: the base rootfs's contents (named
+/// by the inputs it was bootstrapped from) and the layers already over it.
+/// Not the kernels, and not the agent Dough writes into the rootfs as its
+/// init: a step changes neither, so rebuilding Dough (a new agent) keeps
+/// every cached layer, as the kernel compile is kept.
+pub fn base_identity(m: &dough_image::Manifest) -> String {
+    let mut text = format!("rootfs {}\n", m.rootfs.inputs);
+    for l in &m.layers {
+        text.push_str(&format!("layer {}\n", l.key));
+    }
+    dough_image::sha256_hex(text.as_bytes())
+}
+
+/// The keys of `steps` over a base of this identity ([`base_identity`]).
+pub fn layer_keys(base: &str, steps: &[Step]) -> Vec<String> {
+    let mut prev = dough_image::sha256_hex(format!("layer/1\n{base}").as_bytes());
     steps
         .iter()
         .map(|s| {
@@ -305,7 +318,7 @@ pub async fn build(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     std::fs::create_dir_all(&store).map_err(io(format!("create {}", store.display())))?;
-    let keys = layer_keys(&base.manifest.digest, &spec.steps);
+    let keys = layer_keys(&base_identity(&base.manifest), &spec.steps);
     tokio::pin!(cancel);
 
     let mut image = base.clone();
@@ -610,6 +623,30 @@ mod tests {
         };
         assert_ne!(layer_keys("base1", &[env])[0], a[0]);
         assert_eq!(layer_keys("base1", &[run("a"), run("b")]), a);
+    }
+
+    /// A new agent in the base rootfs (a rebuilt Dough) or a new kernel keeps
+    /// the cached layers; other rootfs inputs or base layers do not.
+    #[test]
+    fn the_base_identity_ignores_the_agent_and_kernels() {
+        let mut m = dough_image::Manifest::default();
+        m.rootfs.inputs = "debootstrap bookworm".into();
+        m.rootfs.sha256 = "r1".into();
+        m.rootfs_agent = "agent1".into();
+        let id = base_identity(&m);
+        let mut m2 = m.clone();
+        m2.rootfs.sha256 = "r2".into();
+        m2.rootfs_agent = "agent2".into();
+        m2.kernel.sha256 = "k2".into();
+        assert_eq!(base_identity(&m2), id);
+        m2.rootfs.inputs = "debootstrap trixie".into();
+        assert_ne!(base_identity(&m2), id);
+        let mut m3 = m.clone();
+        m3.layers.push(dough_image::Layer {
+            key: "k".into(),
+            ..Default::default()
+        });
+        assert_ne!(base_identity(&m3), id);
     }
 
     #[test]
