@@ -178,6 +178,26 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
     assert!(err.contains("unchanged"), "{err}");
     assert_eq!(digest(&h, "t1"), d1);
 
+    // The same build as a reviewed file: the same image, no VM.
+    let spec = h.state.path().join("t1.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"t1\"\nhost_cas = false\nca_files = [\"test-ca.crt\"]\negress = \"none\"\n\
+             env = {{ GREETING = \"hello\" }}\nrun = [{:?}, {:?}]\n",
+            STEP1, STEP2
+        ),
+    )
+    .unwrap();
+    let (code, err) = build(&h, &["-f", spec.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("running in a vm"), "{err}");
+    assert_eq!(digest(&h, "t1"), d1, "{err}");
+    std::fs::write(&spec, "name = \"t1\"\nrun = [\"true\"]\nbogus = 1\n").unwrap();
+    let (code, err) = build(&h, &["-f", spec.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown field `bogus`"), "{err}");
+
     // The last step changed: only it runs.
     let mut changed = steps.to_vec();
     let step2b = format!("{STEP2} && touch /opt/d/more");

@@ -29,11 +29,16 @@ pub enum ImageCmd {
     Gc,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BuildArgs {
     /// The image to build (default: Dough's base image, `default`).
     #[arg(value_name = "NAME")]
     pub name: Option<String>,
+    /// Build the image a spec file describes (TOML: name, from, packages,
+    /// run, env, ca_files, host_cas, egress, allow_hosts, allow_cidrs,
+    /// vcpus, memory_mib, disk_mib, step_timeout_secs; docs/images.md).
+    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["name", "agent", "packages", "runs", "env", "ca_files", "egress", "allow_host", "allow_cidr"], help_heading = "Steps")]
+    pub file: Option<PathBuf>,
     /// The image to build on.
     #[arg(long, value_name = "IMAGE", default_value = DEFAULT_IMAGE, help_heading = "Steps")]
     pub from: String,
@@ -154,7 +159,9 @@ pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
     let host = super::host_config(cli, Default::default(), Default::default());
     match c {
         ImageCmd::Build(a)
-            if a.agent.is_some() || a.name.as_deref().is_some_and(|n| n != DEFAULT_IMAGE) =>
+            if a.agent.is_some()
+                || a.file.is_some()
+                || a.name.as_deref().is_some_and(|n| n != DEFAULT_IMAGE) =>
         {
             build_named(cli, a).await
         }
@@ -263,8 +270,91 @@ pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
     }
 }
 
+/// `dough image build -f FILE`: an image as a reviewed file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    name: String,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    packages: Vec<String>,
+    #[serde(default)]
+    run: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    /// Relative to the spec file's directory.
+    #[serde(default)]
+    ca_files: Vec<PathBuf>,
+    #[serde(default = "yes")]
+    host_cas: bool,
+    #[serde(default)]
+    egress: Option<String>,
+    #[serde(default)]
+    allow_hosts: Vec<String>,
+    #[serde(default)]
+    allow_cidrs: Vec<String>,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    memory_mib: Option<u32>,
+    #[serde(default)]
+    disk_mib: Option<u64>,
+    #[serde(default)]
+    step_timeout_secs: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The build `file` describes, as the flags would say it.
+fn from_file(a: &BuildArgs, file: &std::path::Path) -> anyhow::Result<BuildArgs> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("-f {}", file.display()))?;
+    let f: SpecFile = toml::from_str(&text).with_context(|| format!("-f {}", file.display()))?;
+    let dir = file.parent().unwrap_or(std::path::Path::new("."));
+    let mut b = a.clone();
+    b.file = None;
+    b.name = Some(f.name);
+    if let Some(from) = f.from {
+        b.from = from;
+    }
+    b.packages = f.packages;
+    b.runs = f.run;
+    b.env = f.env.into_iter().collect();
+    b.ca_files = f.ca_files.into_iter().map(|p| dir.join(p)).collect();
+    b.no_host_cas = !f.host_cas;
+    b.egress = f.egress;
+    b.allow_host = f.allow_hosts;
+    b.allow_cidr = f
+        .allow_cidrs
+        .iter()
+        .map(|c| c.parse().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()
+        .with_context(|| format!("-f {}: allow_cidrs", file.display()))?;
+    b.vcpus = f.vcpus.unwrap_or(b.vcpus);
+    b.memory = f.memory_mib.unwrap_or(b.memory);
+    b.disk = f.disk_mib.unwrap_or(b.disk);
+    b.step_timeout = f.step_timeout_secs.unwrap_or(b.step_timeout);
+    Ok(b)
+}
+
 /// `dough image build NAME …`: steps in microVMs (dough_core::imagebuild).
 async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
+    let from_spec;
+    let a = match &a.file {
+        Some(f) => match from_file(a, f) {
+            Ok(b) => {
+                from_spec = b;
+                &from_spec
+            }
+            Err(e) => {
+                crate::print_error(&e);
+                return Ok(crate::EXIT_USAGE);
+            }
+        },
+        None => a,
+    };
     let prepared = (|| -> anyhow::Result<_> {
         let host = super::host_config_net(cli, Default::default(), Default::default())?;
         let network = dough_net::Egress::from_flags(
