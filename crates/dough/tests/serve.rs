@@ -204,10 +204,12 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
             Some(""),
             "POST",
             "/v1/tasks",
+            // `command` may come from an agent preset; without one it
+            // must be there.
             Some(r#"{"env":{}}"#),
             400,
-            "bad_json",
-            "missing field `command`",
+            "invalid",
+            "command: must name a program",
         ),
         (
             Some(""),
@@ -362,7 +364,8 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
             "invalid",
             "needs an agent",
         ),
-        // A preset whose image is not built: refused at submit, naming it.
+        // A preset fills in its secret: refused at submit while the daemon
+        // does not have it.
         (
             Some(""),
             "POST",
@@ -370,7 +373,7 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
             Some(r#"{"agent":"codex"}"#),
             400,
             "invalid",
-            "agent-codex",
+            "OPENAI_API_KEY is not set",
         ),
         // An image the daemon does not have is refused now, not when the
         // task would run; the answer names the images it has.
