@@ -68,14 +68,9 @@ pub struct BuildArgs {
     /// A variable for every --run step (K=V, repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = super::run::parse_env, help_heading = "Steps")]
     pub env: Vec<(String, String)>,
-    /// The steps' network: `open` (the default), `none`, or `allowlist`
-    /// (implied by --allow-host/--allow-cidr), as for `dough run`.
-    #[arg(long, value_name = "MODE", value_parser = ["open", "none", "allowlist"], help_heading = "Steps")]
-    pub egress: Option<String>,
-    #[arg(long = "allow-host", value_name = "NAME", help_heading = "Steps")]
-    pub allow_host: Vec<String>,
-    #[arg(long = "allow-cidr", value_name = "CIDR", help_heading = "Steps")]
-    pub allow_cidr: Vec<dough_net::Cidr>,
+    /// The steps' network, as for `dough run` (default: open).
+    #[command(flatten)]
+    pub net: super::run::EgressArgs,
     /// vCPUs of each step's VM.
     #[arg(long, default_value_t = 2, help_heading = "Steps")]
     pub vcpus: u32,
@@ -324,9 +319,9 @@ fn from_file(a: &BuildArgs, file: &std::path::Path) -> anyhow::Result<BuildArgs>
     b.env = f.env.into_iter().collect();
     b.ca_files = f.ca_files.into_iter().map(|p| dir.join(p)).collect();
     b.no_host_cas = !f.host_cas;
-    b.egress = f.egress;
-    b.allow_host = f.allow_hosts;
-    b.allow_cidr = f
+    b.net.egress = f.egress;
+    b.net.allow_host = f.allow_hosts;
+    b.net.allow_cidr = f
         .allow_cidrs
         .iter()
         .map(|c| c.parse().map_err(anyhow::Error::msg))
@@ -357,12 +352,7 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
     };
     let prepared = (|| -> anyhow::Result<_> {
         let host = super::host_config_net(cli, Default::default(), Default::default())?;
-        let network = dough_net::Egress::from_flags(
-            a.egress.as_deref(),
-            a.allow_host.clone(),
-            a.allow_cidr.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
+        let network = a.net.egress()?;
         let preset = match &a.agent {
             Some(n) => Some(
                 dough_core::agents::find(&host.state_dir, n)

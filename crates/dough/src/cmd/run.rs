@@ -59,19 +59,8 @@ pub struct RunArgs {
     /// namespace, no cgroup). Confinement is on by default when run as root.
     #[arg(long)]
     pub no_confine: bool,
-    /// Where the VM may connect: `open` (the internet, never the host, other
-    /// VMs, private ranges or metadata), `none` (nothing, not even DNS), or
-    /// `allowlist` (implied by --allow-host/--allow-cidr).
-    #[arg(long, value_name = "MODE", value_parser = ["open", "none", "allowlist"])]
-    pub egress: Option<String>,
-    /// Allow this DNS name (or `*.domain`): only addresses Dough's resolver
-    /// answers for it are reachable, for their TTL (repeatable).
-    #[arg(long = "allow-host", value_name = "NAME")]
-    pub allow_host: Vec<String>,
-    /// Allow this IPv4 network (repeatable); may open a private range, never
-    /// the host, loopback, link-local or the slot pool.
-    #[arg(long = "allow-cidr", value_name = "CIDR")]
-    pub allow_cidr: Vec<dough_net::Cidr>,
+    #[command(flatten)]
+    pub net: EgressArgs,
     /// No network device at all (vsock only).
     #[arg(long, conflicts_with_all = ["egress", "allow_host", "allow_cidr"])]
     pub no_network: bool,
@@ -85,6 +74,41 @@ pub struct RunArgs {
     /// preset's unless given).
     #[arg(last = true, required_unless_present = "agent", value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// Where a VM may connect (`dough run`, and the steps of `dough image build`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct EgressArgs {
+    /// Where the VM may connect: `open` (the internet, never the host, other
+    /// VMs, private ranges or metadata), `none` (nothing, not even DNS), or
+    /// `allowlist` (implied by --allow-host/--allow-cidr).
+    #[arg(long, value_name = "MODE", value_parser = ["open", "none", "allowlist"])]
+    pub egress: Option<String>,
+    /// Allow this DNS name (or `*.domain`): only addresses Dough's resolver
+    /// answers for it are reachable, for their TTL (repeatable).
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    /// Allow this IPv4 network (repeatable); may open a private range, never
+    /// the host, loopback, link-local or the slot pool.
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidr: Vec<dough_net::Cidr>,
+}
+
+impl EgressArgs {
+    /// Whether any of the flags was given.
+    pub fn given(&self) -> bool {
+        self.egress.is_some() || !self.allow_host.is_empty() || !self.allow_cidr.is_empty()
+    }
+
+    /// The policy the flags say (`open` when none is given).
+    pub fn egress(&self) -> anyhow::Result<Egress> {
+        Egress::from_flags(
+            self.egress.as_deref(),
+            self.allow_host.clone(),
+            self.allow_cidr.clone(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 /// A task on a repository: clone, run, commit, push, pull request.
@@ -251,19 +275,11 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             ),
             None => None,
         };
-        let given_egress =
-            a.egress.is_some() || !a.allow_host.is_empty() || !a.allow_cidr.is_empty();
+        let given_egress = a.net.given();
         let network = if a.no_network {
             None
         } else {
-            Some(
-                Egress::from_flags(
-                    a.egress.as_deref(),
-                    a.allow_host.clone(),
-                    a.allow_cidr.clone(),
-                )
-                .map_err(anyhow::Error::msg)?,
-            )
+            Some(a.net.egress()?)
         };
         let mut env = a.env.clone();
         let mut secret_env = a.repo.secret_env.clone();
