@@ -333,12 +333,9 @@ pub async fn build(
             .next()
             .unwrap_or_default()
             .to_string();
-        let progress = |on_event: &mut (dyn FnMut(Event<'_>) + Send), msg: String| {
-            on_event(Event::Progress(&msg));
-        };
         if path.exists() {
             cached += 1;
-            progress(
+            progress_line(
                 on_event,
                 format!("step {n}/{}: {label}: cached", spec.steps.len()),
             );
@@ -353,7 +350,7 @@ pub async fn build(
             image.layers.push(path);
             continue;
         }
-        progress(
+        progress_line(
             on_event,
             format!("step {n}/{}: {label}: running in a vm", spec.steps.len()),
         );
@@ -433,7 +430,7 @@ pub async fn build(
             })?;
         let ms = t.elapsed().as_millis() as u64;
         let size = allocated(&path);
-        progress(
+        progress_line(
             on_event,
             format!(
                 "step {n}/{}: {label}: done in {:.1} s, layer {} MiB",
