@@ -22,6 +22,12 @@ if ! command -v lighttpd >/dev/null && [ ! -x /usr/sbin/lighttpd ]; then
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
+# The image of the end-to-end agent test (crates/dough/tests/vm_claude.rs):
+# Claude Code from the npm registry, ~5 minutes under TCG the first time,
+# then cached by content (its layers are keyed by the steps and the base).
+printf '\n== agent image: claude-code\n' >&2
+./target/release/dough image build --agent claude-code
+
 printf '\n== cargo fmt --check\n' >&2
 cargo fmt --all --check
 printf '\n== cargo clippy\n' >&2

@@ -251,7 +251,7 @@ impl Standby {
 
 /// Run the task to completion, sending Started, Output and Exit to `out`;
 /// with a repository, clone before (Cloned or CloneFailed) and send the
-/// work after (BundleData, Work) when the task exited 0.
+/// work after (BundleData, Work) when the task exited with a code.
 pub fn run(
     reaper: &Reaper,
     mut a: Assign,
@@ -296,7 +296,9 @@ pub fn run(
     let Some((status, oom)) = run_command(reaper, &a, &out, pgid, standby) else {
         return;
     };
-    if let (Some(r), ExitStatus::Code(0)) = (&repo, status) {
+    // Also after a failure: the host says what the task left (and pushes
+    // it only when asked).
+    if let (Some(r), ExitStatus::Code(_)) = (&repo, status) {
         let work = crate::repo::finish(reaper, &user, r, &out);
         let _ = out.send(GuestMsg::Work(work));
     }

@@ -18,7 +18,7 @@
 //!   Started{pid} ───▶
 //!   Output{stdout|stderr, bytes}* ───▶   (interleaved with Heartbeat every second)
 //!                                   ◀─── Signal{signo}      (timeout, cancel)
-//!   [BundleData* Work{..}] ───▶           (repo tasks that exited 0)
+//!   [BundleData* Work{..}] ───▶           (repo tasks that exited with a code)
 //!   Exit{status} ───▶
 //!                                   ◀─── Shutdown
 //! ```

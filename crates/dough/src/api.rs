@@ -574,7 +574,8 @@ pub fn openapi_doc() -> serde_json::Value {
                     "body": {"type": "string"},
                     "forge": {"type": "string", "enum": ["github", "gitea"]},
                     "api": {"type": "string"},
-                    "allow_protected": {"type": "boolean", "default": false}
+                    "allow_protected": {"type": "boolean", "default": false},
+                    "push_partial": {"type": "boolean", "default": false, "description": "push a failed task's partial work (gated; no pull request)"}
                 }
             }}
         },

@@ -210,6 +210,7 @@ mod tests {
                 task_id: "t1".into(),
                 image_digest: "abc".into(),
                 command: vec!["sh".into(), "-c".into(), "echo `hi`".into()],
+                failed_with: None,
             },
             &[crate::repo::Commit {
                 sha: "0123456789abcdef".into(),

@@ -64,6 +64,11 @@ pub struct PullRequestRequest {
     /// Let the task change protected paths (CI definitions).
     #[serde(default)]
     pub allow_protected: bool,
+    /// When the task fails (exits non-zero) after changing the repository,
+    /// push what it left to the branch anyway (through the gate; no pull
+    /// request). Off by default: half-done work does not reach review.
+    #[serde(default)]
+    pub push_partial: bool,
 }
 
 /// Host credentials, from the environment or the daemon's config; never
@@ -124,6 +129,8 @@ pub enum RepoError {
     Work { stage: String, message: String },
     #[error("the guest sent no account of the task's work")]
     NoReport,
+    #[error("the task exited with code {code} after changing the repository ({commits} commit{s}): nothing was pushed; a failed task's partial work is pushed only when asked (--push-partial), so half-done changes never reach review", s = if *commits == 1 { "" } else { "s" })]
+    Partial { code: i32, commits: u32 },
     #[error("the gate rejected the task's work: {0}")]
     Gate(#[from] GateError),
     #[error("push of {branch} failed: {message}")]
@@ -144,6 +151,7 @@ impl RepoError {
             RepoError::NoBase { .. } => "repo_no_base".into(),
             RepoError::CloneFailed(_) => "clone_failed".into(),
             RepoError::Work { .. } | RepoError::NoReport => "work_failed".into(),
+            RepoError::Partial { .. } => "partial_work".into(),
             RepoError::Gate(g) => format!("gate:{}", g.rule),
             RepoError::Push { .. } => "push_failed".into(),
             RepoError::PullRequest(_) => "pr_failed".into(),
@@ -493,6 +501,9 @@ pub struct TaskFacts {
     pub task_id: String,
     pub image_digest: String,
     pub command: Vec<String>,
+    /// The task failed with this exit code (its partial work is pushed as
+    /// asked, and no pull request opened).
+    pub failed_with: Option<i32>,
 }
 
 /// After the VM: gate the bundle, push, open the pull request (blocking).
@@ -559,6 +570,12 @@ pub fn finalize(
         message,
     })?;
     fin.pushed = true;
+    if let Some(code) = facts.failed_with {
+        fin.note = Some(format!(
+            "partial work of a failed task (exit code {code}) pushed as asked (--push-partial); no pull request is opened for it"
+        ));
+        return Ok(fin);
+    }
     let Some(token) = creds.forge_token.as_deref() else {
         fin.note = Some("pushed; no DOUGH_FORGE_TOKEN, so no pull request was opened".into());
         return Ok(fin);
@@ -658,12 +675,20 @@ pub async fn run(
         .unwrap_or_else(|| GUEST_REPO_DIR.to_string());
     spec.repo = Some(plan.guest_work(creds, &guest_dir, gate.max_bundle_bytes));
     spec.bundle_path = Some(bundle_path(&dir.path));
-    // An allowlist always lets the clone through.
-    if let (Some(dough_net::Egress::Allow { hosts, .. }), Some(h)) =
+    // An allowlist always lets the clone through: the repository's host by
+    // name, or its address as a /32.
+    if let (Some(dough_net::Egress::Allow { hosts, cidrs }), Some(h)) =
         (spec.network.as_mut(), plan.host())
     {
-        if h.parse::<std::net::Ipv4Addr>().is_err() && !hosts.contains(&h) {
-            hosts.push(h);
+        match h.parse::<std::net::Ipv4Addr>() {
+            Ok(addr) => {
+                let c = dough_net::Cidr { addr, len: 32 };
+                if !cidrs.contains(&c) {
+                    cidrs.push(c);
+                }
+            }
+            Err(_) if !hosts.contains(&h) => hosts.push(h),
+            Err(_) => {}
         }
     }
     let image_digest = match &spec.image {
@@ -673,16 +698,34 @@ pub async fn run(
             .unwrap_or_default(),
     };
     let report = crate::run_task_in(host, &spec, vm, on_event, cancel).await;
+    // A failed task that changed the repository: say so, and push what it
+    // left only when asked.
+    let partial = match (&report.result, &report.work.report) {
+        (
+            Ok(crate::Outcome::Exited(dough_proto::ExitStatus::Code(code))),
+            Some(dough_proto::Work::Bundle { commits, .. }),
+        ) if *code != 0 => Some((*code, *commits)),
+        _ => None,
+    };
     let work = match &report.result {
         Ok(crate::Outcome::CloneFailed(m)) => Some(Err(RepoError::CloneFailed(m.clone()))),
-        Ok(crate::Outcome::Exited(dough_proto::ExitStatus::Code(0))) => {
-            on_event(crate::Event::Progress(
-                "checking the work (gate), then push and pull request",
-            ));
+        Ok(crate::Outcome::Exited(_)) if partial.is_some() && !pr.push_partial => {
+            let (code, commits) = partial.expect("checked");
+            Some(Err(RepoError::Partial { code, commits }))
+        }
+        Ok(crate::Outcome::Exited(dough_proto::ExitStatus::Code(c)))
+            if *c == 0 || partial.is_some() =>
+        {
+            on_event(crate::Event::Progress(if partial.is_some() {
+                "the task failed after changing the repository; pushing its partial work as asked (--push-partial): gate, then push, no pull request"
+            } else {
+                "checking the work (gate), then push and pull request"
+            }));
             let facts = TaskFacts {
                 task_id: spec.task_id.clone(),
                 image_digest,
                 command: spec.command.clone(),
+                failed_with: partial.map(|(code, _)| code),
             };
             let (plan, out, path, wd, gate, creds) = (
                 plan.clone(),

@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// Give up if the guest has not said Hello after SECS seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout: u64,
+    /// At the end, print on stderr where the time went: host set-up, boot,
+    /// clone, the task, teardown, and gate/push/pull request.
+    #[arg(long)]
+    pub timings: bool,
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -184,6 +188,11 @@ pub struct RepoArgs {
     /// .github/workflows/**; see DOUGH_PROTECTED_PATHS).
     #[arg(long, requires = "repo", help_heading = "Repository")]
     pub allow_protected: bool,
+    /// If the task fails after changing the repository, push what it left
+    /// to the branch anyway (gated; no pull request). Off: nothing of a
+    /// failed task is pushed.
+    #[arg(long, requires = "repo", help_heading = "Repository")]
+    pub push_partial: bool,
     /// Pass this variable from Dough's environment to the task (e.g. an
     /// agent's API key); repeatable. Never stored, never in the guest's argv.
     #[arg(long = "secret-env", value_name = "NAME", help_heading = "Repository")]
@@ -222,6 +231,7 @@ impl RepoArgs {
                 forge: self.forge.as_deref().and_then(|f| f.parse().ok()),
                 api: self.forge_api.clone(),
                 allow_protected: self.allow_protected,
+                push_partial: self.push_partial,
             },
         ))
     }
@@ -410,7 +420,9 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
     // On a terminal, a transient status line while the VM boots.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut status_shown = false;
+    let mut marks = Timings::new();
     let mut on_event = |ev: Event<'_>| {
+        marks.on_event(&ev);
         if tty {
             match ev {
                 Event::Phase(Phase::Spawned, _) => {
@@ -467,6 +479,9 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             match run.split() {
                 Ok(parts) => parts,
                 Err(e) => {
+                    if a.timings {
+                        marks.print(repo.is_some());
+                    }
                     let code = match e {
                         RepoError::Invalid(_) => crate::EXIT_USAGE,
                         _ => EXIT_DOUGH,
@@ -477,6 +492,9 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             }
         }
     };
+    if a.timings {
+        marks.print(repo.is_some());
+    }
     for e in &rep.teardown_errors {
         eprintln!("dough: warning: teardown: {e}");
     }
@@ -492,6 +510,11 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         };
         report_work(json, &task_id, code, w.as_ref());
         return Ok(match w {
+            // A failed task's partial work (pushed as asked, or not): the
+            // task's own exit code.
+            Ok(_) | Err(RepoError::Partial { .. }) if code.is_some_and(|c| c != 0) => {
+                code.unwrap_or(1).clamp(1, 255) as u8
+            }
             Ok(_) => 0,
             Err(RepoError::CloneFailed(_)) => EXIT_CLONE,
             Err(_) => EXIT_DOUGH,
@@ -506,7 +529,16 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         println!("{v}");
     }
     match rep.result {
-        Ok(Outcome::Exited(st)) => Ok(st.shell_code().clamp(0, 255) as u8),
+        Ok(Outcome::Exited(st)) => {
+            if repo.is_some() && !json {
+                let how = match st {
+                    dough_proto::ExitStatus::Code(c) => format!("exit code {c}"),
+                    dough_proto::ExitStatus::Signal(s) => format!("killed by signal {s}"),
+                };
+                eprintln!("dough: the task failed ({how}); nothing was pushed");
+            }
+            Ok(st.shell_code().clamp(0, 255) as u8)
+        }
         Ok(Outcome::CloneFailed(msg)) => {
             eprintln!("dough: the guest could not clone the repository: {msg}");
             Ok(EXIT_CLONE)
@@ -542,6 +574,55 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// Where a run's time went (`--timings`): each span ends at a phase the
+/// run reached, timed on the host as the events arrive.
+struct Timings {
+    start: std::time::Instant,
+    marks: Vec<(&'static str, std::time::Instant)>,
+}
+
+impl Timings {
+    fn new() -> Timings {
+        Timings {
+            start: std::time::Instant::now(),
+            marks: vec![],
+        }
+    }
+
+    fn on_event(&mut self, ev: &Event<'_>) {
+        let name = match ev {
+            Event::Phase(Phase::Spawned, _) => "host set-up",
+            Event::Phase(Phase::Hello, _) => "boot",
+            Event::Phase(Phase::Cloned, _) => "clone",
+            Event::Phase(Phase::Started, _) => "start",
+            Event::Phase(Phase::Done, _) => "task",
+            Event::Phase(Phase::TornDown, _) => "teardown",
+            _ => return,
+        };
+        self.marks.push((name, std::time::Instant::now()));
+    }
+
+    /// One line: each span, then the total (the span after teardown is
+    /// the host's gate, push and pull request).
+    fn print(&self, repo: bool) {
+        let end = std::time::Instant::now();
+        let mut prev = self.start;
+        let mut parts: Vec<String> = vec![];
+        for (name, at) in &self.marks {
+            parts.push(format!("{name} {:.1} s", (*at - prev).as_secs_f64()));
+            prev = *at;
+        }
+        if repo && self.marks.last().is_some_and(|(n, _)| *n == "teardown") {
+            parts.push(format!(
+                "gate, push, pr {:.1} s",
+                (end - prev).as_secs_f64()
+            ));
+        }
+        parts.push(format!("total {:.1} s", (end - self.start).as_secs_f64()));
+        eprintln!("dough: timings: {}", parts.join(" · "));
+    }
+}
+
 /// Exit status when the guest could not clone the repository.
 pub const EXIT_CLONE: u8 = 3;
 
@@ -558,7 +639,8 @@ fn report_work(
             if json {
                 let mut v = serde_json::to_value(f).unwrap_or_default();
                 v["task_id"] = task_id.into();
-                v["state"] = "succeeded".into();
+                let failed = exit_code.is_some_and(|c| c != 0);
+                v["state"] = if failed { "failed" } else { "succeeded" }.into();
                 v["exit_code"] = exit_code.into();
                 println!("{v}");
                 return;
