@@ -204,8 +204,7 @@ fn claude_code_edits_a_repository_and_dough_opens_the_pull_request() {
         "stdout:\n{stdout}\nstderr:\n{stderr}\nmodel API saw {} requests",
         log.len()
     );
-    for (i, r) in log.iter().enumerate() {
-        let _ = std::fs::write(format!("/tmp/cc-req-{i}.json"), r.body.to_string());
+    for r in &log {
         eprintln!(
             "  {:?} {} {} main_loop={} {}",
             r.at.elapsed(),
@@ -221,6 +220,29 @@ fn claude_code_edits_a_repository_and_dough_opens_the_pull_request() {
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains("I fixed the status line."), "{stdout}");
+    // --timings: each phase of a repository task, in order.
+    let t = stderr
+        .lines()
+        .find(|l| l.starts_with("dough: timings: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let names: Vec<&str> = t["dough: timings: ".len()..]
+        .split(" · ")
+        .map(|p| p.rsplitn(3, ' ').nth(2).unwrap_or(p))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "host set-up",
+            "boot",
+            "clone",
+            "start",
+            "task",
+            "teardown",
+            "gate, push, pr",
+            "total"
+        ],
+        "{t}"
+    );
 
     // The model API: the prompt arrived, with the key, and the agent sent
     // back what its Read tool found in the clone.
