@@ -69,7 +69,18 @@ pub struct TaskSpec {
     /// itself, its scratch disk (the overlay's upper layer) is moved here
     /// instead of being deleted with the run directory.
     pub keep_scratch: Option<PathBuf>,
+    /// Where the task's output goes, with backpressure: while this channel
+    /// is full the host stops reading the guest (which then slows down),
+    /// the supervisor keeps watching the timeout, cancellation and the VMM,
+    /// and silence is not held against the guest. None: output goes to the
+    /// event callback, which must not block.
+    pub output: Option<OutputSink>,
 }
+
+/// The task's output, for a consumer on its own thread or task
+/// ([`TaskSpec::output`]). Bounded: at most its capacity of chunks (each
+/// at most one frame) wait in it.
+pub type OutputSink = tokio::sync::mpsc::Sender<(Stream, Vec<u8>)>;
 
 impl Default for TaskSpec {
     fn default() -> Self {
@@ -93,6 +104,7 @@ impl Default for TaskSpec {
             bundle_path: None,
             image: None,
             keep_scratch: None,
+            output: None,
         }
     }
 }
@@ -1020,6 +1032,10 @@ async fn drive_task(
     };
     tokio::pin!(task_timeout);
     let mut last_seen = Instant::now();
+    // Output read from the guest that the sink has no room for yet: while
+    // it waits, nothing more is read.
+    let mut pending: Option<(Stream, Vec<u8>)> = None;
+    let sink = spec.output.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // Set once cancelled with a grace period: (signal, SIGKILL deadline,
     // whether SIGKILL went out).
@@ -1027,7 +1043,14 @@ async fn drive_task(
     loop {
         tokio::select! {
             biased;
-            m = rx.recv() => {
+            permit = reserve(&sink), if pending.is_some() => {
+                if let (Some(p), Some(out)) = (permit, pending.take()) {
+                    p.send(out);
+                }
+                // The host was not reading: silence is not the guest's.
+                last_seen = Instant::now();
+            }
+            m = rx.recv(), if pending.is_none() => {
                 let msg = match m {
                     Some(Incoming::Msg(msg)) => msg,
                     Some(Incoming::Failed(e)) => { live.agent_ok = false; return Err(RunError::Protocol(e)) }
@@ -1045,6 +1068,7 @@ async fn drive_task(
                 match msg {
                     GuestMsg::Heartbeat { .. } => {}
                     GuestMsg::Started { pid } => { debug!(pid, "task started"); ctx.phase(Phase::Started) }
+                    GuestMsg::Output { stream, data } if sink.is_some() => pending = Some((stream, data)),
                     GuestMsg::Output { stream, data } => (ctx.on_event)(Event::Output(stream, &data)),
                     GuestMsg::Exit { status, oom } => {
                         ctx.phase(Phase::Done);
@@ -1103,6 +1127,10 @@ async fn drive_task(
                         return Ok(Outcome::Cancelled(sig));
                     }
                 }
+                if pending.is_some() {
+                    // Waiting on the sink, not on the guest.
+                    last_seen = Instant::now();
+                }
                 if last_seen.elapsed() > spec.heartbeat_timeout {
                     live.agent_ok = false;
                     return Err(RunError::AgentLost {
@@ -1112,6 +1140,17 @@ async fn drive_task(
                 }
             }
         }
+    }
+}
+
+/// Room in the output sink (None: the sink is gone, and the output with
+/// it).
+async fn reserve(
+    sink: &Option<OutputSink>,
+) -> Option<tokio::sync::mpsc::Permit<'_, (Stream, Vec<u8>)>> {
+    match sink {
+        Some(s) => s.reserve().await.ok(),
+        None => None,
     }
 }
 

@@ -220,6 +220,32 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
     let gc = h.cmd().args(["image", "gc"]).output().unwrap();
     assert_eq!(gc.status.code(), Some(0));
     assert_eq!(layer_files(&h).len(), 3, "{}", text(&gc.stdout));
+    // A task of the daemon's queue that names t1 holds it (the real task
+    // store; the task is put there as `POST /v1/tasks` would).
+    {
+        use dough_core::store::Store;
+        let store = dough_core::store::SqliteStore::open(&h.state.path().join("dough.db")).unwrap();
+        let req: dough_core::store::TaskRequest =
+            serde_json::from_value(serde_json::json!({"command": ["true"], "image": "t1"}))
+                .unwrap();
+        store.insert("q1", &req).unwrap();
+        let rm = h.cmd().args(["image", "rm", "t1"]).output().unwrap();
+        assert_eq!(rm.status.code(), Some(125), "{}", text(&rm.stderr));
+        assert!(
+            text(&rm.stderr).contains("image \"t1\" is wanted by task q1 of the daemon"),
+            "{}",
+            text(&rm.stderr)
+        );
+        store
+            .transition(
+                "q1",
+                dough_core::store::State::Cancelled,
+                Some("cancelled"),
+                None,
+                None,
+            )
+            .unwrap();
+    }
     let rm = h.cmd().args(["image", "rm", "t1"]).output().unwrap();
     assert_eq!(rm.status.code(), Some(0), "{}", text(&rm.stderr));
     let rm = h.cmd().args(["image", "rm", "t1"]).output().unwrap();

@@ -250,6 +250,14 @@ pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
                     users.join(", ")
                 );
             }
+            // Tasks of the daemon (`dough serve`) that will boot it.
+            let waiting = daemon_tasks_on(&host.state_dir, name)?;
+            if !waiting.is_empty() {
+                anyhow::bail!(
+                    "image {name:?} is wanted by task {} of the daemon (queued or running): cancel them (dough cancel ID) or try again when they are done",
+                    waiting.join(", ")
+                );
+            }
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             eprintln!("removed image {name}; `dough image gc` deletes layers no image uses");
             Ok(0)
@@ -263,6 +271,24 @@ pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The ids of the daemon's tasks, queued or in flight, that name image
+/// `name` (none when this state directory has no task store).
+fn daemon_tasks_on(state: &std::path::Path, name: &str) -> anyhow::Result<Vec<String>> {
+    use dough_core::store::Store;
+    let db = state.join("dough.db");
+    if !db.exists() {
+        return Ok(vec![]);
+    }
+    let store = dough_core::store::SqliteStore::open(&db).context("open the task store")?;
+    let mut tasks = store.queued(usize::MAX).context("read the queue")?;
+    tasks.extend(store.in_flight().context("read the tasks in flight")?);
+    Ok(tasks
+        .into_iter()
+        .filter(|t| t.request.image.as_deref() == Some(name))
+        .map(|t| t.id)
+        .collect())
 }
 
 /// `dough image build -f FILE`: an image as a reviewed file.

@@ -416,6 +416,10 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         ..TaskSpec::default()
     };
     let json = a.repo.json;
+    // The task's output is written by a thread of its own: a reader that
+    // stops (a pager, `| (sleep 60; wc)`) slows the guest down instead of
+    // stalling the runtime that watches timeouts, cancellation and the VM.
+    let (writer, spec) = OutputWriter::start(json, spec);
     let mut write_err: Option<std::io::Error> = None;
     // On a terminal, a transient status line while the VM boots.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -439,28 +443,18 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         if let Event::Progress(p) = ev {
             eprintln!("dough: {p}");
         }
-        if let Event::Output(stream, data) = ev {
-            let stream = if json { Stream::Stderr } else { stream };
-            let res = match stream {
-                Stream::Stdout => {
-                    let mut o = std::io::stdout().lock();
-                    o.write_all(data).and_then(|_| o.flush())
-                }
-                Stream::Stderr => {
-                    let mut o = std::io::stderr().lock();
-                    o.write_all(data).and_then(|_| o.flush())
-                }
-            };
-            if let Err(e) = res {
-                write_err.get_or_insert(e);
-            }
-        }
+        // The task's output goes to the writer thread (spec.output).
     };
     let (rep, work) = match &repo {
-        None => (
-            run_task(&host, &spec, &mut on_event, interrupted()).await,
-            None,
-        ),
+        None => {
+            // `spec` (and the output sink in it) goes at the end of this
+            // arm, so the writer sees the end of the output.
+            let spec = spec;
+            (
+                run_task(&host, &spec, &mut on_event, interrupted()).await,
+                None,
+            )
+        }
         Some((r, p)) => {
             gate.allow_protected |= p.allow_protected;
             let creds = dough_core::repo::Credentials::from_env();
@@ -479,6 +473,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
             match run.split() {
                 Ok(parts) => parts,
                 Err(e) => {
+                    let _ = writer.finish();
                     if a.timings {
                         marks.print(repo.is_some());
                     }
@@ -494,6 +489,9 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
     };
     if a.timings {
         marks.print(repo.is_some());
+    }
+    if let Some(e) = writer.finish() {
+        write_err.get_or_insert(e);
     }
     for e in &rep.teardown_errors {
         eprintln!("dough: warning: teardown: {e}");
@@ -572,6 +570,50 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         crate::print_error(&e);
         Ok(EXIT_DOUGH)
     })
+}
+
+/// The thread that writes a task's output ([`TaskSpec::output`]).
+struct OutputWriter {
+    thread: std::thread::JoinHandle<Option<std::io::Error>>,
+}
+
+impl OutputWriter {
+    /// Chunks that may wait for the writer: with frames of at most 64 KiB,
+    /// at most 1 MiB of output is held on the host for a stalled reader.
+    const QUEUE: usize = 16;
+
+    /// Start the writer; `spec` gets its sink. With `json`, all output
+    /// goes to stderr (stdout carries the result).
+    fn start(json: bool, mut spec: TaskSpec) -> (OutputWriter, TaskSpec) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(Self::QUEUE);
+        spec.output = Some(tx);
+        let thread = std::thread::spawn(move || {
+            let mut err: Option<std::io::Error> = None;
+            while let Some((stream, data)) = rx.blocking_recv() {
+                if err.is_some() {
+                    continue; // keep draining: the task goes on regardless
+                }
+                let res = if json || stream == Stream::Stderr {
+                    let mut o = std::io::stderr().lock();
+                    o.write_all(&data).and_then(|_| o.flush())
+                } else {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&data).and_then(|_| o.flush())
+                };
+                if let Err(e) = res {
+                    err = Some(e);
+                }
+            }
+            err
+        });
+        (OutputWriter { thread }, spec)
+    }
+
+    /// Wait for everything queued to be written (every sender is gone
+    /// once the run has returned); the first write error.
+    fn finish(self) -> Option<std::io::Error> {
+        self.thread.join().unwrap_or(None)
+    }
 }
 
 /// Where a run's time went (`--timings`): each span ends at a phase the
