@@ -207,8 +207,20 @@ mod tests {
         let cg = Cgroup::create(&layout, &id, l).unwrap();
         match &layout {
             Layout::V2(_) => {
-                let m = std::fs::read_to_string(cg.dirs[0].join("memory.max")).unwrap();
-                assert_eq!(m.trim(), l.memory_bytes.to_string());
+                let read = |f: &str| {
+                    std::fs::read_to_string(cg.dirs[0].join(f))
+                        .unwrap_or_else(|e| panic!("{f}: {e}"))
+                        .trim()
+                        .to_string()
+                };
+                assert_eq!(read("memory.max"), l.memory_bytes.to_string());
+                assert_eq!(read("cpu.max"), format!("200000 {CPU_PERIOD_US}"));
+                assert_eq!(read("pids.max"), l.pids.to_string());
+                // Present only where the kernel accounts swap (not on the
+                // Debian cloud kernels of these machines).
+                if cg.dirs[0].join("memory.swap.max").exists() {
+                    assert_eq!(read("memory.swap.max"), "0");
+                }
             }
             Layout::V1 { .. } => {
                 let q = std::fs::read_to_string(cg.dirs[0].join("cpu.cfs_quota_us")).unwrap();

@@ -701,9 +701,14 @@ fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     assert_eq!(tc["cleanup"], "ok");
     let (_, m) = s.call("GET", "/metrics", None);
     let m = m.as_str().unwrap().to_string();
-    assert!(m.contains("dough_tasks{state=\"succeeded\"} 2"), "{m}");
-    assert!(m.contains("dough_vms_running 0"), "{m}");
-    assert!(m.contains("dough_scheduler_latency_seconds_count 1"), "{m}");
+    // Whole lines: `_count 1` must not pass on `_count 12`.
+    for want in [
+        "dough_tasks{state=\"succeeded\"} 2",
+        "dough_vms_running 0",
+        "dough_scheduler_latency_seconds_count 1",
+    ] {
+        assert!(m.lines().any(|l| l == want), "{want}:\n{m}");
+    }
     s.stop();
     h.assert_clean();
 }
