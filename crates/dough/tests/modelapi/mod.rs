@@ -17,7 +17,6 @@
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -140,14 +139,7 @@ impl ModelApi {
     /// Listen on `addr` in namespace `ns`; only `x-api-key: key` is
     /// accepted (anything else gets the API's 401).
     pub fn start(ns: &str, addr: SocketAddr, key: &str, script: Script) -> ModelApi {
-        let ns = ns.to_string();
-        let l = std::thread::spawn(move || {
-            let f = std::fs::File::open(Path::new("/run/netns").join(&ns)).unwrap();
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            TcpListener::bind(addr).unwrap()
-        })
-        .join()
-        .unwrap();
+        let l = crate::world::in_ns(ns, move || TcpListener::bind(addr).unwrap());
         l.set_nonblocking(true).unwrap();
         let requests: Arc<Mutex<Vec<ModelRequest>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
