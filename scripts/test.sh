@@ -22,6 +22,13 @@ if ! command -v lighttpd >/dev/null && [ ! -x /usr/sbin/lighttpd ]; then
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
+# Test-only: busybox-static is the userland of the OCI images the OCI
+# import tests write (crates/dough/tests/vm_oci.rs).
+if [ ! -x /bin/busybox ] || ! dpkg -s busybox-static >/dev/null 2>&1; then
+  printf '\n== apt: busybox-static (test-only)\n' >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
+fi
+
 # The image of the end-to-end agent test (crates/dough/tests/vm_claude.rs):
 # Claude Code from the npm registry, ~5 minutes under TCG the first time,
 # then cached by content (its layers are keyed by the steps and the base).

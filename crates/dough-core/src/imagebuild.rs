@@ -19,6 +19,7 @@
 //! previous image of that name in one `renameat2(RENAME_EXCHANGE)`, only
 //! after every step succeeded, so a failing or interrupted build leaves the
 //! previous image usable.
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -73,7 +74,7 @@ impl Step {
         let body = match self {
             Step::TrustCas(cas) => {
                 let mut b = String::from(
-                    "set -e; d=/usr/local/share/ca-certificates/dough; mkdir -p \"$d\"",
+                    "set -e; d=/usr/local/share/ca-certificates/dough; mkdir -p \"$d\" /etc/ssl/certs",
                 );
                 for (i, _) in cas.iter().enumerate() {
                     b.push_str(&format!(
@@ -193,6 +194,9 @@ pub struct BuildSpec {
     pub disk_mib: u64,
     /// Each step's time limit.
     pub step_timeout: Duration,
+    /// The most bytes of files an OCI image (`from` = `oci:…` or
+    /// `docker-archive:…`) may unpack to: over it, `image_too_large`.
+    pub max_import_bytes: u64,
 }
 
 /// Why a build failed. The previous image of the name is unchanged.
@@ -274,9 +278,10 @@ pub async fn build(
             "`default` is Dough's base image (`dough image build` without steps); name the image to build on it".into(),
         ));
     }
-    if spec.steps.is_empty() {
+    let oci = dough_image::oci::Source::parse(&spec.from)?;
+    if spec.steps.is_empty() && oci.is_none() {
         return Err(BuildError::Invalid(
-            "nothing to build: give --packages, --run or --ca-file".into(),
+            "nothing to build: give --from oci:…, --packages, --run or --ca-file".into(),
         ));
     }
     for s in &spec.steps {
@@ -288,19 +293,24 @@ pub async fn build(
         }
     }
     let state = &host.state_dir;
-    valid_name(&spec.from)?;
-    let base_dir = if spec.from == dough_image::DEFAULT_IMAGE {
-        host.image_dir.clone()
-    } else {
-        Image::named(state, &spec.from)
+    let base = match &oci {
+        Some(src) => import_base(host, src, spec.max_import_bytes, on_event)?,
+        None => {
+            valid_name(&spec.from)?;
+            let base_dir = if spec.from == dough_image::DEFAULT_IMAGE {
+                host.image_dir.clone()
+            } else {
+                Image::named(state, &spec.from)
+            };
+            Image::load(&base_dir).map_err(|e| match e {
+                ImageError::NotBuilt(_) => BuildError::Invalid(format!(
+                    "--from {}: no such image here (dough image ls)",
+                    spec.from
+                )),
+                e => e.into(),
+            })?
+        }
     };
-    let base = Image::load(&base_dir).map_err(|e| match e {
-        ImageError::NotBuilt(_) => BuildError::Invalid(format!(
-            "--from {}: no such image here (dough image ls)",
-            spec.from
-        )),
-        e => e.into(),
-    })?;
     // Layers live beside the image being built (`<state>/images/.layers`),
     // wherever its base is.
     let dir = Image::named(state, &spec.name);
@@ -475,6 +485,121 @@ pub async fn build(
     })
 }
 
+/// Where imported OCI images' bases are kept, by key (`.bases/<key>/`: the
+/// default image's kernels and initramfs, the rootfs made from the OCI
+/// image, a manifest).
+pub const BASE_STORE: &str = ".bases";
+
+/// The base an OCI image makes: its layers unpacked into a rootfs with what
+/// Dough's guest needs (`dough_image::oci`), booted with the default
+/// image's kernels. Kept by key (the image's config digest, what Dough
+/// adds, the default image), so importing it again is a no-op.
+fn import_base(
+    host: &HostConfig,
+    src: &dough_image::oci::Source,
+    max_bytes: u64,
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+) -> Result<Image, BuildError> {
+    use dough_image::oci;
+    let default = Image::load(&host.image_dir)?;
+    let config_digest = oci::resolve_source_digest(src)?;
+    let inputs = oci::rootfs_inputs(&config_digest);
+    let key = dough_image::sha256_hex(
+        format!("oci-base/1\n{inputs}\n{}", default.manifest.digest).as_bytes(),
+    );
+    let store = host.state_dir.join("images").join(BASE_STORE);
+    let dir = store.join(&key[..32]);
+    if let Ok(img) = Image::load(&dir) {
+        progress_line(
+            on_event,
+            format!(
+                "import {}: cached ({})",
+                src.describe(),
+                &config_digest[..19]
+            ),
+        );
+        return Ok(img);
+    }
+    std::fs::create_dir_all(&store).map_err(io(format!("create {}", store.display())))?;
+    let pid = std::process::id();
+    let tmp = |ext: &str| store.join(format!(".{}.{pid}.{ext}", &key[..32]));
+    let (agent, tree, rootfs, staging) = (tmp("agent"), tmp("tree"), tmp("ext4"), tmp("new"));
+    let result = (|| {
+        // The agent the default image boots as its init, so kernel,
+        // initramfs and init all come from one build of Dough.
+        let out = std::process::Command::new("debugfs")
+            .arg("-R")
+            .arg(format!(
+                "dump {} {}",
+                dough_image::ROOT_INIT,
+                agent.display()
+            ))
+            .arg(&default.rootfs)
+            .output()
+            .map_err(io("run debugfs"))?;
+        if !agent.metadata().is_ok_and(|m| m.len() > 0) {
+            return Err(BuildError::Invalid(format!(
+                "the default image's rootfs has no {}: rebuild it with `dough image build` ({})",
+                dough_image::ROOT_INIT,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let mut say = |m: String| progress_line(on_event, m);
+        say(format!(
+            "import {}: {}",
+            src.describe(),
+            &config_digest[..19]
+        ));
+        let info = oci::import(
+            src,
+            &agent,
+            &tree,
+            &rootfs,
+            oci::Limits { max_bytes },
+            &mut say,
+        )?;
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging).map_err(io(format!("create {}", staging.display())))?;
+        for f in [&default.kernel, &default.initramfs]
+            .into_iter()
+            .chain(default.kernel_minimal.as_ref())
+        {
+            let to = staging.join(f.file_name().unwrap_or_default());
+            if std::fs::hard_link(f, &to).is_err() {
+                std::fs::copy(f, &to).map_err(io(format!("copy {}", f.display())))?;
+            }
+        }
+        let to = staging.join(default.rootfs.file_name().unwrap_or_default());
+        std::fs::rename(&rootfs, &to).map_err(io(format!("move {}", rootfs.display())))?;
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .map_err(io(format!("chmod {}", to.display())))?;
+        let mut m = default.manifest.clone();
+        m.rootfs = dough_image::PartInfo {
+            sha256: dough_image::sha256_file(&to)?,
+            size: std::fs::metadata(&to).map(|x| x.len()).unwrap_or(0),
+            inputs,
+            source: format!("{} {}", info.source, info.manifest_digest),
+            built_at: dough_image::now_rfc3339(),
+        };
+        m.rootfs_agent = dough_image::sha256_file(&agent)?;
+        m.oci = Some(info);
+        m.base = None;
+        m.layers.clear();
+        m.compute_digest();
+        m.write(&staging.join(dough_image::MANIFEST))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&staging, &dir).map_err(io(format!("create {}", dir.display())))?;
+        Ok(Image::load(&dir)?)
+    })();
+    for p in [&agent, &rootfs] {
+        let _ = std::fs::remove_file(p);
+    }
+    for p in [&tree, &staging] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    result
+}
+
 fn progress_line(on_event: &mut (dyn FnMut(Event<'_>) + Send), msg: String) {
     on_event(Event::Progress(&msg));
 }
@@ -570,6 +695,35 @@ pub fn gc(state: &Path) -> (Vec<PathBuf>, u64) {
             }
         }
     }
+    // Imported OCI bases no image boots (an image hard-links its base's
+    // rootfs, so the rootfs's hash names the base), and the unpacking
+    // trees, rootfs files and staging of imports that died.
+    let rootfs_used: std::collections::HashSet<String> = list(state)
+        .into_iter()
+        .flatten()
+        .map(|i| i.manifest.rootfs.sha256)
+        .collect();
+    let bases = images.join(BASE_STORE);
+    for e in std::fs::read_dir(&bases).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let gone = if n.starts_with('.') {
+            !pid_alive(&n)
+        } else {
+            Image::load(&e.path())
+                .map_or(true, |b| !rootfs_used.contains(&b.manifest.rootfs.sha256))
+        };
+        if gone {
+            bytes += dir_allocated(&e.path());
+            let removed_ok = if e.path().is_dir() {
+                std::fs::remove_dir_all(e.path()).is_ok()
+            } else {
+                std::fs::remove_file(e.path()).is_ok()
+            };
+            if removed_ok {
+                removed.push(e.path());
+            }
+        }
+    }
     for e in std::fs::read_dir(&images).into_iter().flatten().flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.starts_with('.')
@@ -581,6 +735,22 @@ pub fn gc(state: &Path) -> (Vec<PathBuf>, u64) {
         }
     }
     (removed, bytes)
+}
+
+/// Bytes a file or a directory tree holds on disk (files with more than one
+/// link counted once per name: an estimate).
+fn dir_allocated(p: &Path) -> u64 {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| dir_allocated(&e.path()))
+            .sum(),
+        Ok(m) if m.nlink() > 1 => 0,
+        Ok(m) => m.blocks() * 512,
+        Err(_) => 0,
+    }
 }
 
 /// `.<what>.<pid>.<ext>`: whether that pid still runs.

@@ -15,9 +15,12 @@ pub mod build;
 mod cpio;
 mod elf;
 mod manifest;
+pub mod oci;
 
 pub use build::{build, BuildOptions, Progress, ROOT_INIT};
-pub use manifest::{now_rfc3339, sha256_hex, BaseRef, Layer, Manifest, PartInfo, FILE as MANIFEST};
+pub use manifest::{
+    now_rfc3339, sha256_file, sha256_hex, BaseRef, Layer, Manifest, PartInfo, FILE as MANIFEST,
+};
 
 use std::path::{Path, PathBuf};
 

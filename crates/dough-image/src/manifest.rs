@@ -51,6 +51,10 @@ pub struct Manifest {
     /// base Dough builds from Debian packages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<BaseRef>,
+    /// The OCI image its rootfs was made from (`--from oci:…` /
+    /// `docker-archive:…`); absent for Debian-based images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<crate::oci::OciInfo>,
     /// The build steps' layers, lowest first (`dough image build NAME
     /// --packages/--run`; docs/images.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -36,12 +36,20 @@ pub struct BuildArgs {
     pub name: Option<String>,
     /// Build the image a spec file describes (TOML: name, from, packages,
     /// run, env, ca_files, host_cas, egress, allow_hosts, allow_cidrs,
-    /// vcpus, memory_mib, disk_mib, step_timeout_secs; docs/images.md).
+    /// vcpus, memory_mib, disk_mib, step_timeout_secs, max_size_mib;
+    /// docs/images.md).
     #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["name", "agent", "packages", "runs", "env", "ca_files", "egress", "allow_host", "allow_cidr"], help_heading = "Steps")]
     pub file: Option<PathBuf>,
-    /// The image to build on.
+    /// The image to build on: a Dough image, an OCI image layout
+    /// (`oci:DIR`, or `oci:DIR:REF` to pick one by its ref name), or a
+    /// `docker save` archive (`docker-archive:FILE`). An OCI image alone,
+    /// without steps, is a build too.
     #[arg(long, value_name = "IMAGE", default_value = DEFAULT_IMAGE, help_heading = "Steps")]
     pub from: String,
+    /// The most an OCI image may unpack to, in MiB (over it the build is
+    /// refused: `image_too_large`).
+    #[arg(long, value_name = "MIB", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..=4194304), help_heading = "Steps")]
+    pub max_size: u64,
     /// Debian packages to install (comma-separated, repeatable): the first
     /// step, with apt in a microVM.
     #[arg(
@@ -323,6 +331,8 @@ struct SpecFile {
     disk_mib: Option<u64>,
     #[serde(default)]
     step_timeout_secs: Option<u64>,
+    #[serde(default)]
+    max_size_mib: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -338,7 +348,13 @@ fn from_file(a: &BuildArgs, file: &std::path::Path) -> anyhow::Result<BuildArgs>
     b.file = None;
     b.name = Some(f.name);
     if let Some(from) = f.from {
-        b.from = from;
+        // An OCI source's relative path is the spec file's directory's.
+        b.from = match from.split_once(':') {
+            Some((t @ ("oci" | "docker-archive"), p)) if !p.starts_with('/') => {
+                format!("{t}:{}", dir.join(p).display())
+            }
+            _ => from,
+        };
     }
     b.packages = f.packages;
     b.runs = f.run;
@@ -357,6 +373,7 @@ fn from_file(a: &BuildArgs, file: &std::path::Path) -> anyhow::Result<BuildArgs>
     b.memory = f.memory_mib.unwrap_or(b.memory);
     b.disk = f.disk_mib.unwrap_or(b.disk);
     b.step_timeout = f.step_timeout_secs.unwrap_or(b.step_timeout);
+    b.max_size = f.max_size_mib.unwrap_or(b.max_size);
     Ok(b)
 }
 
@@ -387,8 +404,14 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
             ),
             None => None,
         };
-        if preset.is_none() && a.packages.is_empty() && a.runs.is_empty() && a.ca_files.is_empty() {
-            anyhow::bail!("nothing to build: give --packages, --run or --ca-file");
+        let oci = dough_image::oci::Source::parse(&a.from)?.is_some();
+        if preset.is_none()
+            && !oci
+            && a.packages.is_empty()
+            && a.runs.is_empty()
+            && a.ca_files.is_empty()
+        {
+            anyhow::bail!("nothing to build: give --from oci:…, --packages, --run or --ca-file");
         }
         let mut steps = vec![];
         let mut cas = vec![];
@@ -439,6 +462,7 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
         memory_mib: a.memory,
         disk_mib: a.disk,
         step_timeout: Duration::from_secs(a.step_timeout),
+        max_import_bytes: a.max_size << 20,
     };
     let progress = Progress::new(a.quiet);
     let mut on_event = |ev: dough_core::Event<'_>| match ev {
