@@ -22,11 +22,19 @@ if ! command -v lighttpd >/dev/null && [ ! -x /usr/sbin/lighttpd ]; then
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
-# Test-only: busybox-static is the userland of the OCI images the OCI
-# import tests write (crates/dough/tests/vm_oci.rs).
-if [ ! -x /bin/busybox ] || ! dpkg -s busybox-static >/dev/null 2>&1; then
-  printf '\n== apt: busybox-static (test-only)\n' >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
+# Test-only, for crates/dough/tests/vm_oci.rs: busybox-static is the
+# userland of the OCI images the tests write, docker-registry (the CNCF
+# distribution registry) the registry they pull from. Its service is not
+# started (policy-rc.d, as above); the test runs its own on loopback.
+if ! dpkg -s busybox-static >/dev/null 2>&1 || ! command -v docker-registry >/dev/null; then
+  printf '\n== apt: busybox-static, docker-registry (test-only)\n' >&2
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static docker-registry >/dev/null
+  [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
 # The image of the end-to-end agent test (crates/dough/tests/vm_claude.rs):

@@ -197,6 +197,8 @@ pub struct BuildSpec {
     /// The most bytes of files an OCI image (`from` = `oci:…` or
     /// `docker-archive:…`) may unpack to: over it, `image_too_large`.
     pub max_import_bytes: u64,
+    /// Pull `from` (a registry reference) over plain HTTP.
+    pub plain_http: bool,
 }
 
 /// Why a build failed. The previous image of the name is unchanged.
@@ -294,7 +296,7 @@ pub async fn build(
     }
     let state = &host.state_dir;
     let base = match &oci {
-        Some(src) => import_base(host, src, spec.max_import_bytes, on_event)?,
+        Some(src) => import_base(host, src, spec, on_event).await?,
         None => {
             valid_name(&spec.from)?;
             let base_dir = if spec.from == dough_image::DEFAULT_IMAGE {
@@ -494,33 +496,94 @@ pub const BASE_STORE: &str = ".bases";
 /// Dough's guest needs (`dough_image::oci`), booted with the default
 /// image's kernels. Kept by key (the image's config digest, what Dough
 /// adds, the default image), so importing it again is a no-op.
-fn import_base(
+async fn import_base(
     host: &HostConfig,
-    src: &dough_image::oci::Source,
-    max_bytes: u64,
+    from: &dough_image::oci::Source,
+    spec: &BuildSpec,
     on_event: &mut (dyn FnMut(Event<'_>) + Send),
 ) -> Result<Image, BuildError> {
     use dough_image::oci;
     let default = Image::load(&host.image_dir)?;
+    let store = host.state_dir.join("images").join(BASE_STORE);
+    std::fs::create_dir_all(&store).map_err(io(format!("create {}", store.display())))?;
+    // A registry's image: its manifest and config into a layout first (the
+    // layers only when its base is not imported yet).
+    let pulled = store.join(format!(".pull.{}.tmp", std::process::id()));
+    let pull = match from {
+        oci::Source::Registry(r) => Some(crate::registry::Pull {
+            reference: r.clone(),
+            plain_http: spec.plain_http,
+        }),
+        _ => None,
+    };
+    let src = match &pull {
+        Some(p) => {
+            let _ = std::fs::remove_dir_all(&pulled);
+            progress_line(
+                on_event,
+                format!("pull {}: manifest and config", from.describe()),
+            );
+            if let Err(e) = crate::registry::pull_manifests(p, &pulled).await {
+                let _ = std::fs::remove_dir_all(&pulled);
+                return Err(e);
+            }
+            oci::Source::Layout {
+                dir: pulled.clone(),
+                reference: None,
+            }
+        }
+        None => from.clone(),
+    };
+    let result = import_layout(
+        &default,
+        from,
+        &src,
+        pull.as_ref(),
+        spec.max_import_bytes,
+        &store,
+        on_event,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&pulled);
+    result
+}
+
+/// [`import_base`] once the image is a layout (or an archive).
+async fn import_layout(
+    default: &Image,
+    from: &dough_image::oci::Source,
+    src: &dough_image::oci::Source,
+    pull: Option<&crate::registry::Pull>,
+    max_bytes: u64,
+    store: &Path,
+    on_event: &mut (dyn FnMut(Event<'_>) + Send),
+) -> Result<Image, BuildError> {
+    use dough_image::oci;
     let config_digest = oci::resolve_source_digest(src)?;
     let inputs = oci::rootfs_inputs(&config_digest);
     let key = dough_image::sha256_hex(
         format!("oci-base/1\n{inputs}\n{}", default.manifest.digest).as_bytes(),
     );
-    let store = host.state_dir.join("images").join(BASE_STORE);
     let dir = store.join(&key[..32]);
     if let Ok(img) = Image::load(&dir) {
         progress_line(
             on_event,
             format!(
                 "import {}: cached ({})",
-                src.describe(),
+                from.describe(),
                 &config_digest[..19]
             ),
         );
         return Ok(img);
     }
-    std::fs::create_dir_all(&store).map_err(io(format!("create {}", store.display())))?;
+    if let Some(p) = pull {
+        let dir = match src {
+            oci::Source::Layout { dir, .. } => dir.clone(),
+            _ => PathBuf::new(),
+        };
+        let mut say = |m: String| progress_line(on_event, m);
+        crate::registry::pull_layers(p, &dir, max_bytes, &mut say).await?;
+    }
     let pid = std::process::id();
     let tmp = |ext: &str| store.join(format!(".{}.{pid}.{ext}", &key[..32]));
     let (agent, tree, rootfs, staging) = (tmp("agent"), tmp("tree"), tmp("ext4"), tmp("new"));
@@ -547,10 +610,10 @@ fn import_base(
         let mut say = |m: String| progress_line(on_event, m);
         say(format!(
             "import {}: {}",
-            src.describe(),
+            from.describe(),
             &config_digest[..19]
         ));
-        let info = oci::import(
+        let mut info = oci::import(
             src,
             &agent,
             &tree,
@@ -558,6 +621,7 @@ fn import_base(
             oci::Limits { max_bytes },
             &mut say,
         )?;
+        info.source = from.describe();
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir(&staging).map_err(io(format!("create {}", staging.display())))?;
         for f in [&default.kernel, &default.initramfs]

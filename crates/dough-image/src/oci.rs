@@ -40,6 +40,9 @@ pub enum Source {
     },
     /// A `docker save` / `podman save` tar archive (one image).
     DockerArchive(PathBuf),
+    /// A registry reference (`docker://` stripped), pulled into a layout
+    /// first (`dough_core::registry`).
+    Registry(String),
 }
 
 impl Source {
@@ -75,11 +78,17 @@ impl Source {
             }
             return Ok(Some(Source::DockerArchive(rest.into())));
         }
-        if from.starts_with("docker://") || from.contains('/') || from.contains('@') {
-            return Err(ImageError::Invalid(format!(
-                "--from {from}: pulling from a registry is not built yet; copy the image to a layout first (`skopeo copy docker://{} oci:DIR`) and use --from oci:DIR",
-                from.trim_start_matches("docker://")
-            )));
+        if let Some(r) = from.strip_prefix("docker://") {
+            if r.is_empty() {
+                return Err(ImageError::Invalid(
+                    "--from docker://REF names no image".into(),
+                ));
+            }
+            return Ok(Some(Source::Registry(r.into())));
+        }
+        // A Dough image name has neither; a registry reference has a host.
+        if from.contains('/') || from.contains('@') {
+            return Ok(Some(Source::Registry(from.into())));
         }
         Ok(None)
     }
@@ -92,6 +101,7 @@ impl Source {
                 None => format!("oci:{}", dir.display()),
             },
             Source::DockerArchive(f) => format!("docker-archive:{}", f.display()),
+            Source::Registry(r) => format!("docker://{r}"),
         }
     }
 }
@@ -235,12 +245,28 @@ const INDEX_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
-fn layout_blob(dir: &Path, desc: &serde_json::Value, what: &str) -> Result<Blob, ImageError> {
+/// The blob `desc` names in layout `dir`; absent is refused unless not
+/// `must_exist` (a layer of a layout still being pulled).
+fn layout_blob(
+    dir: &Path,
+    desc: &serde_json::Value,
+    what: &str,
+    must_exist: bool,
+) -> Result<Blob, ImageError> {
     let digest = desc["digest"]
         .as_str()
         .ok_or_else(|| corrupt(format!("{what} has no digest")))?;
     let hex = valid_digest(digest)?;
     let file = dir.join("blobs/sha256").join(hex);
+    if !must_exist && desc["size"].is_u64() && !file.exists() {
+        return Ok(Blob {
+            file,
+            offset: 0,
+            size: desc["size"].as_u64().unwrap_or(0),
+            digest: Some(digest.to_string()),
+            what: what.to_string(),
+        });
+    }
     let size = fs::metadata(&file)
         .map_err(|_| {
             ImageError::Invalid(format!(
@@ -276,7 +302,32 @@ fn platform_of(v: &serde_json::Value) -> (String, String) {
     )
 }
 
-fn resolve_layout(dir: &Path, reference: Option<&str>) -> Result<Resolved, ImageError> {
+/// The linux/amd64 entry of an index's `manifests`, or why there is none.
+pub fn pick_platform(ms: &[serde_json::Value]) -> Result<serde_json::Value, ImageError> {
+    if let Some(m) = ms
+        .iter()
+        .find(|m| platform_of(&m["platform"]) == ("linux".into(), "amd64".into()))
+    {
+        return Ok(m.clone());
+    }
+    let have: Vec<String> = ms
+        .iter()
+        .map(|m| {
+            let (os, arch) = platform_of(&m["platform"]);
+            format!("{os}/{arch}")
+        })
+        .collect();
+    Err(ImageError::Invalid(format!(
+        "the image has no linux/amd64 variant (it has {}); Dough's VMs are amd64",
+        have.join(", ")
+    )))
+}
+
+fn resolve_layout(
+    dir: &Path,
+    reference: Option<&str>,
+    layers_present: bool,
+) -> Result<Resolved, ImageError> {
     let layout = fs::read(dir.join("oci-layout")).map_err(|_| {
         ImageError::Invalid(format!(
             "{} is not an OCI image layout (no oci-layout file)",
@@ -312,40 +363,19 @@ fn resolve_layout(dir: &Path, reference: Option<&str>) -> Result<Resolved, Image
         if ms.is_empty() {
             return Err(corrupt("the index names no manifest".into()));
         }
-        let with_platform: Vec<&serde_json::Value> =
-            ms.iter().filter(|m| m["platform"].is_object()).collect();
-        let pick = if with_platform.is_empty() {
-            if ms.len() > 1 {
-                return Err(ImageError::Invalid(format!(
-                    "{} holds {} images: name one (--from oci:DIR:REF)",
-                    dir.display(),
-                    ms.len()
-                )));
-            }
-            ms[0].clone()
+        let pick = if ms.iter().any(|m| m["platform"].is_object()) {
+            pick_platform(&ms)?
+        } else if ms.len() > 1 {
+            return Err(ImageError::Invalid(format!(
+                "{} holds {} images: name one (--from oci:DIR:REF)",
+                dir.display(),
+                ms.len()
+            )));
         } else {
-            match with_platform
-                .iter()
-                .find(|m| platform_of(&m["platform"]) == ("linux".into(), "amd64".into()))
-            {
-                Some(m) => (*m).clone(),
-                None => {
-                    let have: Vec<String> = with_platform
-                        .iter()
-                        .map(|m| {
-                            let (os, arch) = platform_of(&m["platform"]);
-                            format!("{os}/{arch}")
-                        })
-                        .collect();
-                    return Err(ImageError::Invalid(format!(
-                        "the image has no linux/amd64 variant (it has {}); Dough's VMs are amd64",
-                        have.join(", ")
-                    )));
-                }
-            }
+            ms[0].clone()
         };
         let media = pick["mediaType"].as_str().unwrap_or_default().to_string();
-        let blob = layout_blob(dir, &pick, "the manifest")?;
+        let blob = layout_blob(dir, &pick, "the manifest", true)?;
         let bytes = blob.read_checked(4 << 20)?;
         let v = json(&bytes, "the manifest")?;
         let media = if media.is_empty() {
@@ -362,7 +392,7 @@ fn resolve_layout(dir: &Path, reference: Option<&str>) -> Result<Resolved, Image
                 "the manifest is a {media}, not an image manifest"
             )));
         }
-        let config = layout_blob(dir, &v["config"], "the config")?;
+        let config = layout_blob(dir, &v["config"], "the config", true)?;
         let config_bytes = config.read_checked(4 << 20)?;
         let mut layers = vec![];
         for (i, l) in v["layers"]
@@ -380,7 +410,12 @@ fn resolve_layout(dir: &Path, reference: Option<&str>) -> Result<Resolved, Image
                     l["urls"]
                 )));
             }
-            layers.push(layout_blob(dir, l, &format!("layer {}", i + 1))?);
+            layers.push(layout_blob(
+                dir,
+                l,
+                &format!("layer {}", i + 1),
+                layers_present,
+            )?);
         }
         return Ok(Resolved {
             manifest_digest: blob.digest.unwrap_or_default(),
@@ -864,7 +899,7 @@ pub fn import(
     limits: Limits,
     say: &mut dyn FnMut(String),
 ) -> Result<OciInfo, ImageError> {
-    let r = resolve_source(src)?;
+    let r = resolve_source(src, true)?;
     let result = unpack_and_mkfs(src, &r, agent, scratch, out, limits, say);
     let _ = fs::remove_dir_all(scratch);
     if result.is_err() {
@@ -873,12 +908,13 @@ pub fn import(
     result
 }
 
-/// The config's digest of `src` (what names its content), checked.
+/// The config's digest of `src` (what names its content), checked: the
+/// manifest and config only (a layout being pulled has no layers yet).
 pub fn resolve_source_digest(src: &Source) -> Result<String, ImageError> {
-    Ok(resolve_source(src)?.config_digest)
+    Ok(resolve_source(src, false)?.config_digest)
 }
 
-fn resolve_source(src: &Source) -> Result<Resolved, ImageError> {
+fn resolve_source(src: &Source, layers: bool) -> Result<Resolved, ImageError> {
     let r = match src {
         Source::Layout { dir, reference } => {
             if !dir.is_dir() {
@@ -887,7 +923,7 @@ fn resolve_source(src: &Source) -> Result<Resolved, ImageError> {
                     dir.display()
                 )));
             }
-            resolve_layout(dir, reference.as_deref())?
+            resolve_layout(dir, reference.as_deref(), layers)?
         }
         Source::DockerArchive(f) => {
             if !f.is_file() {
@@ -897,6 +933,11 @@ fn resolve_source(src: &Source) -> Result<Resolved, ImageError> {
                 )));
             }
             resolve_archive(f)?
+        }
+        Source::Registry(r) => {
+            return Err(ImageError::Invalid(format!(
+                "docker://{r}: pull it into a layout first"
+            )))
         }
     };
     let (os, arch) = platform_of(&r.config);
@@ -1231,8 +1272,14 @@ mod tests {
                 reference: Some("v1".into())
             })
         );
-        let e = Source::parse("docker.io/library/alpine:3").unwrap_err();
-        assert!(e.to_string().contains("not built yet"), "{e}");
+        assert_eq!(
+            Source::parse("docker.io/library/alpine:3").unwrap(),
+            Some(Source::Registry("docker.io/library/alpine:3".into()))
+        );
+        assert_eq!(
+            Source::parse("docker://alpine").unwrap(),
+            Some(Source::Registry("alpine".into()))
+        );
         assert!(Source::parse("oci:").is_err());
     }
 }

@@ -3,7 +3,10 @@
 //! Debian's `busybox-static` as the userland, installed by
 //! `scripts/test.sh`), imports them with `dough image build --from
 //! oci:DIR` / `docker-archive:FILE`, runs build steps and tasks on them, and
-//! checks every refusal leaves nothing behind.
+//! checks every refusal leaves nothing behind. Registry pulls go to a real
+//! registry server (Debian's `docker-registry`, the CNCF distribution
+//! registry) the test starts on the host's loopback, the image pushed to it
+//! with `oci-client`.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -344,8 +347,8 @@ fn bad_oci_images_are_refused_and_leave_nothing() {
             "no such file",
         ),
         (
-            "registry.example/team/app:1".to_string(),
-            "registry is not built yet",
+            "docker://registry.example/Team/App:1".to_string(),
+            "not an image reference",
         ),
         (
             format!("oci:{}:v2", d.join("arm").display()),
@@ -500,5 +503,206 @@ fn oci_layouts_and_docker_archives_become_bootable_images() {
     assert_eq!(out.status.code(), Some(0));
     h.cmd().args(["image", "gc"]).output().unwrap();
     assert!(bases(&h).is_empty(), "{:?}", bases(&h));
+    h.assert_clean();
+}
+
+/// A registry server of the test's own (killed by PID when dropped).
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (scripts/test.sh installs it)");
+        let r = Registry {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_until(
+            "the registry listens",
+            std::time::Duration::from_secs(30),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        r
+    }
+
+    fn reference(&self, repo: &str) -> String {
+        format!("127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// Push `img` as `repo` (`name:tag`) with oci-client over HTTP.
+    fn push(&self, repo: &str, img: &Img) {
+        use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = oci_client::Client::new(ClientConfig {
+                protocol: ClientProtocol::Http,
+                ..ClientConfig::default()
+            });
+            let r: oci_client::Reference = self.reference(repo).parse().unwrap();
+            let layers: Vec<ImageLayer> = img
+                .layers
+                .iter()
+                .map(|(b, mt)| ImageLayer::new(b.clone(), mt.to_string(), None))
+                .collect();
+            let cfg = Config::new(
+                config(img),
+                "application/vnd.oci.image.config.v1+json".into(),
+                None,
+            );
+            c.push(
+                &r,
+                &layers,
+                cfg,
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                None,
+            )
+            .await
+            .unwrap();
+        });
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--from HOST/REPO:TAG` pulled from a real registry: the task sees the
+/// pushed image; the credentials given in the environment are in no file
+/// the build kept; a second build fetches no layer (the base is kept by
+/// config digest); refusals — an arm64 image, an unknown tag or digest, a
+/// registry without TLS reached as HTTPS, nothing listening, `--max-size`
+/// (`image_too_large`, before any download) — leave nothing.
+#[test]
+fn images_are_pulled_from_a_registry() {
+    let h = Harness::new();
+    let reg = Registry::start();
+    reg.push("test/busy:1", &image("from-registry", true));
+    let mut arm = image("arm", true);
+    arm.arch = "arm64";
+    reg.push("test/arm:1", &arm);
+    reg.push("test/other:1", &image("other", true));
+    let secret = "s3cret-registry-password";
+    let pull = |name: &str, from: &str, extra: &[&str]| {
+        let out = h
+            .cmd()
+            .env("DOUGH_REGISTRY_USERNAME", "puller")
+            .env("DOUGH_REGISTRY_PASSWORD", secret)
+            .args(["image", "build", name, "--no-host-cas", "--from", from])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out.stderr))
+    };
+    let busy = reg.reference("test/busy:1");
+    let (code, err) = pull("pulled", &busy, &["--plain-http"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("pull: layer 2/2"), "{err}");
+    assert!(err.contains("import: layer 2/2"), "{err}");
+    let m = show(&h, "pulled");
+    assert_eq!(m["oci"]["source"], format!("docker://{busy}"), "{m}");
+    assert!(!m.to_string().contains(secret), "{m}");
+    for b in bases(&h) {
+        for f in std::fs::read_dir(&b).unwrap().flatten() {
+            let bytes = std::fs::read(f.path()).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "the registry password is in {}",
+                f.path().display()
+            );
+        }
+    }
+    let out = h.run(&[
+        "--image",
+        "pulled",
+        "--no-network",
+        "--",
+        "cat",
+        "/etc/marker",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "from-registry\n",
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Known base: only the manifest and config are fetched.
+    let (code, err) = pull("again", &busy, &["--plain-http"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("cached"), "{err}");
+    assert!(!err.contains("pull: layer"), "{err}");
+    assert_eq!(bases(&h).len(), 1, "{:?}", bases(&h));
+
+    let zero = format!("{}@sha256:{}", reg.reference("test/busy"), "0".repeat(64));
+    let nothing = format!("127.0.0.1:{}/test/busy:1", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    for (from, extra, want) in [
+        (
+            reg.reference("test/arm:1"),
+            vec!["--plain-http"],
+            "linux/arm64",
+        ),
+        (
+            reg.reference("test/busy:2"),
+            vec!["--plain-http"],
+            "fetching the manifest failed",
+        ),
+        (zero, vec!["--plain-http"], "fetching the manifest failed"),
+        (busy.clone(), vec![], "needs --plain-http"),
+        (
+            nothing,
+            vec!["--plain-http"],
+            "fetching the manifest failed",
+        ),
+        (
+            reg.reference("test/other:1"),
+            vec!["--plain-http", "--max-size", "1"],
+            "image_too_large",
+        ),
+    ] {
+        let (code, err) = pull("x", &from, &extra);
+        assert_eq!(code, Some(2), "{from}: {err}");
+        assert!(err.contains(want), "{from}: want {want:?} in: {err}");
+        assert!(
+            !err.contains("pull: layer"),
+            "{from}: downloaded layers: {err}"
+        );
+        assert_eq!(bases(&h).len(), 1, "{from} left {:?}", bases(&h));
+        assert!(!h.state.path().join("images/x").exists(), "{from}");
+    }
     h.assert_clean();
 }

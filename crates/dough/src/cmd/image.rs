@@ -41,15 +41,21 @@ pub struct BuildArgs {
     #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["name", "agent", "packages", "runs", "env", "ca_files", "egress", "allow_host", "allow_cidr"], help_heading = "Steps")]
     pub file: Option<PathBuf>,
     /// The image to build on: a Dough image, an OCI image layout
-    /// (`oci:DIR`, or `oci:DIR:REF` to pick one by its ref name), or a
-    /// `docker save` archive (`docker-archive:FILE`). An OCI image alone,
-    /// without steps, is a build too.
+    /// (`oci:DIR`, or `oci:DIR:REF` to pick one by its ref name), a
+    /// `docker save` archive (`docker-archive:FILE`), or an image in a
+    /// registry (`docker://REF`, or `HOST/REPO:TAG`, `…@sha256:…`). An OCI
+    /// image alone, without steps, is a build too.
     #[arg(long, value_name = "IMAGE", default_value = DEFAULT_IMAGE, help_heading = "Steps")]
     pub from: String,
     /// The most an OCI image may unpack to, in MiB (over it the build is
     /// refused: `image_too_large`).
     #[arg(long, value_name = "MIB", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..=4194304), help_heading = "Steps")]
     pub max_size: u64,
+    /// Pull `--from`'s registry over plain HTTP (a registry on a trusted
+    /// network without TLS). Credentials: DOUGH_REGISTRY_USERNAME and
+    /// DOUGH_REGISTRY_PASSWORD.
+    #[arg(long, help_heading = "Steps")]
+    pub plain_http: bool,
     /// Debian packages to install (comma-separated, repeatable): the first
     /// step, with apt in a microVM.
     #[arg(
@@ -463,6 +469,7 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
         disk_mib: a.disk,
         step_timeout: Duration::from_secs(a.step_timeout),
         max_import_bytes: a.max_size << 20,
+        plain_http: a.plain_http,
     };
     let progress = Progress::new(a.quiet);
     let mut on_event = |ev: dough_core::Event<'_>| match ev {
