@@ -39,6 +39,19 @@ pub enum Step {
     TrustCas(Vec<(String, String)>),
     /// Debian packages, installed with apt in the VM.
     Packages(Vec<String>),
+    /// Files of the host put in the image (`--copy HOST:GUEST`): `src` is
+    /// handed to the step's VM as a read-only layer of its own (made on the
+    /// host with `mkfs.ext4 -d`, never mounted there) and copied into place
+    /// inside the VM, so the directories it lands in keep the image's
+    /// owners and modes. The copy keeps the host's modes and is owned by
+    /// the owner of the directory it lands in (the task user's in
+    /// `/home/dough`, root's in `/usr/local/bin`). `digest` names the
+    /// content ([`content_digest`]).
+    Copy {
+        src: PathBuf,
+        dest: String,
+        digest: String,
+    },
     /// A shell command (`sh -c`), as root, with these variables.
     Run {
         cmd: String,
@@ -60,6 +73,7 @@ impl Step {
                 format!("trust CAs: {}", named.join(", "))
             }
             Step::Packages(p) => format!("packages: {}", p.join(",")),
+            Step::Copy { dest, digest, .. } => format!("copy: {dest} ({})", &digest[..16]),
             Step::Run { cmd, env } if env.is_empty() => format!("run: {cmd}"),
             Step::Run { cmd, env } => {
                 let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -92,6 +106,9 @@ impl Step {
                 "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q --no-install-recommends {} && apt-get clean && rm -rf /var/lib/apt/lists/*",
                 p.join(" ")
             ),
+            Step::Copy { dest, .. } => format!(
+                "set -e; d='{dest}'; rm -rf \"$d\"; mkdir -p \"$(dirname \"$d\")\"; cp -a {COPY_PAYLOAD} \"$d\"; chown -R -h \"$(stat -c %u:%g \"$(dirname \"$d\")\")\" \"$d\"; echo \"copied $(find \"$d\" | wc -l) entries to $d\""
+            ),
             Step::Run { cmd, .. } => cmd.clone(),
         };
         vec![
@@ -108,10 +125,152 @@ impl Step {
                 .enumerate()
                 .map(|(i, (_, pem))| (format!("DOUGH_CA_{i}"), pem.clone()))
                 .collect(),
-            Step::Packages(_) => vec![],
+            Step::Packages(_) | Step::Copy { .. } => vec![],
             Step::Run { env, .. } => env.clone(),
         }
     }
+}
+
+/// Where a copy step's VM sees the files it copies (its extra layer's
+/// `upper/` holds this path; the step's own layer never does).
+const COPY_PAYLOAD: &str = "/.dough-copy/payload";
+
+/// A `--copy HOST:GUEST` as a step: GUEST absolute, HOST present; the
+/// content hashed ([`content_digest`]).
+pub fn copy_step(arg: &str) -> Result<Step, BuildError> {
+    let (src, dest) = arg
+        .rsplit_once(':')
+        .ok_or_else(|| BuildError::Invalid(format!("--copy {arg:?}: give HOST_PATH:GUEST_PATH")))?;
+    let dest_ok = dest.starts_with('/')
+        && dest.len() > 1
+        && !dest.ends_with('/')
+        && dest
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'\'' && b != b'\\')
+        && !dest.split('/').any(|c| c == ".." || c == ".");
+    if !dest_ok {
+        return Err(BuildError::Invalid(format!(
+            "--copy {arg:?}: the guest path must be absolute, not `/`, without `.`, `..`, quotes or spaces"
+        )));
+    }
+    let src = PathBuf::from(src);
+    if std::fs::symlink_metadata(&src).is_err() {
+        return Err(BuildError::Invalid(format!(
+            "--copy {arg:?}: {} does not exist",
+            src.display()
+        )));
+    }
+    let digest = content_digest(&src)?;
+    Ok(Step::Copy {
+        src,
+        dest: dest.to_string(),
+        digest,
+    })
+}
+
+/// sha256 over a file or tree: each entry's path (relative), kind, mode
+/// and content or link target, in name order. Owners and times are not
+/// part of it (the copy is root's).
+pub fn content_digest(src: &Path) -> Result<String, BuildError> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        // (`join("")` would add a `/`, which a file refuses.)
+        let p = if rel.as_os_str().is_empty() {
+            src.to_path_buf()
+        } else {
+            src.join(&rel)
+        };
+        let m = std::fs::symlink_metadata(&p).map_err(io(format!("read {}", p.display())))?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
+        h.update(format!("{}\0{mode:o}\0", rel.display()).as_bytes());
+        if m.file_type().is_symlink() {
+            let t = std::fs::read_link(&p).map_err(io(format!("read {}", p.display())))?;
+            h.update(format!("link\0{}\0", t.display()).as_bytes());
+        } else if m.is_dir() {
+            h.update(b"dir\0");
+            let mut names: Vec<_> = std::fs::read_dir(&p)
+                .map_err(io(format!("read {}", p.display())))?
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            names.sort();
+            // Popped in name order.
+            stack.extend(names.into_iter().rev().map(|n| rel.join(n)));
+        } else if m.is_file() {
+            h.update(format!("file\0{}\0", m.len()).as_bytes());
+            let mut f = std::fs::File::open(&p).map_err(io(format!("read {}", p.display())))?;
+            std::io::copy(&mut f, &mut h).map_err(io(format!("read {}", p.display())))?;
+        } else {
+            return Err(BuildError::Invalid(format!(
+                "--copy: {} is neither a file, a directory nor a symlink",
+                p.display()
+            )));
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// The read-only layer a copy step's VM gets: `upper/.dough-copy/payload`
+/// holding `src` (root's, the host's modes), made with `mkfs.ext4 -d`.
+fn copy_layer(src: &Path, tree: &Path, out: &Path) -> Result<(), BuildError> {
+    let _ = std::fs::remove_dir_all(tree);
+    let payload = tree.join(format!("upper{COPY_PAYLOAD}"));
+    std::fs::create_dir_all(payload.parent().unwrap_or(tree))
+        .map_err(io(format!("create {}", tree.display())))?;
+    let mut bytes = 0u64;
+    if let Err(e) = copy_tree(src, &payload, &mut bytes) {
+        let _ = std::fs::remove_dir_all(tree);
+        return Err(e);
+    }
+    let size_mb = bytes / (1 << 20) * 5 / 4 + 16;
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-d"])
+        .arg(tree)
+        .arg(out)
+        .arg(format!("{size_mb}M"))
+        .output()
+        .map_err(io("run mkfs.ext4"))?;
+    let _ = std::fs::remove_dir_all(tree);
+    if !st.status.success() {
+        let _ = std::fs::remove_file(out);
+        return Err(BuildError::Invalid(format!(
+            "--copy {}: mkfs.ext4 -d failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&st.stderr).trim()
+        )));
+    }
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(io(format!("chmod {}", out.display())))
+}
+
+fn copy_tree(from: &Path, to: &Path, bytes: &mut u64) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::symlink_metadata(from).map_err(io(format!("read {}", from.display())))?;
+    if m.file_type().is_symlink() {
+        let t = std::fs::read_link(from).map_err(io(format!("read {}", from.display())))?;
+        std::os::unix::fs::symlink(t, to).map_err(io(format!("create {}", to.display())))?;
+        return Ok(());
+    }
+    if m.is_dir() {
+        std::fs::create_dir(to).map_err(io(format!("create {}", to.display())))?;
+        for e in std::fs::read_dir(from)
+            .map_err(io(format!("read {}", from.display())))?
+            .flatten()
+        {
+            copy_tree(&e.path(), &to.join(e.file_name()), bytes)?;
+        }
+    } else {
+        *bytes += m.len() + 4096;
+        std::fs::copy(from, to).map_err(io(format!("copy {}", from.display())))?;
+    }
+    std::fs::set_permissions(
+        to,
+        std::fs::Permissions::from_mode(m.permissions().mode() & 0o7777),
+    )
+    .map_err(io(format!("chmod {}", to.display())))?;
+    std::os::unix::fs::lchown(to, Some(0), Some(0)).map_err(io(format!("chown {}", to.display())))
 }
 
 /// The certificates in `path` (a PEM file, or a directory of `*.crt`
@@ -316,6 +475,8 @@ pub async fn build(
     // Layers live beside the image being built (`<state>/images/.layers`),
     // wherever its base is.
     let dir = Image::named(state, &spec.name);
+    // (A copy step's VM has one more layer than the image so far: never
+    // more than the image will have.)
     let total = base.manifest.layers.len() + spec.steps.len();
     if total > dough_vmm::MAX_LAYERS {
         return Err(BuildError::Invalid(format!(
@@ -368,6 +529,18 @@ pub async fn build(
         );
         let tmp = store.join(format!(".{key}.{}.tmp", std::process::id()));
         let t = Instant::now();
+        // A copy step's VM boots with one more read-only layer: the files.
+        let mut step_image = image.clone();
+        let copy_files = match step {
+            Step::Copy { src, .. } => {
+                let out = store.join(format!(".copy-{}.{}.ext4", &key[..16], std::process::id()));
+                let tree = store.join(format!(".copy-{}.{}.tree", &key[..16], std::process::id()));
+                copy_layer(src, &tree, &out)?;
+                step_image.layers.push(out.clone());
+                Some(out)
+            }
+            _ => None,
+        };
         let task = TaskSpec {
             task_id: format!("image-{}-{n}", spec.name),
             command: step.command(),
@@ -379,11 +552,14 @@ pub async fn build(
             scratch_mib: spec.disk_mib,
             timeout: Some(spec.step_timeout),
             network: Some(spec.network.clone()),
-            image: Some(image.clone()),
+            image: Some(step_image),
             keep_scratch: Some(tmp.clone()),
             ..TaskSpec::default()
         };
         let report = crate::run_task(host, &task, on_event, &mut cancel).await;
+        if let Some(f) = &copy_files {
+            let _ = std::fs::remove_file(f);
+        }
         let fail = |how: String| {
             let _ = std::fs::remove_file(&tmp);
             BuildError::StepFailed {
@@ -753,8 +929,13 @@ pub fn gc(state: &Path) -> (Vec<PathBuf>, u64) {
         let n = e.file_name().to_string_lossy().into_owned();
         let live_tmp = n.starts_with('.') && pid_alive(&n);
         if !used.contains(&n) && !live_tmp {
-            bytes += allocated(&e.path());
-            if std::fs::remove_file(e.path()).is_ok() {
+            bytes += dir_allocated(&e.path());
+            let gone = if e.path().is_dir() {
+                std::fs::remove_dir_all(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
+            if gone.is_ok() {
                 removed.push(e.path());
             }
         }

@@ -288,3 +288,95 @@ fn packages_are_installed_in_a_vm_and_a_task_runs_them() {
     assert_eq!(text(&out.stdout), "none\n");
     h.assert_clean();
 }
+
+/// `--copy HOST:GUEST`: a directory and a file of the host land in the
+/// image, copied inside a VM, so the task user's home they land in stays
+/// the task user's; modes and a symlink kept, each copy owned by the owner
+/// of the directory it lands in (dough in its home, root in /usr). The same
+/// content is cached; changed content reruns the step. Bad arguments are
+/// refused before any VM.
+#[test]
+fn host_files_are_copied_in_by_a_vm() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new();
+    let src = tempfile::tempdir().unwrap();
+    let proj = src.path().join("proj");
+    std::fs::create_dir_all(proj.join("sub")).unwrap();
+    std::fs::write(proj.join("sub/f"), "copied\n").unwrap();
+    std::fs::set_permissions(proj.join("sub/f"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("sub/f", proj.join("link")).unwrap();
+    let tool = src.path().join("tool");
+    std::fs::write(&tool, "#!/bin/sh\necho tool-ran\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (arg, want) in [
+        ("proj", "HOST_PATH:GUEST_PATH"),
+        ("/nope/x:/opt/x", "does not exist"),
+        (&format!("{}:opt/x", tool.display())[..], "must be absolute"),
+        (
+            &format!("{}:/opt/../x", tool.display())[..],
+            "must be absolute",
+        ),
+    ] {
+        let (code, err) = build(&h, &["cp", "--no-host-cas", "--copy", arg]);
+        assert_eq!(code, Some(2), "{arg}: {err}");
+        assert!(err.contains(want), "{arg}: want {want:?} in {err}");
+    }
+    let copies = [
+        format!("{}:/home/dough/proj", proj.display()),
+        format!("{}:/usr/local/bin/tool", tool.display()),
+    ];
+    let args = |c: &[String; 2]| {
+        vec![
+            "cp".to_string(),
+            "--no-host-cas".into(),
+            "--egress".into(),
+            "none".into(),
+            "--copy".into(),
+            c[0].clone(),
+            "--copy".into(),
+            c[1].clone(),
+        ]
+    };
+    let a = args(&copies);
+    let (code, err) = build(&h, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("step 2/2: copy: /usr/local/bin/tool"), "{err}");
+    let out = h.run(&[
+        "--image",
+        "cp",
+        "--no-network",
+        "--",
+        "sh",
+        "-c",
+        "cat ~/proj/sub/f ~/proj/link; stat -c '%U %a' ~ ~/proj/sub/f /usr/local/bin/tool /usr/local/bin; \
+         readlink ~/proj/link; tool; ls -a / | grep -c dough-copy",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "copied\ncopied\ndough 755\ndough 640\nroot 755\nroot 755\nsub/f\ntool-ran\n0\n",
+        "{}",
+        text(&out.stderr)
+    );
+    // Same content: cached. Changed content: that step reruns.
+    let (code, err) = build(&h, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("unchanged"), "{err}");
+    std::fs::write(&tool, "#!/bin/sh\necho tool-v2\n").unwrap();
+    let (code, err) = build(&h, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("step 1/2: copy: /home/dough/proj"), "{err}");
+    assert!(err.contains(": cached"), "{err}");
+    assert!(
+        err.contains("step 2/2: copy: /usr/local/bin/tool") && err.contains("running in a vm"),
+        "{err}"
+    );
+    let out = h.run(&["--image", "cp", "--no-network", "--", "tool"]);
+    assert_eq!(text(&out.stdout), "tool-v2\n", "{}", text(&out.stderr));
+    // Nothing of the copies' own layers is left in the store.
+    let left: Vec<String> = layer_files(&h)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    h.assert_clean();
+}

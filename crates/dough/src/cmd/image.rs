@@ -35,10 +35,10 @@ pub struct BuildArgs {
     #[arg(value_name = "NAME")]
     pub name: Option<String>,
     /// Build the image a spec file describes (TOML: name, from, packages,
-    /// run, env, ca_files, host_cas, egress, allow_hosts, allow_cidrs,
+    /// copy, run, env, ca_files, host_cas, egress, allow_hosts, allow_cidrs,
     /// vcpus, memory_mib, disk_mib, step_timeout_secs, max_size_mib;
     /// docs/images.md).
-    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["name", "agent", "packages", "runs", "env", "ca_files", "egress", "allow_host", "allow_cidr"], help_heading = "Steps")]
+    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["name", "agent", "packages", "runs", "copies", "env", "ca_files", "egress", "allow_host", "allow_cidr"], help_heading = "Steps")]
     pub file: Option<PathBuf>,
     /// The image to build on: a Dough image, an OCI image layout
     /// (`oci:DIR`, or `oci:DIR:REF` to pick one by its ref name), a
@@ -69,6 +69,13 @@ pub struct BuildArgs {
     /// the packages); what it leaves becomes part of the image.
     #[arg(long = "run", value_name = "CMD", help_heading = "Steps")]
     pub runs: Vec<String>,
+    /// Put a host file or directory in the image at GUEST_PATH (absolute;
+    /// repeatable, in order, after the packages and before the --run
+    /// steps). Copied inside a microVM, so the directories it lands in keep
+    /// the image's owners; the copy keeps the host's modes and belongs to
+    /// the owner of the directory it lands in.
+    #[arg(long = "copy", value_name = "HOST:GUEST", help_heading = "Steps")]
+    pub copies: Vec<String>,
     /// Make the guest trust this CA (a PEM file, or a directory of .crt
     /// files; repeatable): the first step. For hosts whose HTTPS passes a
     /// TLS-intercepting proxy.
@@ -316,6 +323,9 @@ struct SpecFile {
     packages: Vec<String>,
     #[serde(default)]
     run: Vec<String>,
+    /// "HOST:GUEST", HOST relative to the spec file's directory.
+    #[serde(default)]
+    copy: Vec<String>,
     #[serde(default)]
     env: std::collections::BTreeMap<String, String>,
     /// Relative to the spec file's directory.
@@ -364,6 +374,14 @@ fn from_file(a: &BuildArgs, file: &std::path::Path) -> anyhow::Result<BuildArgs>
     }
     b.packages = f.packages;
     b.runs = f.run;
+    b.copies = f
+        .copy
+        .into_iter()
+        .map(|c| match c.rsplit_once(':') {
+            Some((h, g)) if !h.starts_with('/') => format!("{}:{g}", dir.join(h).display()),
+            _ => c,
+        })
+        .collect();
     b.env = f.env.into_iter().collect();
     b.ca_files = f.ca_files.into_iter().map(|p| dir.join(p)).collect();
     b.no_host_cas = !f.host_cas;
@@ -415,9 +433,12 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
             && !oci
             && a.packages.is_empty()
             && a.runs.is_empty()
+            && a.copies.is_empty()
             && a.ca_files.is_empty()
         {
-            anyhow::bail!("nothing to build: give --from oci:…, --packages, --run or --ca-file");
+            anyhow::bail!(
+                "nothing to build: give --from oci:…, --packages, --copy, --run or --ca-file"
+            );
         }
         let mut steps = vec![];
         let mut cas = vec![];
@@ -438,6 +459,9 @@ async fn build_named(cli: &Cli, a: &BuildArgs) -> anyhow::Result<u8> {
         }
         if !a.packages.is_empty() {
             steps.push(Step::Packages(a.packages.clone()));
+        }
+        for c in &a.copies {
+            steps.push(imagebuild::copy_step(c)?);
         }
         steps.extend(a.runs.iter().map(|cmd| Step::Run {
             cmd: cmd.clone(),
