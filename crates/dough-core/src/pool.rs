@@ -1,5 +1,5 @@
-//! **Where warm VMs wait for tasks.** A pool per shape (the host's image ×
-//! vCPUs × memory) keeps N VMs booted to Hello, idle, with egress `none`.
+//! **Where warm VMs wait for tasks.** A pool per shape (image × vCPUs ×
+//! memory) keeps N VMs booted to Hello, idle, with egress `none`.
 //! A task of that shape claims one (the supervisor then applies the task's
 //! egress policy in one nftables transaction and sends Assign), and the pool
 //! boots a replacement in the background.
@@ -26,18 +26,100 @@ use crate::snapshot::{clone_vm, make_template, Template};
 use crate::supervisor::{boot_idle, BootedVm, TaskSpec};
 use crate::HostConfig;
 
+/// An image's name, held inline (names are at most 63 bytes:
+/// [`dough_image::valid_name`]) so a [`Shape`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageName {
+    len: u8,
+    bytes: [u8; 63],
+}
+
+impl ImageName {
+    pub fn new(name: &str) -> Result<ImageName, String> {
+        dough_image::valid_name(name).map_err(|e| e.to_string())?;
+        let mut bytes = [0u8; 63];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(ImageName {
+            len: name.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The image a task without `image` boots.
+    pub fn default_image() -> ImageName {
+        ImageName::new(dough_image::DEFAULT_IMAGE).expect("a valid name")
+    }
+
+    /// A task's image (`None`: the default).
+    pub fn of(image: Option<&str>) -> Result<ImageName, String> {
+        ImageName::new(image.unwrap_or(dough_image::DEFAULT_IMAGE))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.as_str() == dough_image::DEFAULT_IMAGE
+    }
+}
+
+impl Default for ImageName {
+    fn default() -> Self {
+        Self::default_image()
+    }
+}
+
+impl std::fmt::Debug for ImageName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for ImageName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ImageName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// The shape of a pool's VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Shape {
     pub vcpus: u32,
     pub memory_mib: u32,
+    pub image: ImageName,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.image.is_default() {
+            write!(f, "{}x{}", self.vcpus, self.memory_mib)
+        } else {
+            write!(f, "{}:{}x{}", self.image, self.vcpus, self.memory_mib)
+        }
+    }
 }
 
 impl std::str::FromStr for Shape {
     type Err = String;
-    /// `VCPUSxMIB`, e.g. `2x1024`.
+    /// `[IMAGE:]VCPUSxMIB`, e.g. `2x1024` or `py:2x1024`.
     fn from_str(s: &str) -> Result<Shape, String> {
-        let bad = || format!("'{s}' is not a pool shape: give VCPUSxMEMORY_MIB, like 2x1024");
+        let bad = || {
+            format!("'{s}' is not a pool shape: give [IMAGE:]VCPUSxMEMORY_MIB, like 2x1024 or py:2x1024")
+        };
+        let (image, s) = match s.split_once(':') {
+            Some((i, rest)) => (
+                ImageName::new(i).map_err(|e| format!("pool shape: {e}"))?,
+                rest,
+            ),
+            None => (ImageName::default_image(), s),
+        };
         let (v, m) = s.split_once(['x', 'X']).ok_or_else(bad)?;
         let vcpus: u32 = v.trim().parse().map_err(|_| bad())?;
         let memory_mib: u32 = m.trim().parse().map_err(|_| bad())?;
@@ -46,7 +128,11 @@ impl std::str::FromStr for Shape {
                 "pool shape '{s}': at least 1 vCPU and 64 MiB of memory"
             ));
         }
-        Ok(Shape { vcpus, memory_mib })
+        Ok(Shape {
+            vcpus,
+            memory_mib,
+            image,
+        })
     }
 }
 
@@ -75,6 +161,7 @@ pub struct PoolSettings {
 /// A pool as `dough ls --pools` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStatus {
+    pub image: String,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub size: usize,
@@ -267,6 +354,7 @@ impl Pools {
         pools
             .iter()
             .map(|p| PoolStatus {
+                image: p.cfg.shape.image.to_string(),
                 vcpus: p.cfg.shape.vcpus,
                 memory_mib: p.cfg.shape.memory_mib,
                 size: p.cfg.size,
@@ -392,8 +480,10 @@ impl Pools {
         for shape in wanted {
             let me = self.clone();
             tokio::task::spawn_local(async move {
-                let spec = me.spec(shape);
-                let made = make_template(&me.inner.host, &spec).await;
+                let made = match me.spec(shape) {
+                    Ok(spec) => make_template(&me.inner.host, &spec).await,
+                    Err(e) => Err(e),
+                };
                 let mut pools = me.lock();
                 let Some(p) = pools.iter_mut().find(|p| p.cfg.shape == shape) else {
                     return;
@@ -421,15 +511,26 @@ impl Pools {
         }
     }
 
-    fn spec(&self, shape: Shape) -> TaskSpec {
+    /// What a pooled VM of `shape` boots: its image (loaded now, so a
+    /// rebuilt image is what the next refill boots).
+    fn spec(&self, shape: Shape) -> Result<TaskSpec, crate::supervisor::RunError> {
         let s = &self.inner.settings;
-        TaskSpec {
+        let image = if shape.image.is_default() {
+            None
+        } else {
+            Some(dough_image::Image::load(&dough_image::Image::named(
+                &self.inner.host.state_dir,
+                shape.image.as_str(),
+            ))?)
+        };
+        Ok(TaskSpec {
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
             boot_timeout: s.boot_timeout,
             heartbeat_timeout: s.heartbeat_timeout,
+            image,
             ..TaskSpec::default()
-        }
+        })
     }
 
     /// Check idle VMs and refill, until shutdown.
@@ -492,17 +593,17 @@ impl Pools {
     }
 
     async fn boot_one(self, shape: Shape) {
-        let spec = self.spec(shape);
         let t = Instant::now();
-        let res = match self.template(shape) {
-            Some(tpl) => {
+        let res = match (self.spec(shape), self.template(shape)) {
+            (Err(e), _) => Err(e),
+            (Ok(spec), Some(tpl)) => {
                 let r = clone_vm(&self.inner.host, &tpl, &spec).await;
                 if let Err(e) = &r {
                     self.template_failed(shape, &e.to_string());
                 }
                 r
             }
-            None => boot_idle(&self.inner.host, &spec).await,
+            (Ok(spec), None) => boot_idle(&self.inner.host, &spec).await,
         };
         let mut discard = None;
         {
@@ -555,11 +656,20 @@ mod tests {
 
     #[test]
     fn shapes_parse_or_say_what_is_wrong() {
+        let py = "py:1x256".parse::<Shape>().unwrap();
+        assert_eq!(py.image.as_str(), "py");
+        assert_eq!((py.vcpus, py.memory_mib), (1, 256));
+        assert_eq!(py.to_string(), "py:1x256");
+        assert!("Bad/Name:1x256"
+            .parse::<Shape>()
+            .unwrap_err()
+            .contains("image name"));
         assert_eq!(
             "2x1024".parse::<Shape>(),
             Ok(Shape {
                 vcpus: 2,
-                memory_mib: 1024
+                memory_mib: 1024,
+                image: ImageName::default_image(),
             })
         );
         assert!("2"

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, oneshot, Notify};
 use tracing::{info, warn};
 
-use crate::pool::{PoolConfig, PoolSettings, Pools, Shape};
+use crate::pool::{ImageName, PoolConfig, PoolSettings, Pools, Shape};
 use crate::store::{now_ms, State, Store, StoreError, TaskRecord, TaskRequest};
 use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
@@ -517,19 +517,17 @@ impl Service {
         }
         for t in self.inner.store.queued(room)? {
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
-            // A warm VM of the task's shape: its room is already counted.
-            // Pools hold VMs of the default image only.
-            let default_image = t
-                .request
-                .image
-                .as_deref()
-                .is_none_or(|i| i == dough_image::DEFAULT_IMAGE);
-            let warm = self.pools().filter(|_| default_image).and_then(|p| {
-                p.claim(Shape {
-                    vcpus: v,
-                    memory_mib: m as u32,
-                })
-            });
+            // A warm VM of the task's shape (image, vCPUs, memory): its
+            // room is already counted.
+            let warm = ImageName::of(t.request.image.as_deref())
+                .ok()
+                .and_then(|image| {
+                    self.pools()?.claim(Shape {
+                        vcpus: v,
+                        memory_mib: m as u32,
+                        image,
+                    })
+                });
             {
                 let (rv, rm, rn) = self.pools().map_or((0, 0, 0), |p| p.reserved());
                 let mut u = self.inner.usage.lock().unwrap();
@@ -685,18 +683,12 @@ impl Service {
             }
         };
         // The pool is empty: a clone of its template instead of a boot.
-        let shape = Shape {
+        let shape = ImageName::of(r.image.as_deref()).ok().map(|image| Shape {
             vcpus: r.vcpus,
             memory_mib: r.memory_mib,
-        };
-        let template = self
-            .pools()
-            .filter(|_| {
-                r.image
-                    .as_deref()
-                    .is_none_or(|i| i == dough_image::DEFAULT_IMAGE)
-            })
-            .and_then(|p| p.template(shape));
+            image,
+        });
+        let template = shape.and_then(|shape| self.pools()?.template(shape));
         let warm = match (warm, template) {
             (Some(vm), _) => {
                 // Booted already: claimed from a pool.
@@ -710,7 +702,7 @@ impl Service {
                     Ok(vm) => Some(vm),
                     Err(e) => {
                         warn!(task = %t.id, error = %e, "snapshot clone failed; booting instead");
-                        if let Some(p) = self.pools() {
+                        if let (Some(p), Some(shape)) = (self.pools(), shape) {
                             p.template_failed(shape, &e.to_string());
                         }
                         None

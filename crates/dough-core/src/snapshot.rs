@@ -52,6 +52,8 @@ pub struct Template {
     pub hello: Hello,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The digest of the image it booted (clones need the same files).
+    pub image_digest: String,
     /// The VMM that made it: its clones run on the same.
     pub backend: Backend,
     /// How long the template took: boot, quiesce, snapshot.
@@ -87,7 +89,10 @@ fn lost(reason: String, paths: &dough_vmm::VmPaths) -> RunError {
 /// [`Template::remove`].
 pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Template, RunError> {
     let t0 = Instant::now();
-    let image = dough_image::Image::load(&host.image_dir)?;
+    let image = match &spec.image {
+        Some(i) => i.clone(),
+        None => dough_image::Image::load(&host.image_dir)?,
+    };
     let sel = dough_vmm::select(&host.facts, host.backend, host.accel)?;
     let backend = sel.vmm.backend();
     let (_, kind) = image.kernel_for(host.kernel, sel.accel == dough_vmm::Accel::Tcg)?;
@@ -134,6 +139,7 @@ pub async fn make_template(host: &HostConfig, spec: &TaskSpec) -> Result<Templat
                 hello,
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,
+                image_digest: image.manifest.digest.clone(),
                 backend,
                 made_in: t0.elapsed(),
                 samples: Mutex::new(HashSet::new()),
@@ -284,6 +290,20 @@ pub async fn clone_vm(
     tpl: &Template,
     spec: &TaskSpec,
 ) -> Result<BootedVm, RunError> {
+    // A clone resumes the template's guest with its page cache: its drives
+    // must be the very files the template booted.
+    let digest = match &spec.image {
+        Some(i) => i.manifest.digest.clone(),
+        None => dough_image::Image::load(&host.image_dir)?.manifest.digest,
+    };
+    if digest != tpl.image_digest {
+        return Err(RunError::Vmm(VmmError::Spec(format!(
+            "template {} was made from image {}; the image is now {} (rebuilt)",
+            tpl.id,
+            &tpl.image_digest[..12.min(tpl.image_digest.len())],
+            &digest[..12.min(digest.len())]
+        ))));
+    }
     let state = std::fs::File::open(&tpl.state).map_err(|e| io("state", e))?;
     let spec = TaskSpec {
         vcpus: tpl.vcpus,

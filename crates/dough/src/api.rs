@@ -474,7 +474,8 @@ async fn metrics(State(api): State<Api>) -> Response {
         for p in &pools {
             let _ = writeln!(
                 s,
-                "{name}{{vcpus=\"{}\",memory_mib=\"{}\"}} {}",
+                "{name}{{image=\"{}\",vcpus=\"{}\",memory_mib=\"{}\"}} {}",
+                p.image,
                 p.vcpus,
                 p.memory_mib,
                 get(p)

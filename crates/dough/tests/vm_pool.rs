@@ -471,3 +471,68 @@ fn a_failed_template_falls_back_to_cold_boots_and_the_pool_yields_to_queued_task
     d.shutdown();
     h.assert_clean();
 }
+
+/// A pool per image (`--pool IMAGE:SHAPE=N`): its template and clones boot
+/// the named image, a task naming that image and shape claims the pooled
+/// VM and sees the image's file, a task of the same shape on the default
+/// image does not take it; a pool naming an image that does not exist
+/// stops the daemon before it listens.
+#[test]
+fn a_pool_per_image_serves_that_images_tasks_only() {
+    let h = Harness::new();
+    let out = h
+        .cmd()
+        .args([
+            "image",
+            "build",
+            "pimg",
+            "--no-host-cas",
+            "--egress",
+            "none",
+            "--run",
+            "echo pooled > /etc/pool-image",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = h
+        .cmd()
+        .args(["serve", "--listen", "127.0.0.1:0", "--pool", "nope:1x512=1"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--pool nope:1x512: no image \"nope\" here"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!h.state.path().join("api-url").exists());
+
+    let w = World::new("i");
+    let ns = w.host.clone();
+    let d = Daemon::start(&h, &ns, &["--pool", "pimg:1x512=1"]);
+    let (idle, _) = d.wait_idle(&ns, &[]);
+    let p = d.pool(&ns);
+    assert_eq!(p["image"], "pimg", "{p}");
+    assert_eq!(p["refill"], "clone", "{p}");
+    let cmd = "cat /etc/pool-image 2>/dev/null || echo no-file";
+    let (t, logs) = d.run(
+        &ns,
+        json!({"command": ["sh", "-c", cmd], "image": "pimg", "vcpus": 1, "memory_mib": 512}),
+    );
+    assert_eq!(t["state"], "succeeded", "{t} {logs}");
+    assert_eq!(t["vm_id"], idle.as_str(), "the pooled vm: {t}");
+    assert_eq!(logs.trim(), "pooled", "{t}");
+    let (t, logs) = d.run(
+        &ns,
+        json!({"command": ["sh", "-c", cmd], "vcpus": 1, "memory_mib": 512}),
+    );
+    assert_eq!(t["state"], "succeeded", "{t} {logs}");
+    assert_eq!(logs.trim(), "no-file", "the default image: {t}");
+    let claimed = d.pool(&ns)["claimed"].as_u64();
+    assert_eq!(claimed, Some(1), "the default-image task took no pooled vm");
+    d.shutdown();
+    assert!(std::fs::read_dir(h.state.path().join("templates"))
+        .map_or(true, |mut r| r.next().is_none()));
+    h.assert_clean();
+}

@@ -270,8 +270,8 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} IDLE VMS",
-        "VCPUS", "MEM_MIB", "SIZE", "IDLE", "BOOTING", "CLAIMED", "REPLACED", "REFILL"
+        "{:<16} {:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} IDLE VMS",
+        "IMAGE", "VCPUS", "MEM_MIB", "SIZE", "IDLE", "BOOTING", "CLAIMED", "REPLACED", "REFILL"
     );
     for p in &pools {
         let vms: Vec<&str> = p["vms"]
@@ -281,7 +281,8 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
             .filter_map(|v| v["vm_id"].as_str())
             .collect();
         println!(
-            "{:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} {}",
+            "{:<16} {:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} {}",
+            p["image"].as_str().unwrap_or("default"),
             p["vcpus"],
             p["memory_mib"],
             p["size"],

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use dough_core::pool::{PoolConfig, Shape};
+use dough_core::pool::{ImageName, PoolConfig, Shape};
 use dough_core::service::{Limits, Service, ServiceConfig};
 use dough_core::store::SqliteStore;
 
@@ -40,7 +40,8 @@ pub struct ServeArgs {
     /// 512 MiB); a task of that shape starts without booting. 0: no pool.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub pool_size: usize,
-    /// A warm pool of another shape, VCPUSxMIB=N (e.g. 2x1024=2); repeatable.
+    /// A warm pool of another shape, [IMAGE:]VCPUSxMIB=N (e.g. 2x1024=2,
+    /// or py:1x512=1 for VMs of image `py`); repeatable.
     #[arg(long = "pool", value_name = "SHAPE=N")]
     pub pools: Vec<String>,
     /// Refill pools with cold boots, not with clones of a snapshot template.
@@ -56,24 +57,21 @@ fn pool_configs(a: &ServeArgs, limits: &Limits) -> anyhow::Result<Vec<PoolConfig
             shape: Shape {
                 vcpus: 1,
                 memory_mib: 512,
+                image: ImageName::default_image(),
             },
             size: a.pool_size,
         });
     }
     for p in &a.pools {
-        let (shape, n) = p
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--pool '{p}': give SHAPE=N, like 2x1024=2"))?;
+        let (shape, n) = p.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--pool '{p}': give [IMAGE:]SHAPE=N, like 2x1024=2 or py:1x512=1")
+        })?;
         let shape: Shape = shape.parse().map_err(|e| anyhow::anyhow!("--pool: {e}"))?;
         let size: usize = n
             .parse()
             .map_err(|_| anyhow::anyhow!("--pool '{p}': N must be a whole number"))?;
         if pools.iter().any(|q: &PoolConfig| q.shape == shape) {
-            anyhow::bail!(
-                "--pool '{p}': a pool of shape {}x{} is already given",
-                shape.vcpus,
-                shape.memory_mib
-            );
+            anyhow::bail!("--pool '{p}': a pool of shape {shape} is already given");
         }
         if size > 0 {
             pools.push(PoolConfig { shape, size });
@@ -150,6 +148,25 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     }
     // Refused here, before anything listens or boots.
     let pools = pool_configs(a, &limits)?;
+    for p in &pools {
+        let dir = if p.shape.image.is_default() {
+            host.image_dir.clone()
+        } else {
+            dough_image::Image::named(&host.state_dir, p.shape.image.as_str())
+        };
+        match dough_image::Image::load(&dir) {
+            Err(dough_image::ImageError::NotBuilt(_)) if !p.shape.image.is_default() => {
+                anyhow::bail!(
+                    "--pool {}: no image {:?} here (dough image ls; dough image build {} …)",
+                    p.shape,
+                    p.shape.image.as_str(),
+                    p.shape.image
+                )
+            }
+            Err(e) => anyhow::bail!("--pool {}: {e}", p.shape),
+            Ok(_) => {}
+        }
+    }
     // One daemon per state dir: recovery must never touch a live daemon's tasks.
     let lock_path = host.state_dir.join("serve.lock");
     let lock = std::fs::OpenOptions::new()
@@ -221,8 +238,8 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
             );
             for p in &svc.config().pools {
                 eprintln!(
-                    "dough serve: warm pool of {} VMs ({} vCPU, {} MiB) filling",
-                    p.size, p.shape.vcpus, p.shape.memory_mib
+                    "dough serve: warm pool of {} VMs ({} vCPU, {} MiB, image {}) filling",
+                    p.size, p.shape.vcpus, p.shape.memory_mib, p.shape.image
                 );
             }
             let app = crate::api::router(crate::api::Api {
