@@ -124,6 +124,12 @@ pub struct OciInfo {
     /// Device nodes in the layers, not created (the guest has devtmpfs).
     #[serde(default)]
     pub skipped_devices: u64,
+    /// Time spent unpacking the layers (digests checked on the way), and
+    /// making the file system.
+    #[serde(default)]
+    pub unpack_ms: u64,
+    #[serde(default)]
+    pub mkfs_ms: u64,
 }
 
 /// Limits of an import.
@@ -1009,6 +1015,7 @@ fn unpack_and_mkfs(
         }
         done += layer.size;
     }
+    let unpack_ms = t.elapsed().as_millis() as u64;
     let secs = t.elapsed().as_secs_f64().max(0.001);
     say(format!(
         "import: {} layers, {} MiB of files in {:.1} s ({:.0} MB/s of layers)",
@@ -1031,6 +1038,7 @@ fn unpack_and_mkfs(
     ));
     let tmp = out.with_extension("ext4.tmp");
     let _ = fs::remove_file(&tmp);
+    let t = std::time::Instant::now();
     let st = Command::new("mkfs.ext4")
         .args([
             "-q",
@@ -1061,6 +1069,7 @@ fn unpack_and_mkfs(
         });
     }
     fs::rename(&tmp, out).map_err(io_err(out))?;
+    let mkfs_ms = t.elapsed().as_millis() as u64;
     Ok(OciInfo {
         source: src.describe(),
         manifest_digest: r.manifest_digest.clone(),
@@ -1074,6 +1083,8 @@ fn unpack_and_mkfs(
             .filter_map(|v| v.as_str().map(String::from))
             .collect(),
         skipped_devices: ap.devices,
+        unpack_ms,
+        mkfs_ms,
     })
 }
 

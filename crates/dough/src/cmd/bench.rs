@@ -20,6 +20,10 @@ pub enum BenchCmd {
     /// Task asked → command running, per start path: cold boots (Debian,
     /// minimal kernel), snapshot clone, warm-pool claim; pool refill rates.
     Start(BootArgs),
+    /// Image builds (nothing cached, unchanged, last step changed), the OCI
+    /// import rate vs `tar -x`, and a task's start on a big image vs the
+    /// default image.
+    Image(super::bench_image::ImageBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +60,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::Net(n) => return super::bench_net::run(n),
         BenchCmd::Serve(s) => return super::bench_serve::run(s),
         BenchCmd::Start(s) => return super::bench_start::run(cli, s).await,
+        BenchCmd::Image(i) => return super::bench_image::run(cli, i).await,
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {
