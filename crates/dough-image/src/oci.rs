@@ -588,9 +588,18 @@ struct Applier<'a> {
     bytes: u64,
     inodes: u64,
     devices: u64,
+    /// Progress within a long layer: every 5 s, the bytes so far.
+    say: Option<&'a mut dyn FnMut(String)>,
+    said: std::time::Instant,
 }
 
 impl Applier<'_> {
+    fn tell(&mut self, m: String) {
+        if let Some(say) = self.say.as_mut() {
+            say(m);
+        }
+    }
+
     /// One layer (gzip or plain tar). Whiteouts apply to the layers below
     /// only: what this layer made itself is never removed by them.
     fn apply(&mut self, r: impl Read, what: &str) -> Result<String, ImageError> {
@@ -685,6 +694,11 @@ impl Applier<'_> {
                 let size = e.size();
                 self.bytes += size;
                 self.check_size()?;
+                if self.said.elapsed() > Duration::from_secs(5) {
+                    self.said = std::time::Instant::now();
+                    let b = self.bytes >> 20;
+                    self.tell(format!("import: {b} MiB of files unpacked"));
+                }
                 remove_any(&target).map_err(io(&target))?;
                 let mut f = fs::OpenOptions::new()
                     .write(true)
@@ -990,12 +1004,14 @@ fn unpack_and_mkfs(
         bytes: 0,
         inodes: 0,
         devices: 0,
+        say: Some(say),
+        said: std::time::Instant::now(),
     };
     let total: u64 = r.layers.iter().map(|l| l.size).sum();
     let mut done = 0u64;
     let t = std::time::Instant::now();
     for (i, (layer, diff_id)) in r.layers.iter().zip(&diff_ids).enumerate() {
-        say(format!(
+        ap.tell(format!(
             "import: layer {}/{}: {} MiB ({} of {} MiB read)",
             i + 1,
             r.layers.len(),
@@ -1017,7 +1033,7 @@ fn unpack_and_mkfs(
     }
     let unpack_ms = t.elapsed().as_millis() as u64;
     let secs = t.elapsed().as_secs_f64().max(0.001);
-    say(format!(
+    ap.tell(format!(
         "import: {} layers, {} MiB of files in {:.1} s ({:.0} MB/s of layers)",
         r.layers.len(),
         ap.bytes >> 20,
@@ -1032,7 +1048,7 @@ fn unpack_and_mkfs(
     add_guest_needs(scratch, agent)?;
     let size_mb = ap.bytes / (1 << 20) * 5 / 4 + 64 + (agent_size(agent) >> 20);
     let inodes = ap.inodes * 5 / 4 + 4096;
-    say(format!(
+    ap.tell(format!(
         "import: mkfs.ext4 -d ({} MiB of files, {size_mb} MiB file system)",
         ap.bytes >> 20
     ));
@@ -1122,6 +1138,8 @@ mod tests {
             bytes: 0,
             inodes: 0,
             devices: 0,
+            say: None,
+            said: std::time::Instant::now(),
         };
         for l in layers {
             ap.apply(&l[..], "layer")?;
@@ -1248,6 +1266,8 @@ mod tests {
             bytes: 0,
             inodes: 0,
             devices: 0,
+            say: None,
+            said: std::time::Instant::now(),
         };
         let e = ap
             .apply(
