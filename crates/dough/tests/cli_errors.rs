@@ -355,11 +355,12 @@ fn doctor_explains_the_choice() {
 fn bad_pool_settings_stop_serve_before_it_starts() {
     let h = Harness::new();
     for (args, needle) in [
-        (vec!["--pool", "2"], "give SHAPE=N"),
-        (vec!["--pool", "2x1024"], "give SHAPE=N"),
+        (vec!["--pool", "2"], "give [IMAGE:]SHAPE=N"),
+        (vec!["--pool", "2x1024"], "give [IMAGE:]SHAPE=N"),
         (vec!["--pool", "0x512=1"], "at least 1 vCPU"),
         (vec!["--pool", "axb=1"], "VCPUSxMEMORY_MIB"),
         (vec!["--pool", "1x512=x"], "whole number"),
+        (vec!["--pool", "Bad/Img:1x512=1"], "image name"),
         (
             vec!["--pool-size", "1", "--pool", "1x512=2"],
             "already given",
