@@ -100,7 +100,15 @@ echo "more words" >> README.md
 git push -q origin HEAD:refs/heads/sneaky >/dev/null 2>&1; echo "guest push rc=$?"
 sync
 boot=$(( $(date +%s) - $(cut -d. -f1 /proc/uptime) - 2 ))
-find / -xdev -type f -newermt "@$boot" 2>/dev/null > /mnt/pat/files
+# Every file system the task can write to, the tmpfs ones (/run, /dev/shm)
+# included; not /mnt/pat (the patterns) nor the kernel's views.
+printf '%s' "add a greeting" > /dev/shm/control
+awk '$4 ~ /(^|,)rw(,|$)/ && $3 !~ /^(proc|sysfs|cgroup2?|devpts|mqueue|debugfs|tracefs|securityfs|pstore|bpf|hugetlbfs|configfs|fusectl)$/ && $2 != "/mnt/pat" { print $2 }' /proc/mounts > /mnt/pat/mounts
+while read -r m; do
+  find "$m" -xdev -type f -newermt "@$boot" 2>/dev/null
+done < /mnt/pat/mounts > /mnt/pat/files
+echo "mounts searched: $(tr '\n' ' ' < /mnt/pat/mounts)"
+echo "control found: $(xargs -d '\n' -r grep -lsF -f /mnt/pat/prompt < /mnt/pat/files 2>/dev/null | grep -c '^/dev/shm/control$')"
 for p in token basic secret prompt; do
   env_hits=$(grep -lsF -f /mnt/pat/$p /proc/[0-9]*/environ 2>/dev/null | wc -l)
   cmd_hits=$(grep -lsF -f /mnt/pat/$p /proc/[0-9]*/cmdline 2>/dev/null | wc -l)
@@ -186,6 +194,19 @@ fn private_repo_task_becomes_a_branch_and_a_pull_request_without_the_token() {
     );
     // The search works (it finds the secret in the task's own environment
     // and the prompt in files and on disk) and finds no token anywhere.
+    // The guest's tmpfs mounts are searched too: a copy of the prompt put in
+    // /dev/shm is found.
+    assert!(stdout.contains("control found: 1\n"), "{stdout}");
+    let mounts = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("mounts searched: "))
+        .unwrap_or_else(|| panic!("no mount list: {stdout}"));
+    for m in ["/", "/run", "/dev/shm"] {
+        assert!(
+            mounts.split(' ').any(|x| x == m),
+            "{m} not searched: {mounts}"
+        );
+    }
     let secret = search_line(&stdout, "secret");
     assert!(count(secret, "environ") >= 1, "{secret}");
     let prompt = search_line(&stdout, "prompt");

@@ -34,10 +34,8 @@ echo "links: $(ls /sys/class/net | tr '\n' ' ')"
 echo "seen: $(curl -sS -m 5 http://198.51.100.10/)"
 echo "dns: $(getent hosts allowed.example | cut -d' ' -f1)"
 for t in $TARGETS; do
-  s=$(date +%s%N)
   curl -sS -m 3 -o /dev/null "http://$t/" 2>/dev/null
-  rc=$?
-  echo "target $t rc=$rc ms=$(( ($(date +%s%N) - s) / 1000000 ))"
+  echo "target $t rc=$?"
 done
 "#;
 
@@ -129,9 +127,9 @@ fn real_vms_reach_the_internet_and_nothing_else() {
             .unwrap()
             .parse()
             .unwrap();
-        let ms: u64 = line.split("ms=").nth(1).unwrap().trim().parse().unwrap();
-        assert_ne!(rc, 0, "{t} was reachable: {line}");
-        assert!(ms < 4000, "{t} took too long to fail: {line}");
+        // curl's 7 is "could not connect": the reset of a REJECT. A silent
+        // DROP would end in -m 3's timeout, 28, however fast the machine.
+        assert_eq!(rc, 7, "{t} was not rejected: {line}");
     }
 
     // Allowlist mode in a third VM.
@@ -148,7 +146,7 @@ fn real_vms_reach_the_internet_and_nothing_else() {
         .lines()
         .find_map(|l| l.strip_prefix("other via /etc/hosts: "))
         .unwrap_or_else(|| panic!("no /etc/hosts attempt: {so}"));
-    assert_ne!(via_hosts, "0", "{so}");
+    assert_eq!(via_hosts, "7", "rejected, not timed out: {so}");
 
     // kill -9 of B's `dough run`: its network stays until `dough gc`.
     signal(b.id(), nix::sys::signal::Signal::SIGKILL);
