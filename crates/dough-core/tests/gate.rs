@@ -196,6 +196,47 @@ fn history_that_does_not_descend_from_base_is_refused() {
     r.rejected(&r.plan(), &b, &GateConfig::default(), "not_descendant");
 }
 
+/// What a hostile guest could send in place of its bundle: garbage, a good
+/// bundle cut short (in its pack, or right after its header), or one whose
+/// pack bytes were changed. Each is `bundle_invalid`; the good one, checked
+/// last, still goes through.
+#[test]
+fn a_corrupt_or_truncated_bundle_is_refused_as_invalid() {
+    let r = Repo::new();
+    r.commit("a.txt", &"a line of text\n".repeat(4000), "Add a");
+    r.commit("b.txt", "b", "Add b");
+    let good = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let bytes = std::fs::read(&good).unwrap();
+    let header_end = bytes.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+    let mid = header_end + (bytes.len() - header_end) / 2;
+    let mut flipped = bytes.clone();
+    for x in &mut flipped[mid..mid + 8] {
+        *x ^= 0x5a;
+    }
+    let cases: [(&str, Vec<u8>); 4] = [
+        (
+            "garbage",
+            b"# v2 git bundle\nnot a bundle at all\n".to_vec(),
+        ),
+        ("truncated", bytes[..mid].to_vec()),
+        ("header-only", bytes[..header_end].to_vec()),
+        ("flipped", flipped),
+    ];
+    for (what, data) in cases {
+        let dir = r.tmp.path().join(format!("bad-{what}"));
+        std::fs::create_dir(&dir).unwrap();
+        let p = dir.join("work.bundle");
+        std::fs::write(&p, data).unwrap();
+        let msg = r.rejected(&r.plan(), &p, &GateConfig::default(), "bundle_invalid");
+        assert!(!msg.is_empty(), "{what}");
+    }
+    assert!(
+        r.finalize(&r.plan(), &good, &GateConfig::default())
+            .unwrap()
+            .pushed
+    );
+}
+
 #[test]
 fn protected_paths_are_refused_unless_allowed() {
     let r = Repo::new();

@@ -329,6 +329,68 @@ fn the_gate_refuses_a_protected_path_and_nothing_is_pushed() {
     e.h.assert_clean();
 }
 
+/// After the gate, the remote and the forge can still say no: a server
+/// whose pre-receive hook refuses the push ends in `push_failed` with its
+/// message and no pull request; a forge answering 422 ends in `pr_failed`
+/// with the forge's message, and the branch stays pushed (docs/repo.md).
+#[test]
+fn a_refused_push_and_a_refused_pull_request_end_with_their_reasons() {
+    let e = setup("r");
+    e.git.make_repo("public", &[("README.md", "# public\n")]);
+    let url = e.url(GIT_ADDR, "public");
+    let run = || {
+        let out = e.dough(
+            &token(),
+            &[
+                "--repo",
+                &url,
+                "--forge-api",
+                &e.forge_api(),
+                "--json",
+                "--",
+                "sh",
+                "-c",
+                "echo fix > fix.txt",
+            ],
+        );
+        let (so, se) = (text(&out.stdout), text(&out.stderr));
+        assert_ne!(out.status.code(), Some(0), "{so}\n{se}");
+        let v: serde_json::Value = serde_json::from_str(so.trim())
+            .unwrap_or_else(|e| panic!("one JSON result ({e}): {so}\n{se}"));
+        (v, se)
+    };
+
+    e.git
+        .refuse_pushes("public", "push refused: the disk quota is full");
+    let (v, se) = run();
+    assert_eq!(v["reason"], "push_failed", "{v}\n{se}");
+    let detail = v["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("the disk quota is full"), "{v}");
+    assert_eq!(e.git.branches("public").len(), 1, "only main");
+    assert!(
+        e.forge.taken().is_empty(),
+        "no pull request after a failed push"
+    );
+    e.h.assert_clean();
+
+    std::fs::remove_file(e.git.repo_path("public").join("hooks/pre-receive")).unwrap();
+    e.forge.refuse_with(
+        "422 Unprocessable Entity",
+        r#"{"message":"Validation Failed: a pull request already exists"}"#,
+    );
+    let (v, se) = run();
+    assert_eq!(v["reason"], "pr_failed", "{v}\n{se}");
+    let detail = v["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("HTTP 422") && detail.contains("a pull request already exists"),
+        "{v}"
+    );
+    assert_eq!(e.forge.taken().len(), 1, "one attempt");
+    let branches = e.git.branches("public");
+    assert_eq!(branches.len(), 2, "the branch stays pushed: {branches:?}");
+    e.h.assert_clean();
+}
+
 /// Failures with clear reasons and nothing left behind: a repository the
 /// guest cannot reach (a private address: the egress policy refuses it
 /// though the host can read it), a wrong credential, a closed port; and a

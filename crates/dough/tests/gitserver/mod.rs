@@ -114,6 +114,16 @@ $HTTP["url"] =~ "^/git/private\.git/" {{ {auth} }}
         GitServer { dir, port, child }
     }
 
+    /// Make `name.git` refuse every push with `message`: a pre-receive
+    /// hook, as a protected or full server refuses.
+    pub fn refuse_pushes(&self, name: &str, message: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let hook = self.repo_path(name).join("hooks/pre-receive");
+        std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+        std::fs::write(&hook, format!("#!/bin/sh\necho '{message}' >&2\nexit 1\n")).unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
     pub fn repo_path(&self, name: &str) -> PathBuf {
         self.dir.path().join("repos").join(format!("{name}.git"))
     }
@@ -192,6 +202,8 @@ pub struct ForgeDouble {
     pub requests: Arc<Mutex<Vec<ForgeRequest>>>,
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// When set, the status line and JSON body answered instead of 201.
+    refusal: Arc<Mutex<Option<(String, String)>>>,
 }
 
 impl ForgeDouble {
@@ -207,7 +219,8 @@ impl ForgeDouble {
         l.set_nonblocking(true).unwrap();
         let requests: Arc<Mutex<Vec<ForgeRequest>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (rq, st) = (requests.clone(), stop.clone());
+        let refusal: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let (rq, st, rf) = (requests.clone(), stop.clone(), refusal.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((s, _)) = l.accept() else {
@@ -251,15 +264,17 @@ impl ForgeDouble {
                     });
                     g.len()
                 };
-                let answer = serde_json::json!({
-                    "number": n,
-                    "html_url": format!("http://forge.example/pulls/{n}"),
-                })
-                .to_string();
+                let (status, answer) = rf.lock().unwrap().clone().unwrap_or_else(|| {
+                    let a = serde_json::json!({
+                        "number": n,
+                        "html_url": format!("http://forge.example/pulls/{n}"),
+                    });
+                    ("201 Created".into(), a.to_string())
+                });
                 let mut s = s;
                 let _ = write!(
                     s,
-                    "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
                     answer.len()
                 );
             }
@@ -268,7 +283,14 @@ impl ForgeDouble {
             requests,
             addr,
             stop,
+            refusal,
         }
+    }
+
+    /// From now on answer `status` (e.g. "422 Unprocessable Entity") with
+    /// `body`, as a forge refusing the pull request does.
+    pub fn refuse_with(&self, status: &str, body: &str) {
+        *self.refusal.lock().unwrap() = Some((status.into(), body.into()));
     }
 
     pub fn taken(&self) -> Vec<ForgeRequest> {
