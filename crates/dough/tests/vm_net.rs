@@ -156,11 +156,26 @@ fn real_vms_reach_the_internet_and_nothing_else() {
         dough_net::netns_path(&b_vm).exists(),
         "B's namespace outlives its owner"
     );
+    // So does its cgroup (the jail's limits), until gc.
+    let layout = dough_vmm::cgroup::Layout::detect().expect("a cgroup layout");
+    let cgroups = dough_vmm::cgroup::Cgroup::dirs_for(&layout, &b_vm);
+    assert!(
+        cgroups.iter().any(|d| d.exists()),
+        "B's cgroup outlives its owner: {cgroups:?}"
+    );
     let gc = in_host(h.cmd(), &w.host).arg("gc").output().unwrap();
     let gco = text(&gc.stdout);
     assert!(gc.status.success(), "{gco}\n{}", text(&gc.stderr));
     assert!(
         gco.contains(&format!("removed network namespace dough-{b_vm}")),
+        "{gco}"
+    );
+    let left: Vec<_> = cgroups.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "gc left B's cgroups: {left:?}\n{gco}");
+    assert!(
+        cgroups
+            .iter()
+            .any(|d| gco.contains(&format!("removed cgroup {}", d.display()))),
         "{gco}"
     );
     wait_until("B's veth to go", Duration::from_secs(5), || {

@@ -12,11 +12,23 @@ use sha2::{Digest, Sha256};
 fn exit_code_and_separate_streams_as_the_task_user_in_the_guest_kernel() {
     let h = Harness::new();
     let out = h.run(&[
+        // Only a bound: the run below ends in about a second.
+        "--timeout",
+        "300",
         "--",
         "sh",
         "-c",
-        // Orphans are reaped by the agent (PID 1): no zombie remains.
-        "uname -r; id -u; hostname; (sleep 0.2 &); sleep 1; ps -eo stat= | grep -c '^Z'; echo to-stderr >&2; exit 7",
+        // Orphans are reaped by the agent (PID 1): once the orphan's /proc
+        // entry is gone (waited for, not slept for), no zombie remains. A
+        // background child still holding stdout when the task exits gets
+        // 1 s, then its process group is killed: the run ends with the
+        // task's code, not at the timeout, and "survived" is never printed.
+        "uname -r; id -u; hostname; \
+         p=$(sh -c 'sleep 0.2 >/dev/null 2>&1 & echo $!'); \
+         i=0; while [ -e /proc/$p ] && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done; \
+         ps -eo stat= | grep -c '^Z'; \
+         (sleep 600; echo survived) & \
+         echo to-stderr >&2; exit 7",
     ]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
@@ -41,6 +53,7 @@ fn exit_code_and_separate_streams_as_the_task_user_in_the_guest_kernel() {
     assert_eq!(lines[1], "1000", "unprivileged by default");
     assert!(lines[2].starts_with("dough-"), "hostname {}", lines[2]);
     assert_eq!(lines[3], "0", "zombies in the guest");
+    assert_eq!(lines.len(), 4, "nothing after the task's end: {stdout}");
     h.assert_clean();
 }
 
