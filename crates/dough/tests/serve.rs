@@ -845,6 +845,57 @@ fn cancel_timeout_and_a_frozen_vm_end_in_the_right_state() {
     h.assert_clean();
 }
 
+/// One daemon per state dir (a second is refused before it listens, and the
+/// first goes on serving); SIGTERM cancels the running task and tears its
+/// VM down before the daemon exits 0, the queued task stays queued, and the
+/// next daemon (the lock now free) runs it.
+#[test]
+fn sigterm_cancels_running_tasks_and_one_daemon_holds_the_state_dir() {
+    let h = Harness::new();
+    let mut s = Server::start(&h, &["--max-vms", "1"]);
+    let second = h
+        .cmd()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(125), "{}", text(&second.stderr));
+    assert!(
+        text(&second.stderr).contains("another `dough serve` is running on"),
+        "{}",
+        text(&second.stderr)
+    );
+    let a = s.submit(json!({"command": ["sh", "-c", "echo started; exec sleep 600"]}));
+    let b = s.submit(json!({"command": ["echo", "after restart"]}));
+    s.wait_state(&a, |st| st == "running", Duration::from_secs(60));
+    wait_until("A's output", Duration::from_secs(60), || {
+        s.logs(&a).contains("started")
+    });
+    assert_eq!(s.task(&b)["state"], "queued");
+    signal(s.child.id(), nix::sys::signal::Signal::SIGTERM);
+    let st = s.child.wait().unwrap();
+    assert!(st.success(), "serve exits 0 after SIGTERM: {st}");
+    drop(s);
+    // Its VM went before it exited: nothing of it is left.
+    h.assert_clean();
+
+    let s = Server::start(&h, &["--max-vms", "1"]);
+    let ta = s.task(&a);
+    assert_eq!(
+        (
+            ta["state"].as_str(),
+            ta["reason"].as_str(),
+            ta["cleanup"].as_str()
+        ),
+        (Some("cancelled"), Some("cancelled"), Some("ok")),
+        "{ta}"
+    );
+    let tb = s.wait_terminal(&b);
+    assert_eq!(tb["state"], "succeeded", "{tb}");
+    assert_eq!(s.logs(&b), "after restart\n");
+    s.stop();
+    h.assert_clean();
+}
+
 #[test]
 fn a_killed_daemon_is_recovered_on_restart() {
     let h = Harness::new();

@@ -33,6 +33,8 @@ const MATRIX: &str = r#"
 echo "links: $(ls /sys/class/net | tr '\n' ' ')"
 echo "seen: $(curl -sS -m 5 http://198.51.100.10/)"
 echo "dns: $(getent hosts allowed.example | cut -d' ' -f1)"
+ip -6 route get 2001:db8::1 >/dev/null 2>&1; echo "v6 route: $?"
+echo "v6 addresses: $(ip -6 -o addr show scope global | wc -l)"
 for t in $TARGETS; do
   curl -sS -m 3 -o /dev/null "http://$t/" 2>/dev/null
   echo "target $t rc=$?"
@@ -113,6 +115,27 @@ fn real_vms_reach_the_internet_and_nothing_else() {
     assert!(cfg.pool.contains(seen) && seen != b_ns, "{seen}");
     assert_eq!(u32::from(seen) % 4, 2, "a slot's namespace end: {seen}");
     assert!(so.contains(&format!("dns: {ALLOWED_WEB}\n")), "{so}");
+    // No IPv6: no route anywhere and no global address in the guest ...
+    assert!(so.contains("v6 addresses: 0\n"), "{so}");
+    let v6 = so
+        .lines()
+        .find_map(|l| l.strip_prefix("v6 route: "))
+        .unwrap_or_else(|| panic!("no v6 line: {so}"));
+    assert_ne!(v6, "0", "the guest has a v6 route: {so}");
+    // ... and v6 disabled in the VM's namespace (B's, still running).
+    let b_ns = dough_net::netns_path(&b_rec.vm_id)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let disabled = in_ns(&b_ns, || {
+        ["all", "default"].map(|c| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{c}/disable_ipv6"))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|e| format!("unreadable: {e}"))
+        })
+    });
+    assert_eq!(disabled, ["1", "1"], "IPv6 in B's namespace");
     for t in &targets {
         let line = so
             .lines()
