@@ -448,36 +448,42 @@ pub(crate) async fn drive_restore(
         }
     };
     // The host's read-back: a fresh sample, and the clock it set.
-    if sample.len() != 32 || sample.iter().all(|b| *b == 0) {
-        return Err(lost(
-            format!("bad RNG sample from the clone: {sample:?}"),
-            paths,
-        ));
-    }
-    if !tpl
-        .samples
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(sample)
-    {
-        return Err(lost(
-            "the clone's RNG sample repeats another clone's: it was not reseeded".into(),
-            paths,
-        ));
-    }
-    let skew = (guest_ns as i128 - now_ns() as i128).unsigned_abs();
-    if skew > 5_000_000_000 {
-        return Err(lost(
-            format!("the clone's clock is {} ms off", skew / 1_000_000),
-            paths,
-        ));
-    }
+    check_restored(&tpl.samples, sample, guest_ns, now_ns()).map_err(|m| lost(m, paths))?;
     debug!(
         us = t0.elapsed().as_micros() as u64,
         "restore: reseeded, re-identified"
     );
     ctx.phase(Phase::Hello);
     Ok(Ok(rx))
+}
+
+/// The most a clone's clock may differ from the host's after Restore.
+const MAX_CLONE_SKEW_NS: u64 = 5_000_000_000;
+
+/// Accept a clone's `Restored` only with a fresh 32-byte RNG sample (none
+/// of the template's clones gave it before: a repeat means the clone was
+/// not reseeded) and a clock within [`MAX_CLONE_SKEW_NS`] of the host's.
+fn check_restored(
+    samples: &Mutex<HashSet<Vec<u8>>>,
+    sample: Vec<u8>,
+    guest_ns: u64,
+    host_ns: u64,
+) -> Result<(), String> {
+    if sample.len() != 32 || sample.iter().all(|b| *b == 0) {
+        return Err(format!("bad RNG sample from the clone: {sample:?}"));
+    }
+    if !samples
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(sample)
+    {
+        return Err("the clone's RNG sample repeats another clone's: it was not reseeded".into());
+    }
+    let skew = (guest_ns as i128 - host_ns as i128).unsigned_abs();
+    if skew > MAX_CLONE_SKEW_NS as u128 {
+        return Err(format!("the clone's clock is {} ms off", skew / 1_000_000));
+    }
+    Ok(())
 }
 
 /// QEMU: load the device state into a paused VM, connect its control
@@ -553,6 +559,36 @@ pub fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table of what a clone may report after Restore (docs/service.md):
+    /// a repeated sample (not reseeded), a clock more than 5 s off either
+    /// way, an empty or zero sample — each refused; the rest accepted. No
+    /// real clone can be made to repeat its sample or skew its clock, so the
+    /// host's decision is tested here, on the function the restore calls.
+    #[test]
+    fn a_clone_is_accepted_only_with_a_fresh_sample_and_its_clock_set() {
+        let samples = Mutex::new(HashSet::new());
+        let host = 1_800_000_000_000_000_000u64;
+        let s = |b: u8| vec![b; 32];
+        let table: &[(Vec<u8>, u64, Result<(), &str>)] = &[
+            (s(1), host, Ok(())),
+            (s(2), host + 4_999_000_000, Ok(())),
+            (s(3), host - 4_999_000_000, Ok(())),
+            (s(1), host, Err("repeats another clone's")),
+            (s(4), host + 5_001_000_000, Err("clock is 5001 ms off")),
+            (s(5), host - 60_000_000_000, Err("clock is 60000 ms off")),
+            (vec![0; 32], host, Err("bad RNG sample")),
+            (vec![7; 16], host, Err("bad RNG sample")),
+        ];
+        for (sample, guest, want) in table {
+            let got = check_restored(&samples, sample.clone(), *guest, host);
+            match (want, &got) {
+                (Ok(()), Ok(())) => {}
+                (Err(w), Err(e)) => assert!(e.contains(w), "{sample:?}: {e}"),
+                _ => panic!("{sample:?} at {guest}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
 
     /// A Firecracker template's files move from its jail to the template
     /// directory; across file systems (here /dev/shm, a tmpfs, to the
