@@ -22,18 +22,20 @@ if ! command -v lighttpd >/dev/null && [ ! -x /usr/sbin/lighttpd ]; then
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
-# Test-only, for crates/dough/tests/vm_oci.rs: busybox-static is the
-# userland of the OCI images the tests write, docker-registry (the CNCF
-# distribution registry) the registry they pull from. Its service is not
-# started (policy-rc.d, as above); the test runs its own on loopback.
-if ! dpkg -s busybox-static >/dev/null 2>&1 || ! command -v docker-registry >/dev/null; then
-  printf '\n== apt: busybox-static, docker-registry (test-only)\n' >&2
+# Test-only: busybox-static is the userland of the OCI images
+# crates/dough/tests/vm_oci.rs writes and (its nslookup) the network tests'
+# resolver; docker-registry (the CNCF distribution registry) is the registry
+# vm_oci pulls from; dnsmasq-base is the network tests' upstream DNS server
+# (crates/dough-net/tests/world). No service is started (policy-rc.d, as
+# above); the tests run their own.
+if ! dpkg -s busybox-static >/dev/null 2>&1 || ! command -v docker-registry >/dev/null || [ ! -x /usr/sbin/dnsmasq ]; then
+  printf '\n== apt: busybox-static, docker-registry, dnsmasq-base (test-only)\n' >&2
   made_policy=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     made_policy=1
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static docker-registry >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static docker-registry dnsmasq-base >/dev/null
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 

@@ -545,13 +545,17 @@ mod tests {
     /// its own PID namespace is), and killing it works.
     #[tokio::test]
     async fn watched_pid_exit_and_kill() {
-        let mut short = std::process::Command::new("sleep")
-            .arg("0.2")
+        // It exits when its stdin closes: an event the test makes, so it
+        // is alive at the first look however slow the machine is.
+        let mut short = std::process::Command::new("sh")
+            .args(["-c", "read x"])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let mut h = VmmHandle::watch(short.id() as i32).unwrap();
         assert!(h.try_wait().is_none());
-        tokio::time::timeout(Duration::from_secs(5), h.wait())
+        drop(short.stdin.take());
+        tokio::time::timeout(Duration::from_secs(30), h.wait())
             .await
             .unwrap()
             .unwrap();

@@ -364,16 +364,21 @@ fn validator_rejects_misspelled_missing_mistyped_and_unknown() {
         .contains("not allowed"));
 }
 
-/// Test double of Firecracker's API socket: parses each HTTP request,
-/// records it, answers 204 — or 400 with a fault message for `/vsock`.
-async fn fake_api(sock: PathBuf, fail_vsock: bool) -> tokio::task::JoinHandle<Vec<ApiRequest>> {
+/// Test double of Firecracker's API socket: parses each of the `expect`
+/// HTTP requests, records it, answers 204 — or 400 with a fault message for
+/// `/vsock` — and returns them (no idle cutoff: it ends after a count, not a
+/// time, so a slow client is not cut off).
+async fn fake_api(
+    sock: PathBuf,
+    fail_vsock: bool,
+    expect: usize,
+) -> tokio::task::JoinHandle<Vec<ApiRequest>> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();
     tokio::spawn(async move {
         let mut got = vec![];
-        while let Ok(Ok((s, _))) =
-            tokio::time::timeout(std::time::Duration::from_millis(500), listener.accept()).await
-        {
+        while got.len() < expect {
+            let (s, _) = listener.accept().await.unwrap();
             let mut r = BufReader::new(s);
             let mut line = String::new();
             r.read_line(&mut line).await.unwrap();
@@ -418,27 +423,36 @@ async fn fake_api(sock: PathBuf, fail_vsock: bool) -> tokio::task::JoinHandle<Ve
     })
 }
 
+/// What the double served; a missing request fails (after a minute)
+/// rather than hanging the suite.
+async fn served(server: tokio::task::JoinHandle<Vec<ApiRequest>>) -> Vec<ApiRequest> {
+    tokio::time::timeout(std::time::Duration::from_secs(60), server)
+        .await
+        .expect("the client sent fewer requests than expected")
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_client_sends_exactly_the_plan_and_reports_api_errors() {
     let spec = spec();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let server = fake_api(sock.clone(), false).await;
     let cfg = configurations().pop().unwrap();
     let plan = Firecracker::plan(&cfg);
+    let server = fake_api(sock.clone(), false, plan.len()).await;
     for req in &plan {
         call(&sock, req, std::time::Duration::from_secs(2))
             .await
             .unwrap();
     }
-    let got = server.await.unwrap();
+    let got = served(server).await;
     assert_eq!(got, plan, "the server received the plan, byte-faithfully");
     for r in &got {
         spec.check(r).unwrap();
     }
 
     let sock2 = dir.path().join("api2.sock");
-    let server = fake_api(sock2.clone(), true).await;
+    let server = fake_api(sock2.clone(), true, 1).await;
     let vsock = plan.iter().find(|r| r.path == "/vsock").unwrap();
     let err = call(&sock2, vsock, std::time::Duration::from_secs(2))
         .await
@@ -447,7 +461,7 @@ async fn the_client_sends_exactly_the_plan_and_reports_api_errors() {
         err.to_string().contains("HTTP 400: Invalid guest CID"),
         "{err}"
     );
-    drop(server);
+    assert_eq!(served(server).await.len(), 1);
 }
 
 /// The jail a confined VM of `cfg` gets (uid and gid 900123).
@@ -635,11 +649,11 @@ async fn a_template_is_paused_and_snapshotted_into_its_chroot_run_dir() {
     let spec = spec();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("firecracker.socket");
-    let server = fake_api(sock.clone(), false).await;
+    let server = fake_api(sock.clone(), false, 2).await;
     let files = dough_vmm::firecracker::snapshot_template(&sock)
         .await
         .unwrap();
-    let got = server.await.unwrap();
+    let got = served(server).await;
     assert_eq!(
         got.iter()
             .map(|r| (r.method, r.path.as_str()))

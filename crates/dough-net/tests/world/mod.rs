@@ -1,10 +1,13 @@
 //! A small world for network tests, built from real namespaces: a "host"
 //! (where Dough runs) and an "internet" behind it with servers on public,
 //! private and metadata addresses and a DNS server in a private range.
-//! Everything is deleted when the `World` drops.
+//! The DNS server is dnsmasq and the tests' resolver is busybox's nslookup
+//! (both from Debian's packages, installed by scripts/test.sh): nothing of
+//! Dough's own DNS code checks Dough's forwarder. Everything is deleted, and
+//! dnsmasq ended, when the `World` drops.
 #![allow(dead_code)]
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -84,6 +87,7 @@ pub struct World {
     pub inet: String,
     stop: Arc<AtomicBool>,
     extra_ns: Vec<String>,
+    dns: Option<std::process::Child>,
 }
 
 impl World {
@@ -158,11 +162,12 @@ impl World {
             "via",
             &HOST_UPLINK.to_string(),
         ]);
-        let w = World {
+        let mut w = World {
             host,
             inet,
             stop: Arc::new(AtomicBool::new(false)),
             extra_ns: vec![],
+            dns: None,
         };
         let mut web = vec![ALLOWED_WEB, OTHER_WEB, METADATA];
         web.extend(PRIVATE_SERVERS);
@@ -209,37 +214,42 @@ impl World {
         });
     }
 
-    fn serve_dns(&self) {
-        let sock = in_ns(&self.inet, || {
-            UdpSocket::bind(SocketAddr::new(DNS.into(), 53)).expect("bind dns")
-        });
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let stop = self.stop.clone();
-        std::thread::spawn(move || {
-            let mut b = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                let Ok((n, from)) = sock.recv_from(&mut b) else {
-                    continue;
-                };
-                let q = &b[..n];
-                let Some((name, qtype, end)) = dough_net::dns::question(q) else {
-                    continue;
-                };
-                let ip = match name.as_str() {
-                    ALLOWED_NAME => Some(ALLOWED_WEB),
-                    OTHER_NAME => Some(OTHER_WEB),
-                    _ => None,
-                };
-                let mut r = dough_net::dns::reply_with(q, end, if ip.is_some() { 0 } else { 3 });
-                if let (Some(ip), 1) = (ip, qtype) {
-                    r[7] = 1;
-                    r.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
-                    r.extend(ip.octets());
-                }
-                let _ = sock.send_to(&r, from);
-            }
-        });
+    /// dnsmasq on the internet's DNS address, authoritative for `example`:
+    /// the two web names (A records, TTL 30), NXDOMAIN for the rest of
+    /// `example`, REFUSED for everything else.
+    fn serve_dns(&mut self) {
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--pid-file=",
+            "--bind-interfaces",
+            "--port=53",
+            "--local=/example/",
+            "--local-ttl=30",
+        ])
+        .arg(format!("--listen-address={DNS}"))
+        .arg(format!("--host-record={ALLOWED_NAME},{ALLOWED_WEB}"))
+        .arg(format!("--host-record={OTHER_NAME},{OTHER_WEB}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        in_netns(&mut cmd, &self.inet);
+        let child = cmd
+            .spawn()
+            .expect("start dnsmasq (scripts/test.sh installs dnsmasq-base)");
+        self.dns = Some(child);
+        let t = Instant::now();
+        while resolve(&self.inet, DNS, ALLOWED_NAME) != Ok(vec![ALLOWED_WEB]) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "dnsmasq does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// A stand-in guest for VM `vm_id`: tap0 in the VM's namespace is
@@ -297,6 +307,10 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut c) = self.dns.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for ns in self.extra_ns.iter().chain([&self.host, &self.inet]) {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
@@ -324,30 +338,30 @@ pub fn fetch(ns: &str, addr: SocketAddr) -> Result<String, String> {
     })
 }
 
-/// Resolve `name` (A) through `server` from namespace `ns`: the addresses,
-/// or the response code.
+/// Resolve `name` (A) through `server` from namespace `ns` with busybox's
+/// nslookup: the addresses, or what the server said ("NXDOMAIN",
+/// "REFUSED") or that none answered.
 pub fn resolve(ns: &str, server: Ipv4Addr, name: &str) -> Result<Vec<Ipv4Addr>, String> {
-    let name = name.to_string();
-    in_ns(ns, move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut q = vec![0x42, 0x42, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-        for l in name.split('.') {
-            q.push(l.len() as u8);
-            q.extend(l.as_bytes());
-        }
-        q.extend([0, 0, 1, 0, 1]);
-        s.send_to(&q, SocketAddr::new(server.into(), 53))
-            .map_err(|e| e.to_string())?;
-        let mut b = [0u8; 512];
-        let n = s.recv(&mut b).map_err(|e| format!("no answer: {e}"))?;
-        let rcode = b[3] & 0x0f;
-        if rcode != 0 {
-            return Err(format!("rcode {rcode}"));
-        }
-        Ok(dough_net::dns::answers_a(&b[..n])
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect())
-    })
+    let mut cmd = Command::new("busybox");
+    cmd.args(["nslookup", "-type=a", name])
+        .arg(server.to_string());
+    in_netns(&mut cmd, ns);
+    let out = cmd
+        .output()
+        .expect("busybox (scripts/test.sh installs busybox-static)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if let Some(l) = text.lines().find(|l| l.starts_with("** server can't find")) {
+        return Err(l.rsplit(": ").next().unwrap_or(l).trim().to_string());
+    }
+    if !out.status.success() {
+        return Err(format!("no answer: {}", text.trim()));
+    }
+    // Addresses follow the "Name:" line (the lines before it are the
+    // server's own address).
+    Ok(text
+        .lines()
+        .skip_while(|l| !l.starts_with("Name:"))
+        .filter_map(|l| l.strip_prefix("Address:"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect())
 }
