@@ -248,9 +248,11 @@ pub fn gc_host(host: &crate::HostConfig) -> GcReport {
                     );
                     r.killed.push(pid as u32);
                 }
-                // A killed process leaves its cgroup a moment later.
+                // A killed process leaves its cgroup once it has exited,
+                // which takes longer for a big VMM on a loaded host (its
+                // memory is freed first): up to 10 s.
                 let mut last = None;
-                for _ in 0..50 {
+                for _ in 0..500 {
                     match std::fs::remove_dir(e.path()) {
                         Ok(()) => {
                             last = None;
