@@ -422,7 +422,7 @@ impl Service {
             .lock()
             .unwrap()
             .entry(id.to_string())
-            .or_insert_with(|| broadcast::channel(1024).0)
+            .or_insert_with(|| broadcast::channel(16).0)
             .subscribe()
     }
 
@@ -625,7 +625,48 @@ impl Service {
                 return;
             }
         };
+        // Output goes through a bounded queue to a thread of its own that
+        // stores and publishes it: the store's writes never block the
+        // runtime, and a slow store slows the guest (the supervisor stops
+        // reading while the queue is full, and does not count that time as
+        // the guest's silence) instead of failing the task.
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(8);
+        let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let record = {
+            let (me, id, offset) = (self.clone(), t.id.clone(), offset.clone());
+            move |stream: Stream, data: &[u8]| {
+                let (n, name) = match stream {
+                    Stream::Stdout => (1, "stdout"),
+                    Stream::Stderr => (2, "stderr"),
+                };
+                if let Err(e) = me
+                    .inner
+                    .store
+                    .append_output(&id, n, data, me.inner.cfg.output_cap)
+                {
+                    warn!(task = %id, error = %e, "store output");
+                }
+                let at = offset.fetch_add(data.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                me.publish(
+                    &id,
+                    TaskEvent::Output {
+                        stream: name,
+                        offset: at,
+                        data: String::from_utf8_lossy(data).into_owned(),
+                    },
+                );
+            }
+        };
+        let writer = {
+            let record = record.clone();
+            tokio::task::spawn_blocking(move || {
+                while let Some((stream, data)) = out_rx.blocking_recv() {
+                    record(stream, &data);
+                }
+            })
+        };
         let spec = TaskSpec {
+            output: Some(out_tx),
             image: Some(image),
             task_id: t.id.clone(),
             command: r.command.clone(),
@@ -644,7 +685,6 @@ impl Service {
             ..TaskSpec::default()
         };
         let id = t.id.clone();
-        let mut offset = 0u64;
         let me = self.clone();
         let mut on_event = move |ev: Event<'_>| match ev {
             Event::Phase(Phase::Spawned, _) => me.transition(&id, State::Booting, None, None, None),
@@ -652,28 +692,8 @@ impl Service {
             Event::Phase(Phase::Done, _) => me.transition(&id, State::Finalizing, None, None, None),
             Event::Phase(..) => {}
             Event::Progress(p) => tracing::debug!(task = %id, "{p}"),
-            Event::Output(stream, data) => {
-                let (n, name) = match stream {
-                    Stream::Stdout => (1, "stdout"),
-                    Stream::Stderr => (2, "stderr"),
-                };
-                if let Err(e) = me
-                    .inner
-                    .store
-                    .append_output(&id, n, data, me.inner.cfg.output_cap)
-                {
-                    warn!(task = %id, error = %e, "store output");
-                }
-                me.publish(
-                    &id,
-                    TaskEvent::Output {
-                        stream: name,
-                        offset,
-                        data: String::from_utf8_lossy(data).into_owned(),
-                    },
-                );
-                offset += data.len() as u64;
-            }
+            // Only without a sink (the spec above has one).
+            Event::Output(stream, data) => record(stream, data),
         };
         // A dropped sender means the task is never cancelled.
         let cancelled = async move {
@@ -713,10 +733,12 @@ impl Service {
         };
 
         let (rep, work) = match &r.repo {
-            None => (
-                crate::run_task_in(&cfg.host, &spec, warm, &mut on_event, cancelled).await,
-                None,
-            ),
+            None => {
+                let rep =
+                    crate::run_task_in(&cfg.host, &spec, warm, &mut on_event, cancelled).await;
+                drop(spec);
+                (rep, None)
+            }
             Some(repo) => {
                 let mut gate = cfg.gate.clone();
                 let pr = r.pull_request.clone().unwrap_or_default();
@@ -736,12 +758,18 @@ impl Service {
                 match run.split() {
                     Ok(parts) => parts,
                     Err(e) => {
+                        let _ = writer.await;
                         self.finish(&t, State::Failed, &e.reason(), &error_chain(&e), None, "ok");
                         return;
                     }
                 }
             }
         };
+        // Every byte the guest sent is stored before the task's end is.
+        drop(on_event);
+        if let Err(e) = writer.await {
+            warn!(task = %t.id, error = %e, "output writer");
+        }
         if let Some(img) = &rep.image {
             if let Err(e) = self.inner.store.set_image_digest(&t.id, &img.digest) {
                 warn!(task = %t.id, error = %e, "store image digest");

@@ -236,6 +236,10 @@ pub trait Store: Send + Sync {
     /// task is marked truncated. Returns whether the chunk was kept.
     fn append_output(&self, id: &str, stream: u8, data: &[u8], cap: u64) -> Result<bool>;
     fn logs(&self, id: &str) -> Result<Logs>;
+    /// Stored output from byte `from` on, about `max` bytes of it (whole
+    /// chunks; the first cut to start at `from`): (stream, the offset of
+    /// its first byte, bytes), in order. Empty: nothing stored there yet.
+    fn output_from(&self, id: &str, from: u64, max: usize) -> Result<Vec<(u8, u64, Vec<u8>)>>;
     /// Record a host resource of the task's VM before it is made.
     fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()>;
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>>;
@@ -528,6 +532,47 @@ impl Store for SqliteStore {
         })
     }
 
+    fn output_from(&self, id: &str, from: u64, max: usize) -> Result<Vec<(u8, u64, Vec<u8>)>> {
+        self.get(id)?;
+        let db = self.conn();
+        // Lengths first (no data read), to find the chunks that hold the
+        // range; then only those chunks' bytes.
+        let mut st = db.prepare_cached(
+            "SELECT rowid, stream, length(data) FROM output WHERE task_id = ?1 ORDER BY rowid",
+        )?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u8>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut want = vec![];
+        let (mut at, mut taken) = (0u64, 0usize);
+        for (rowid, stream, len) in rows {
+            let end = at + len;
+            if end > from && taken < max {
+                want.push((rowid, stream, at));
+                taken += (end - at.max(from)) as usize;
+            }
+            at = end;
+        }
+        let mut get = db.prepare_cached("SELECT data FROM output WHERE rowid = ?1")?;
+        let mut out = vec![];
+        for (rowid, stream, at) in want {
+            let data: Vec<u8> = get.query_row([rowid], |r| r.get(0))?;
+            let skip = from.saturating_sub(at) as usize;
+            out.push((
+                stream,
+                at + skip as u64,
+                data[skip.min(data.len())..].to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
     fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()> {
         self.conn().execute(
             "INSERT INTO resources (task_id, kind, name) VALUES (?1, ?2, ?3)",
@@ -676,6 +721,34 @@ mod tests {
             .transition("t1", State::Succeeded, None, None, None)
             .is_err());
         assert_eq!(t.reason.as_deref(), Some("orchestrator_restart"));
+    }
+
+    #[test]
+    fn output_from_returns_the_range_with_streams_and_offsets() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&d.path().join("db")).unwrap();
+        s.insert("t", &req()).unwrap();
+        s.append_output("t", 1, b"hello ", 100).unwrap();
+        s.append_output("t", 2, b"err ", 100).unwrap();
+        s.append_output("t", 1, b"world", 100).unwrap();
+        let all = s.output_from("t", 0, 1 << 20).unwrap();
+        assert_eq!(
+            all,
+            [
+                (1, 0, b"hello ".to_vec()),
+                (2, 6, b"err ".to_vec()),
+                (1, 10, b"world".to_vec())
+            ]
+        );
+        // From inside a chunk, and a limit that stops after the chunk
+        // that reaches it.
+        assert_eq!(s.output_from("t", 8, 2).unwrap(), [(2, 8, b"r ".to_vec())]);
+        assert_eq!(
+            s.output_from("t", 3, 4).unwrap(),
+            [(1, 3, b"lo ".to_vec()), (2, 6, b"err ".to_vec())]
+        );
+        assert!(s.output_from("t", 15, 10).unwrap().is_empty());
+        assert!(s.output_from("nope", 0, 10).is_err());
     }
 
     #[test]

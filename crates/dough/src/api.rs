@@ -66,7 +66,7 @@ pub const ROUTES: &[(&str, &str, bool, &str)] = &[
         "get",
         "/v1/tasks/{id}/events",
         true,
-        "Server-Sent Events: state changes and output as they happen",
+        "Server-Sent Events: state changes and output as they happen; ?offset=N first replays the stored output from byte N",
     ),
     (
         "get",
@@ -259,44 +259,124 @@ async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
     }
 }
 
+/// The stored output, streamed from the store a page at a time (the daemon
+/// never holds a task's whole output for a reader).
 async fn logs(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    let l = match api.svc.store().logs(&id) {
-        Ok(l) => l,
-        Err(dough_core::store::StoreError::NotFound(_)) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "no_such_task",
-                format!("no task {id}"),
-            )
-        }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    let t = match api.svc.get(&id) {
+        Ok(t) => t,
+        Err(e) => return submit_error(e),
     };
-    let mut out: Vec<u8> = l.chunks.into_iter().flat_map(|(_, d)| d).collect();
-    let mut resp_headers = vec![(
+    let marker = t.output_truncated.then(|| {
+        format!(
+            "\n[dough: output truncated here, at the {} byte limit]\n",
+            api.svc.config().output_cap
+        )
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let svc = api.svc.clone();
+    tokio::spawn(async move {
+        let mut from = 0u64;
+        loop {
+            let (svc2, id2) = (svc.clone(), id.clone());
+            let page = tokio::task::spawn_blocking(move || {
+                svc2.store().output_from(&id2, from, REPLAY_PAGE)
+            })
+            .await;
+            let page = match page {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            if page.is_empty() {
+                break;
+            }
+            let mut buf = Vec::with_capacity(REPLAY_PAGE);
+            for (_, at, data) in page {
+                from = at + data.len() as u64;
+                buf.extend_from_slice(&data);
+            }
+            if tx.send(Ok(buf)).await.is_err() {
+                return;
+            }
+        }
+        if let Some(m) = marker {
+            let _ = tx.send(Ok(m.into_bytes())).await;
+        }
+    });
+    let mut r = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response();
+    r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
-    )];
-    if l.truncated {
-        out.extend_from_slice(
-            format!(
-                "\n[dough: output truncated here, at the {} byte limit]\n",
-                api.svc.config().output_cap
-            )
-            .as_bytes(),
-        );
-        resp_headers.push((
+    );
+    if t.output_truncated {
+        r.headers_mut().insert(
             header::HeaderName::from_static("x-dough-truncated"),
             HeaderValue::from_static("true"),
-        ));
-    }
-    let mut r = out.into_response();
-    for (k, v) in resp_headers {
-        r.headers_mut().insert(k, v);
+        );
     }
     r
 }
 
-async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    offset: Option<u64>,
+}
+
+/// Stored output sent per replay read: a slow client never makes the
+/// daemon hold more than this (plus its bounded event queue) for it.
+const REPLAY_PAGE: usize = 256 * 1024;
+
+/// Send the stored output from byte `from` on as `output` events; the
+/// offset after the last byte sent, or None when the client went away.
+async fn replay(
+    svc: &Service,
+    id: &str,
+    mut from: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>,
+) -> Option<u64> {
+    loop {
+        let (svc2, id2) = (svc.clone(), id.to_string());
+        let page =
+            tokio::task::spawn_blocking(move || svc2.store().output_from(&id2, from, REPLAY_PAGE))
+                .await
+                .ok()?
+                .unwrap_or_default();
+        if page.is_empty() {
+            return Some(from);
+        }
+        for (stream, at, data) in page {
+            let ev = TaskEvent::Output {
+                stream: if stream == 2 { "stderr" } else { "stdout" },
+                offset: at,
+                data: String::from_utf8_lossy(&data).into_owned(),
+            };
+            tx.send(sse(&ev)).await.ok()?;
+            from = at + data.len() as u64;
+        }
+    }
+}
+
+/// Server-Sent Events of a task. Without `offset`: the current state, then
+/// what happens. With `offset=N`: first the stored output from byte N on,
+/// then the current state, then what happens, every output byte exactly
+/// once and in order; a client too slow for the live stream is caught up
+/// from the store instead of being sent a `lagged` event.
+async fn events(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "query parameters: offset (a byte offset)",
+        );
+    };
     // Subscribe first, then read the state: no transition falls in between.
     let mut rx = api.svc.subscribe(&id);
     let t = match api.svc.get(&id) {
@@ -320,6 +400,15 @@ async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let done = t.state.is_terminal();
     let svc = api.svc.clone();
     let stream = async_stream(move |tx| async move {
+        // The next output byte this client is owed (None: live only).
+        let mut next = q.offset;
+        if let Some(from) = next {
+            next = replay(&svc, &id, from, &tx).await;
+            if next.is_none() {
+                svc.release(&id);
+                return;
+            }
+        }
         if tx.send(sse(&first)).await.is_err() || done {
             drop(rx);
             svc.release(&id);
@@ -327,13 +416,62 @@ async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
         }
         loop {
             match rx.recv().await {
+                Ok(TaskEvent::Output {
+                    stream,
+                    offset,
+                    data,
+                }) if next.is_some() => {
+                    let n = next.unwrap_or(0);
+                    let end = offset + data.len() as u64;
+                    if end <= n {
+                        continue;
+                    }
+                    if offset > n {
+                        // Missed (published before we subscribed, or
+                        // while we lagged): the store has it.
+                        match replay(&svc, &id, n, &tx).await {
+                            Some(m) if m >= end => {
+                                next = Some(m);
+                                continue;
+                            }
+                            Some(m) => next = Some(m),
+                            None => return,
+                        }
+                    }
+                    let n = next.unwrap_or(0);
+                    let skip = n.saturating_sub(offset) as usize;
+                    let ev = TaskEvent::Output {
+                        stream,
+                        offset: offset + skip as u64,
+                        data: data.get(skip..).unwrap_or("").to_string(),
+                    };
+                    if tx.send(sse(&ev)).await.is_err() {
+                        return;
+                    }
+                    next = Some(end);
+                }
                 Ok(ev) => {
                     let end = matches!(&ev, TaskEvent::State { state, .. } if state.is_terminal());
+                    if end {
+                        // Everything stored goes out before the end.
+                        if let Some(n) = next {
+                            if replay(&svc, &id, n, &tx).await.is_none() {
+                                return;
+                            }
+                        }
+                    }
                     if tx.send(sse(&ev)).await.is_err() || end {
                         return;
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    if let Some(from) = next {
+                        match replay(&svc, &id, from, &tx).await {
+                            Some(m) => next = Some(m),
+                            None => return,
+                        }
+                        continue;
+                    }
                     let ev = SseEvent::default()
                         .event("lagged")
                         .data(json!({"missed": n}).to_string());
@@ -341,7 +479,29 @@ async fn events(State(api): State<Api>, Path(id): Path<String>) -> Response {
                         return;
                     }
                 }
-                Err(_) => return,
+                Err(_) => {
+                    // The channel closed (the task ended while we lagged):
+                    // the rest from the store, then the final state.
+                    if let Some(n) = next {
+                        if replay(&svc, &id, n, &tx).await.is_none() {
+                            return;
+                        }
+                    }
+                    if let Ok(t) = svc.get(&id) {
+                        let ev = TaskEvent::State {
+                            state: t.state,
+                            at_ms: t
+                                .transitions
+                                .last()
+                                .map(|x| x.at_ms)
+                                .unwrap_or(t.created_ms),
+                            reason: t.reason.clone(),
+                            exit_code: t.exit_code,
+                        };
+                        let _ = tx.send(sse(&ev)).await;
+                    }
+                    return;
+                }
             }
         }
     });
@@ -366,7 +526,8 @@ where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Small: a client that does not read holds at most this many events.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -333,52 +333,76 @@ pub fn logs(cli: &Cli, a: &LogsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Print the stored output, then live output from the event stream (the
-/// stream is opened first, so nothing falls between), until the task ends.
-fn follow(c: &Client, id: &str, _from: u64) -> anyhow::Result<()> {
-    let events = c.call(c.req("GET", &format!("/v1/tasks/{id}/events")).call())?;
-    let stored = c
-        .call(c.req("GET", &format!("/v1/tasks/{id}/logs")).call())?
-        .into_string()?;
-    let mut seen = stored.len() as u64;
+/// Print the task's output from the event stream, stored output first
+/// (`?offset=`: the daemon replays it, with each chunk's stream, then goes
+/// live), until the task ends. A dropped stream is reopened from the last
+/// byte printed, so nothing is printed twice or lost.
+fn follow(c: &Client, id: &str, from: u64) -> anyhow::Result<()> {
+    let mut seen = from;
     let mut out = std::io::stdout().lock();
-    out.write_all(stored.as_bytes())?;
-    out.flush()?;
-    let mut event = String::new();
-    for line in std::io::BufReader::new(events.into_reader()).lines() {
-        let line = line?;
-        if let Some(e) = line.strip_prefix("event: ") {
-            event = e.to_string();
-        } else if let Some(d) = line.strip_prefix("data: ") {
-            let v: Value = serde_json::from_str(d).unwrap_or(Value::Null);
-            match event.as_str() {
-                "output" => {
-                    let off = v["offset"].as_u64().unwrap_or(0);
-                    let data = v["data"].as_str().unwrap_or("");
-                    let end = off + data.len() as u64;
-                    if end > seen {
-                        let skip = seen.saturating_sub(off) as usize;
-                        let part = data.get(skip..).unwrap_or(data);
-                        if v["stream"] == "stderr" {
-                            eprint!("{part}");
-                        } else {
-                            out.write_all(part.as_bytes())?;
-                            out.flush()?;
+    let mut failures = 0;
+    loop {
+        let events = match c.call(
+            c.req("GET", &format!("/v1/tasks/{id}/events"))
+                .query("offset", &seen.to_string())
+                .call(),
+        ) {
+            Ok(r) => r,
+            Err(e) if failures < 5 && seen > from => {
+                failures += 1;
+                eprintln!("dough: the event stream dropped ({e}); reopening from byte {seen}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut event = String::new();
+        for line in std::io::BufReader::new(events.into_reader()).lines() {
+            let Ok(line) = line else { break };
+            if let Some(e) = line.strip_prefix("event: ") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(d).unwrap_or(Value::Null);
+                match event.as_str() {
+                    "output" => {
+                        let off = v["offset"].as_u64().unwrap_or(0);
+                        let data = v["data"].as_str().unwrap_or("");
+                        let end = off + data.len() as u64;
+                        if end > seen {
+                            let skip = seen.saturating_sub(off) as usize;
+                            let part = data.get(skip..).unwrap_or(data);
+                            if v["stream"] == "stderr" {
+                                eprint!("{part}");
+                            } else {
+                                out.write_all(part.as_bytes())?;
+                                out.flush()?;
+                            }
+                            seen = end;
+                            failures = 0;
                         }
-                        seen = end;
                     }
-                }
-                "state" => {
-                    let st = v["state"].as_str().unwrap_or("");
-                    if matches!(st, "succeeded" | "failed" | "cancelled" | "timed_out") {
-                        let reason = v["reason"].as_str().unwrap_or("");
-                        eprintln!("dough: task {id} {st} ({reason})");
-                        return Ok(());
+                    "state" => {
+                        let st = v["state"].as_str().unwrap_or("");
+                        if matches!(st, "succeeded" | "failed" | "cancelled" | "timed_out") {
+                            let reason = v["reason"].as_str().unwrap_or("");
+                            let t = c.get_json(&format!("/v1/tasks/{id}"))?;
+                            if t["output_truncated"] == true {
+                                eprintln!("dough: the task's output was cut at the daemon's limit");
+                            }
+                            eprintln!("dough: task {id} {st} ({reason})");
+                            return Ok(());
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
             }
         }
+        // The stream ended before the task did.
+        failures += 1;
+        if failures > 5 {
+            anyhow::bail!("the event stream of task {id} keeps dropping (at byte {seen})");
+        }
+        eprintln!("dough: the event stream dropped; reopening from byte {seen}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
-    Ok(())
 }
