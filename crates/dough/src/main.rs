@@ -2,6 +2,7 @@
 //! work is in `dough-core` (supervisor), `dough-vmm` and `dough-image`.
 mod api;
 mod cmd;
+mod http;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -877,6 +877,243 @@ fn slow_readers_neither_fail_a_task_nor_lose_its_output() {
     h.assert_clean();
 }
 
+/// Raw HTTP: send `req` on a new connection; the status of the answer
+/// (None: closed without one).
+fn raw_status(addr: &str, req: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let _ = c.write_all(req);
+    let mut head = [0u8; 12];
+    let mut got = 0;
+    while got < head.len() {
+        match c.read(&mut head[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    std::str::from_utf8(&head[..got])
+        .ok()?
+        .strip_prefix("HTTP/1.1 ")?
+        .get(..3)?
+        .parse()
+        .ok()
+}
+
+/// Abusive clients (issue 18) get a 4xx or a closed connection, never a 5xx
+/// or a crash, and never keep others from being served: 1000 connections at
+/// once each get their answer; 50 slow-header clients are cut off after
+/// the header timeout while a normal request is answered; a 1 MiB header
+/// gets 431; JSON nested 20000 deep gets 400; the daemon's memory stays
+/// bounded throughout.
+#[test]
+fn abusive_clients_get_4xx_and_never_starve_others() {
+    use std::io::{Read, Write};
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard >= 4096,
+        "this test needs 4096 descriptors, the limit is {hard}"
+    );
+    let h = Harness::new();
+    let s = Server::start(&h, &["--max-vms", "0"]);
+    let pid = s.child.id();
+    let base = status_kib(pid, "VmRSS:");
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let get = format!(
+        "GET /v1/tasks?limit=1 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        s.token
+    );
+
+    // 50 slow-header clients: one byte a second, for as long as they can.
+    let slow: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            let req = get.clone().into_bytes();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                for b in req.iter().take(req.len() - 2) {
+                    if c.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                // Cut off: the server closed the connection (EOF or reset),
+                // with no 2xx and no 5xx.
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut b = [0u8; 64];
+                let n = c.read(&mut b).unwrap_or(0);
+                (t.elapsed(), String::from_utf8_lossy(&b[..n]).to_string())
+            })
+        })
+        .collect();
+    // Meanwhile, others are answered.
+    assert_eq!(raw_status(&addr, get.as_bytes()), Some(200));
+
+    // 1000 connections at once, each with its request, then the answers.
+    let mut conns: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    for c in conns.iter_mut() {
+        c.write_all(get.as_bytes()).unwrap();
+    }
+    let mut peak = 0;
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "connection {i}");
+        peak = peak.max(status_kib(pid, "VmRSS:"));
+    }
+    drop(conns);
+
+    // A 1 MiB header: 431, not a 5xx.
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let st = raw_status(&addr, huge.as_bytes());
+    assert!(st.is_none_or(|c| c == 431), "a huge header got {st:?}");
+    // Deeply nested JSON: 400 bad_json.
+    for body in [
+        format!("{}{}", "[".repeat(20000), "]".repeat(20000)),
+        format!(
+            "{{\"command\": {}1{}}}",
+            "{\"a\":".repeat(5000),
+            "}".repeat(5000)
+        ),
+    ] {
+        let (st, v) = s.call("POST", "/v1/tasks", Some(&body));
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("bad_json")),
+            "{v}"
+        );
+    }
+
+    for t in slow {
+        let (took, answer) = t.join().unwrap();
+        assert!(
+            !answer.starts_with("HTTP/1.1 2") && !answer.starts_with("HTTP/1.1 5"),
+            "a slow client got {answer:?}"
+        );
+        assert!(
+            took < Duration::from_secs(60),
+            "a slow client was served for {took:?}"
+        );
+    }
+    assert_eq!(raw_status(&addr, get.as_bytes()), Some(200));
+    eprintln!("daemon RSS {base} KiB at start, {peak} KiB at most with 1000 connections");
+    assert!(
+        peak.saturating_sub(base) < 64 << 10,
+        "1000 connections took {} KiB",
+        peak - base
+    );
+    s.stop();
+    h.assert_clean();
+}
+
+/// Property test of `POST /v1/tasks` against one daemon (proptest's
+/// strategies, a deterministic runner): 400 bodies built from the
+/// request's own field names with values of every JSON type (and an
+/// unknown name) each get 201 or a 4xx with an error code, never a 5xx,
+/// and the daemon answers afterwards (`--max-vms 0`: nothing boots).
+#[test]
+fn fuzzed_task_bodies_get_201_or_4xx_never_5xx() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let h = Harness::new();
+    let s = Server::start(&h, &["--max-vms", "0"]);
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| json!(f)),
+        "\\PC{0,12}".prop_map(Value::String),
+        prop_oneof![
+            Just("sh"),
+            Just("echo"),
+            Just("open"),
+            Just("none"),
+            Just("allowlist"),
+            Just("10.0.0.0/8"),
+            Just("x.example"),
+            Just("http://198.51.100.1/r.git")
+        ]
+        .prop_map(|s| json!(s)),
+    ];
+    let value = leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    let keys = [
+        "command",
+        "env",
+        "vcpus",
+        "memory_mib",
+        "timeout_secs",
+        "labels",
+        "priority",
+        "root",
+        "workdir",
+        "egress",
+        "allow_hosts",
+        "allow_cidrs",
+        "repo",
+        "pull_request",
+        "prompt",
+        "secret_env",
+        "image",
+        "nope",
+    ];
+    // Plausible values too, so that many bodies pass and the checks
+    // behind the first ones are reached.
+    let value = prop_oneof![
+        value,
+        (0u64..70).prop_map(|n| json!(n)),
+        proptest::collection::vec("[a-z0-9 .=/-]{0,10}", 0..3).prop_map(|v| json!(v)),
+        proptest::collection::btree_map("[A-Z_]{1,6}", "[a-z]{0,4}", 0..3).prop_map(|m| json!(m)),
+    ];
+    let command = prop_oneof![
+        3 => proptest::collection::vec("[a-z0-9 -]{1,8}", 1..4).prop_map(|v| json!(v)),
+        1 => value.clone(),
+    ];
+    let body = (
+        command,
+        proptest::collection::btree_map(proptest::sample::select(keys.to_vec()), value, 0..4),
+    )
+        .prop_map(|(c, m)| {
+            let mut o: serde_json::Map<String, Value> =
+                m.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            o.entry("command").or_insert(c);
+            Value::Object(o)
+        });
+    let mut runner = TestRunner::deterministic();
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..400 {
+        let b = body.new_tree(&mut runner).unwrap().current();
+        let (st, v) = s.call("POST", "/v1/tasks", Some(&b.to_string()));
+        assert!(st == 201 || (400..500).contains(&st), "{st} for {b}: {v}");
+        if st != 201 {
+            assert!(v["error"]["code"].is_string(), "{st} for {b}: {v}");
+        }
+        *counts.entry(st).or_insert(0) += 1;
+    }
+    eprintln!("answers: {counts:?}");
+    assert!(
+        counts.get(&201).copied().unwrap_or(0) >= 20 && counts.len() >= 3,
+        "too few kinds of answer to have reached the checks: {counts:?}"
+    );
+    assert_eq!(s.call("GET", "/healthz", None).0, 200);
+    s.stop();
+    h.assert_clean();
+}
+
 /// Reads a task's event stream on a thread; returns the event lines.
 fn collect_events(s: &Server, id: &str) -> std::thread::JoinHandle<Vec<String>> {
     let r = s

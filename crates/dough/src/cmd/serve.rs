@@ -183,6 +183,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
             lock_path.display()
         ),
     };
+    crate::http::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("listen on {}", a.listen))?;
@@ -249,7 +250,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
             // Not a graceful HTTP shutdown: event streams never end by
             // themselves. The tasks are what must end cleanly.
             tokio::select! {
-                r = std::future::IntoFuture::into_future(axum::serve(listener, app)) => r?,
+                r = crate::http::serve(listener, app) => r?,
                 _ = super::run::interrupted() => {}
             }
             // Shutting down: nothing new starts; running tasks are cancelled
