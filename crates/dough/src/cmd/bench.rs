@@ -24,6 +24,11 @@ pub enum BenchCmd {
     /// import rate vs `tar -x`, and a task's start on a big image vs the
     /// default image.
     Image(super::bench_image::ImageBenchArgs),
+    /// Tasks through the daemon while faults land on them (VMM killed or
+    /// stopped, vsock backend killed, daemon restarted, guest panic, OOM,
+    /// disk full, output flood, cancels); every end checked, then a leak
+    /// audit. The same seed gives the same plan.
+    Faults(super::bench_faults::FaultsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -61,6 +66,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::Serve(s) => return super::bench_serve::run(s),
         BenchCmd::Start(s) => return super::bench_start::run(cli, s).await,
         BenchCmd::Image(i) => return super::bench_image::run(cli, i).await,
+        BenchCmd::Faults(f) => return super::bench_faults::run(f),
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {

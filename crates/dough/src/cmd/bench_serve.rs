@@ -28,15 +28,26 @@ pub struct ServeBenchArgs {
     pub vms: u32,
 }
 
-struct Daemon {
-    child: Child,
-    url: String,
-    token: String,
-    dir: std::path::PathBuf,
+/// A `dough serve` of a bench's own, in a state dir of its own (also used
+/// by `dough bench faults`).
+pub(super) struct Daemon {
+    pub(super) child: Child,
+    pub(super) url: String,
+    pub(super) token: String,
+    pub(super) dir: std::path::PathBuf,
 }
 
 impl Daemon {
-    fn start(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<Daemon> {
+    pub(super) fn start(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<Daemon> {
+        Self::start_logged(dir, args, None)
+    }
+
+    /// As [`Daemon::start`], its stderr appended to `log`.
+    pub(super) fn start_logged(
+        dir: &std::path::Path,
+        args: &[&str],
+        log: Option<&std::path::Path>,
+    ) -> anyhow::Result<Daemon> {
         std::fs::create_dir_all(dir)?;
         let _ = std::fs::remove_file(dir.join("api-url"));
         let mut cmd = Command::new(std::env::current_exe()?);
@@ -45,7 +56,15 @@ impl Daemon {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(match log {
+                Some(p) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)?,
+                ),
+                None => Stdio::null(),
+            });
         if let Ok(img) = std::env::var("DOUGH_IMAGE_DIR") {
             cmd.env("DOUGH_IMAGE_DIR", img);
         } else {
@@ -76,13 +95,13 @@ impl Daemon {
         })
     }
 
-    fn agent() -> ureq::Agent {
+    pub(super) fn agent() -> ureq::Agent {
         ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(30))
             .build()
     }
 
-    fn post(&self, a: &ureq::Agent, body: &Value) -> anyhow::Result<String> {
+    pub(super) fn post(&self, a: &ureq::Agent, body: &Value) -> anyhow::Result<String> {
         let r: Value = a
             .post(&format!("{}/v1/tasks", self.url))
             .set("Authorization", &format!("Bearer {}", self.token))
@@ -91,13 +110,13 @@ impl Daemon {
         Ok(r["id"].as_str().unwrap_or_default().to_string())
     }
 
-    fn get(&self, a: &ureq::Agent, path: &str) -> anyhow::Result<ureq::Response> {
+    pub(super) fn get(&self, a: &ureq::Agent, path: &str) -> anyhow::Result<ureq::Response> {
         Ok(a.get(&format!("{}{path}", self.url))
             .set("Authorization", &format!("Bearer {}", self.token))
             .call()?)
     }
 
-    fn rss_kib(&self) -> u64 {
+    pub(super) fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
@@ -111,7 +130,7 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    fn stop(mut self) {
+    pub(super) fn stop(mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
