@@ -29,6 +29,9 @@ pub enum BenchCmd {
     /// disk full, output flood, cancels); every end checked, then a leak
     /// audit. The same seed gives the same plan.
     Faults(super::bench_faults::FaultsArgs),
+    /// Many short tasks through a daemon with a warm pool: all succeed, the
+    /// daemon's RSS and descriptors first and last, then the leak audit.
+    Soak(super::bench_faults::SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +70,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::Start(s) => return super::bench_start::run(cli, s).await,
         BenchCmd::Image(i) => return super::bench_image::run(cli, i).await,
         BenchCmd::Faults(f) => return super::bench_faults::run(f),
+        BenchCmd::Soak(s) => return super::bench_faults::soak(s),
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {

@@ -496,6 +496,113 @@ pub fn run(a: &FaultsArgs) -> anyhow::Result<u8> {
     }
 }
 
+#[derive(Args, Debug)]
+pub struct SoakArgs {
+    /// Short tasks to run through the daemon.
+    #[arg(long, default_value_t = 1000)]
+    pub tasks: u32,
+    /// Warm pool size (1 vCPU, 512 MiB) and VMs at once.
+    #[arg(long, default_value_t = 2)]
+    pub pool: u32,
+}
+
+/// `dough bench soak`: many short tasks through a daemon with a warm pool;
+/// every one must succeed, the daemon's RSS and descriptors are reported
+/// first and last, and the leak audit must find nothing.
+pub fn soak(a: &SoakArgs) -> anyhow::Result<u8> {
+    let dir = std::env::temp_dir().join(format!("dough-bench-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.with_extension("log");
+    let pool = format!("{}", a.pool);
+    let max = format!("{}", a.pool.max(1) * 2);
+    let d = Daemon::start_logged(&dir, &["--pool-size", &pool, "--max-vms", &max], Some(&log))?;
+    let ag = Daemon::agent();
+    let b = Bench {
+        dir: dir.clone(),
+        log: log.clone(),
+        d,
+        a: ag,
+    };
+    let pid = b.d.child.id();
+    let (mut first, mut ok, mut failed, mut vms) = (None, 0u32, vec![], vec![]);
+    let t0 = Instant::now();
+    // Two in flight at a time: one claims while the other finishes.
+    let mut inflight: std::collections::VecDeque<String> = Default::default();
+    let mut submitted = 0;
+    while submitted < a.tasks || !inflight.is_empty() {
+        while submitted < a.tasks && inflight.len() < a.pool.max(1) as usize {
+            inflight.push_back(b.d.post(&b.a, &json!({"command": ["true"]}))?);
+            submitted += 1;
+        }
+        let id = inflight.pop_front().expect("one in flight");
+        let t = b.wait(&id, &[], Duration::from_secs(600))?;
+        if t["state"] == "succeeded" {
+            ok += 1;
+        } else {
+            failed.push(format!("{id}: {}/{}", t["state"], t["reason"]));
+        }
+        if let Some(vm) = t["vm_id"].as_str() {
+            vms.push(vm.to_string());
+        }
+        if first.is_none() {
+            first = Some((b.d.rss_kib(), fds(pid)));
+        }
+        let done = ok as usize + failed.len();
+        if done.is_multiple_of(100) {
+            eprintln!(
+                "{done}/{}: RSS {} KiB, {} descriptors, {:.1} tasks/s",
+                a.tasks,
+                b.d.rss_kib(),
+                fds(pid),
+                done as f64 / t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let last = (b.d.rss_kib(), fds(pid));
+    let (rss0, fd0) = first.unwrap_or(last);
+    signal(pid as i32, nix::sys::signal::Signal::SIGTERM);
+    let mut child = b.d.child;
+    let _ = child.wait();
+    let left = audit(&dir, &vms);
+    let panics = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("panicked")
+        .count();
+    println!(
+        "{} tasks in {:.0} s: {ok} succeeded, {} not",
+        a.tasks,
+        t0.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    println!(
+        "daemon RSS: {rss0} KiB after the first task, {} KiB after the last",
+        last.0
+    );
+    println!(
+        "daemon descriptors: {fd0} after the first task, {} after the last",
+        last.1
+    );
+    println!("daemon panics: {panics}");
+    println!("leaks: {}", left.len());
+    for l in left.iter().chain(failed.iter()) {
+        println!("  {l}");
+    }
+    if failed.is_empty() && left.is_empty() && panics == 0 && last.1 <= fd0 + 4 {
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&log);
+        println!("ok");
+        Ok(0)
+    } else {
+        println!(
+            "FAILED (state dir {}, daemon log {})",
+            dir.display(),
+            log.display()
+        );
+        Ok(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
