@@ -6,10 +6,8 @@ use crate::Cli;
 pub fn run(cli: &Cli) -> anyhow::Result<u8> {
     let host = super::host_config(cli, Default::default(), Default::default());
     let presets = agents::all(&host.state_dir)?;
-    println!(
-        "{:<14} {:<20} {:<16} {:<28} {:<32} SOURCE",
-        "AGENT", "IMAGE", "BUILT", "SECRETS", "MODEL API"
-    );
+    use super::table::{print, Align::Left};
+    let mut rows = vec![];
     for (p, src) in &presets {
         let built = match dough_image::Image::load(&dough_image::Image::named(
             &host.state_dir,
@@ -30,19 +28,31 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
                 }
             })
             .collect();
-        println!(
-            "{:<14} {:<20} {:<16} {:<28} {:<32} {}",
-            p.name,
-            p.image.name,
+        rows.push(vec![
+            p.name.clone(),
+            p.image.name.clone(),
             built,
             secrets.join(","),
-            p.provider.as_ref().map_or("-", |pr| pr.base_url.as_str()),
+            p.provider
+                .as_ref()
+                .map_or("-".to_string(), |pr| pr.base_url.clone()),
             match src {
                 Source::BuiltIn => "built-in".to_string(),
                 Source::File(f) => f.display().to_string(),
-            }
-        );
+            },
+        ]);
     }
+    print(
+        &[
+            ("AGENT", Left),
+            ("IMAGE", Left),
+            ("BUILT", Left),
+            ("SECRETS", Left),
+            ("MODEL API", Left),
+            ("SOURCE", Left),
+        ],
+        &rows,
+    );
     println!(
         "\nbuild an image: dough image build --agent NAME · run: dough run --agent NAME --repo URL --prompt TEXT\nyour own presets: {}/NAME.toml (docs/agents.md)",
         agents::user_dir(&host.state_dir).display()

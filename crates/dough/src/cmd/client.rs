@@ -232,29 +232,40 @@ pub fn ls(cli: &Cli, a: &LsArgs) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
-    println!(
-        "{:<14} {:<13} {:<22} {:>4}  COMMAND",
-        "ID", "STATE", "REASON", "EXIT"
+    use super::table::{print, Align::*};
+    let rows: Vec<Vec<String>> = v["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let cmd: Vec<&str> = t["request"]["command"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect();
+            vec![
+                t["id"].as_str().unwrap_or("").to_string(),
+                t["state"].as_str().unwrap_or("").to_string(),
+                t["reason"].as_str().unwrap_or("-").to_string(),
+                t["exit_code"]
+                    .as_i64()
+                    .map(|c| c.to_string())
+                    .unwrap_or("-".into()),
+                cmd.join(" "),
+            ]
+        })
+        .collect();
+    print(
+        &[
+            ("ID", Left),
+            ("STATE", Left),
+            ("REASON", Left),
+            ("EXIT", Right),
+            ("COMMAND", Left),
+        ],
+        &rows,
     );
-    for t in v["tasks"].as_array().into_iter().flatten() {
-        let cmd: Vec<&str> = t["request"]["command"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_str())
-            .collect();
-        println!(
-            "{:<14} {:<13} {:<22} {:>4}  {}",
-            t["id"].as_str().unwrap_or(""),
-            t["state"].as_str().unwrap_or(""),
-            t["reason"].as_str().unwrap_or("-"),
-            t["exit_code"]
-                .as_i64()
-                .map(|c| c.to_string())
-                .unwrap_or("-".into()),
-            cmd.join(" ")
-        );
-    }
     Ok(0)
 }
 
@@ -269,10 +280,10 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
         println!("no warm pools (start the daemon with `dough serve --pool-size N`)");
         return Ok(0);
     }
-    println!(
-        "{:<16} {:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} IDLE VMS",
-        "IMAGE", "VCPUS", "MEM_MIB", "SIZE", "IDLE", "BOOTING", "CLAIMED", "REPLACED", "REFILL"
-    );
+    use super::table::{print, Align::*};
+    let n = |v: &Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    let mut rows = vec![];
+    let mut errors = vec![];
     for p in &pools {
         let vms: Vec<&str> = p["vms"]
             .as_array()
@@ -280,26 +291,48 @@ fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
             .flatten()
             .filter_map(|v| v["vm_id"].as_str())
             .collect();
-        println!(
-            "{:<16} {:<6} {:>7} {:>5} {:>5} {:>8} {:>8} {:>9}  {:<10} {}",
-            p["image"].as_str().unwrap_or("default"),
-            p["vcpus"],
-            p["memory_mib"],
-            p["size"],
-            p["idle"],
-            p["booting"],
-            p["claimed"],
-            p["replaced"],
-            p["refill"].as_str().unwrap_or("-"),
+        rows.push(vec![
+            p["image"].as_str().unwrap_or("default").to_string(),
+            n(&p["vcpus"]),
+            n(&p["memory_mib"]),
+            n(&p["size"]),
+            n(&p["idle"]),
+            n(&p["booting"]),
+            n(&p["claimed"]),
+            n(&p["replaced"]),
+            p["refill"].as_str().unwrap_or("-").to_string(),
             if vms.is_empty() {
                 "-".to_string()
             } else {
                 vms.join(" ")
-            }
-        );
+            },
+        ]);
         if let Some(e) = p["last_error"].as_str() {
-            println!("       last error: {e}");
+            errors.push(format!(
+                "{} {}x{}: last error: {e}",
+                p["image"].as_str().unwrap_or("default"),
+                n(&p["vcpus"]),
+                n(&p["memory_mib"])
+            ));
         }
+    }
+    print(
+        &[
+            ("IMAGE", Left),
+            ("VCPUS", Right),
+            ("MEM_MIB", Right),
+            ("SIZE", Right),
+            ("IDLE", Right),
+            ("BOOTING", Right),
+            ("CLAIMED", Right),
+            ("REPLACED", Right),
+            ("REFILL", Left),
+            ("IDLE VMS", Left),
+        ],
+        &rows,
+    );
+    for e in errors {
+        println!("{e}");
     }
     Ok(0)
 }

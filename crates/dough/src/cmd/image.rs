@@ -227,31 +227,42 @@ pub async fn run(cli: &Cli, c: &ImageCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         ImageCmd::Ls => {
-            println!(
-                "{:<20} {:<12} {:>6} {:>9}  {:<14} KERNEL",
-                "NAME", "DIGEST", "LAYERS", "SIZE_MIB", "BASE"
-            );
+            use super::table::{print, Align::*};
+            let (mut rows, mut unusable) = (vec![], vec![]);
             for i in imagebuild::list(&host.state_dir) {
                 match i {
                     Ok(img) => {
                         let m = &img.manifest;
                         let size = m.rootfs.size + m.layers.iter().map(|l| l.size).sum::<u64>();
-                        println!(
-                            "{:<20} {:<12} {:>6} {:>9}  {:<14} {}",
-                            img.name(),
-                            &m.digest[..12.min(m.digest.len())],
-                            m.layers.len(),
-                            size >> 20,
+                        rows.push(vec![
+                            img.name().to_string(),
+                            m.digest[..12.min(m.digest.len())].to_string(),
+                            m.layers.len().to_string(),
+                            (size >> 20).to_string(),
                             m.base.as_ref().map_or("-".to_string(), |b| b.name.clone()),
                             if m.kernel_minimal_version.is_empty() {
                                 m.kernel_version.clone()
                             } else {
                                 format!("{} (minimal)", m.kernel_minimal_version)
-                            }
-                        );
+                            },
+                        ]);
                     }
-                    Err((name, e)) => println!("{name:<20} unusable: {e}"),
+                    Err((name, e)) => unusable.push(format!("{name}: unusable: {e}")),
                 }
+            }
+            print(
+                &[
+                    ("NAME", Left),
+                    ("DIGEST", Left),
+                    ("LAYERS", Right),
+                    ("SIZE_MIB", Right),
+                    ("BASE", Left),
+                    ("KERNEL", Left),
+                ],
+                &rows,
+            );
+            for u in unusable {
+                println!("{u}");
             }
             Ok(0)
         }

@@ -11,6 +11,7 @@ pub mod gc;
 pub mod image;
 pub mod run;
 pub mod serve;
+pub mod table;
 
 use dough_core::HostConfig;
 use dough_vmm::{AccelChoice, BackendChoice};
