@@ -225,20 +225,13 @@ fn copy_layer(src: &Path, tree: &Path, out: &Path) -> Result<(), BuildError> {
         return Err(e);
     }
     let size_mb = bytes / (1 << 20) * 5 / 4 + 16;
-    let st = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-d"])
-        .arg(tree)
-        .arg(out)
-        .arg(format!("{size_mb}M"))
-        .output()
-        .map_err(io("run mkfs.ext4"))?;
+    let made = dough_image::mkfs_ext4_from(tree, out, size_mb, None, None);
     let _ = std::fs::remove_dir_all(tree);
-    if !st.status.success() {
+    if let Err(e) = made {
         let _ = std::fs::remove_file(out);
         return Err(BuildError::Invalid(format!(
-            "--copy {}: mkfs.ext4 -d failed: {}",
-            src.display(),
-            String::from_utf8_lossy(&st.stderr).trim()
+            "--copy {}: mkfs.ext4 -d failed: {e}",
+            src.display()
         )));
     }
     std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))

@@ -639,21 +639,12 @@ fn build_rootfs(opts: &BuildOptions, out: &Path, progress: &Progress) -> Result<
     ));
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    run(Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            "dough-base",
-            "-O",
-            "^has_journal",
-            "-m",
-            "0",
-            "-d",
-        ])
-        .arg(&tree)
-        .arg(&tmp)
-        .arg(format!("{size_mb}M")))?;
+    crate::mkfs_ext4_from(&tree, &tmp, size_mb, Some("dough-base"), None).map_err(|detail| {
+        ImageError::Command {
+            command: "mkfs.ext4 -d".into(),
+            detail,
+        }
+    })?;
     std::fs::rename(&tmp, out).map_err(io_err(out))?;
     std::fs::remove_dir_all(&tree).map_err(io_err(&tree))?;
     Ok(())

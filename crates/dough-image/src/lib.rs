@@ -159,6 +159,40 @@ pub const DEFAULT_IMAGE: &str = "default";
 /// (by key, so two images built on the same steps share their files).
 pub const LAYER_STORE: &str = ".layers";
 
+/// An ext4 file system of `size_mb` MiB at `out` holding the tree at
+/// `tree` (`mkfs.ext4 -d`: nothing is mounted), without a journal or
+/// reserved blocks (every disk Dough makes is written once, then read).
+/// `label` and `inodes` (`-L`, `-N`) when given. The error is mkfs's
+/// own message.
+pub fn mkfs_ext4_from(
+    tree: &std::path::Path,
+    out: &std::path::Path,
+    size_mb: u64,
+    label: Option<&str>,
+    inodes: Option<u64>,
+) -> Result<(), String> {
+    let mut c = std::process::Command::new("mkfs.ext4");
+    c.args(["-q", "-F", "-O", "^has_journal", "-m", "0"]);
+    if let Some(l) = label {
+        c.args(["-L", l]);
+    }
+    if let Some(n) = inodes {
+        c.arg("-N").arg(n.to_string());
+    }
+    let o = c
+        .arg("-d")
+        .arg(tree)
+        .arg(out)
+        .arg(format!("{size_mb}M"))
+        .output()
+        .map_err(|e| format!("run mkfs.ext4: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+    }
+}
+
 /// Image names: what a directory and a URL path can hold.
 pub fn valid_name(name: &str) -> Result<(), ImageError> {
     let ok = !name.is_empty()

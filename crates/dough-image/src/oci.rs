@@ -22,7 +22,6 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -1055,33 +1054,13 @@ fn unpack_and_mkfs(
     let tmp = out.with_extension("ext4.tmp");
     let _ = fs::remove_file(&tmp);
     let t = std::time::Instant::now();
-    let st = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            "dough-base",
-            "-O",
-            "^has_journal",
-            "-m",
-            "0",
-        ])
-        .arg("-N")
-        .arg(inodes.to_string())
-        .arg("-d")
-        .arg(scratch)
-        .arg(&tmp)
-        .arg(format!("{size_mb}M"))
-        .output()
-        .map_err(|e| ImageError::Command {
-            command: "mkfs.ext4".into(),
-            detail: e.to_string(),
-        })?;
-    if !st.status.success() {
+    if let Err(detail) =
+        crate::mkfs_ext4_from(scratch, &tmp, size_mb, Some("dough-base"), Some(inodes))
+    {
         let _ = fs::remove_file(&tmp);
         return Err(ImageError::Command {
             command: "mkfs.ext4 -d".into(),
-            detail: String::from_utf8_lossy(&st.stderr).trim().to_string(),
+            detail,
         });
     }
     fs::rename(&tmp, out).map_err(io_err(out))?;
