@@ -227,6 +227,26 @@ impl Bench {
         }
     }
 
+    /// Until every warm pool is full and nothing boots.
+    fn wait_pools_full(&self) -> anyhow::Result<()> {
+        let t = Instant::now();
+        loop {
+            let v: Value = self.d.get(&self.a, "/v1/pools")?.into_json()?;
+            let full = v["pools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|p| p["idle"] == p["size"] && p["booting"] == 0);
+            if full {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("the pools did not fill: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Until the task's first output line: the command runs.
     fn wait_started(&self, id: &str) -> anyhow::Result<()> {
         let t = Instant::now();
@@ -546,6 +566,7 @@ pub fn soak(a: &SoakArgs) -> anyhow::Result<u8> {
             vms.push(vm.to_string());
         }
         if first.is_none() {
+            b.wait_pools_full()?;
             first = Some((b.d.rss_kib(), fds(pid)));
         }
         let done = ok as usize + failed.len();
@@ -559,6 +580,9 @@ pub fn soak(a: &SoakArgs) -> anyhow::Result<u8> {
             );
         }
     }
+    // Compared at the same point: every pool full and idle (a VM booting
+    // holds descriptors of its own).
+    b.wait_pools_full()?;
     let last = (b.d.rss_kib(), fds(pid));
     let (rss0, fd0) = first.unwrap_or(last);
     signal(pid as i32, nix::sys::signal::Signal::SIGTERM);
