@@ -634,6 +634,11 @@ fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     // While A and B hold both slots, C waits.
     s.wait_state(&b, |st| st == "running", Duration::from_secs(60));
     assert_eq!(s.task(&c)["state"], "queued");
+    // B has said its line before it is cancelled (`running` comes when its
+    // process exists, not when it has printed).
+    wait_until("B's output", Duration::from_secs(60), || {
+        s.logs(&b) == "b=y\n"
+    });
     // B's end makes room for C.
     let o = h.cmd().args(["cancel", &b]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
