@@ -47,13 +47,6 @@ fn perl(script: &str) -> String {
     format!("perl -e '{}'", script.replace('\'', "'\\''"))
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// Garbage in a well-formed frame and a header announcing 4 GiB: both end
 /// the run at once as a protocol error (the second before anything is
 /// allocated for it); the task's `sleep 600` does not get to decide.

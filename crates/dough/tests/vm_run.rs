@@ -136,14 +136,6 @@ fn root_env_and_death_by_signal() {
     h.assert_clean();
 }
 
-/// The peak resident memory of process `pid` so far (VmHWM, in KiB).
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// 63 MB through vsock to a reader that stops: nobody reads `dough run`'s
 /// stdout for the first 30 s (as a pager or `| (sleep 30; wc)` would).
 /// The guest is slowed, not blamed (before: "no heartbeat for 5 s"); the
