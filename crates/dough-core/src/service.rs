@@ -630,22 +630,36 @@ impl Service {
         // runtime, and a slow store slows the guest (the supervisor stops
         // reading while the queue is full, and does not count that time as
         // the guest's silence) instead of failing the task.
+        //
+        // Output that cannot be stored (the state directory's disk full)
+        // stops the task, as a cancel does, and it ends failed/state_full:
+        // a run whose output is lost must not pass for a complete one.
         let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(8);
         let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let store_failed: Arc<Mutex<Option<StoreError>>> = Arc::default();
         let record = {
             let (me, id, offset) = (self.clone(), t.id.clone(), offset.clone());
+            let store_failed = store_failed.clone();
             move |stream: Stream, data: &[u8]| {
                 let (n, name) = match stream {
                     Stream::Stdout => (1, "stdout"),
                     Stream::Stderr => (2, "stderr"),
                 };
-                if let Err(e) = me
-                    .inner
-                    .store
-                    .append_output(&id, n, data, me.inner.cfg.output_cap)
-                {
-                    warn!(task = %id, error = %e, "store output");
+                let mut failed = store_failed.lock().unwrap();
+                if failed.is_none() {
+                    if let Err(e) =
+                        me.inner
+                            .store
+                            .append_output(&id, n, data, me.inner.cfg.output_cap)
+                    {
+                        warn!(task = %id, error = %e, "store output; stopping the task");
+                        *failed = Some(e);
+                        if let Some(tx) = me.inner.cancels.lock().unwrap().remove(&id) {
+                            let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
+                        }
+                    }
                 }
+                drop(failed);
                 let at = offset.fetch_add(data.len() as u64, std::sync::atomic::Ordering::SeqCst);
                 me.publish(
                     &id,
@@ -790,7 +804,22 @@ impl Service {
             Some(Err(e)) => Some(e),
             None => None,
         };
+        let store_failed = store_failed.lock().unwrap().take();
         let (state, reason, detail, code) = match rep.result {
+            _ if store_failed.is_some() => {
+                let e = store_failed.expect("checked");
+                (
+                    State::Failed,
+                    if e.is_full() {
+                        "state_full"
+                    } else {
+                        "store_error"
+                    }
+                    .into(),
+                    format!("the task's output could not be stored, so it was stopped: {e}"),
+                    None,
+                )
+            }
             _ if work_failed.is_some() => {
                 let e = work_failed.expect("checked");
                 let code = match rep.result {
@@ -858,10 +887,7 @@ impl Service {
         cleanup: &str,
     ) {
         self.inner.cancels.lock().unwrap().remove(&t.id);
-        if let Err(e) = self.inner.store.clear_resources(&t.id, cleanup) {
-            warn!(task = %t.id, error = %e, "clear resources");
-        }
-        self.transition(&t.id, state, Some(reason), Some(detail), code);
+        self.settle(&t.id, state, reason, detail, code, cleanup);
         {
             let mut u = self.inner.usage.lock().unwrap();
             u.running_vms = u.running_vms.saturating_sub(1);
@@ -873,6 +899,60 @@ impl Service {
         self.inner.wake.notify_one();
         if let Some(p) = self.pools() {
             p.nudge();
+        }
+    }
+}
+
+impl Service {
+    /// Record a task's end (its resources released, its final state).
+    /// While the store cannot be written (the state directory's disk
+    /// full) this is tried again every second: the end is late, never
+    /// lost. A restart in between ends the task as orchestrator_restart.
+    fn settle(
+        &self,
+        id: &str,
+        state: State,
+        reason: &str,
+        detail: &str,
+        code: Option<i32>,
+        cleanup: &str,
+    ) {
+        let (id, reason, detail, cleanup) = (
+            id.to_string(),
+            reason.to_string(),
+            detail.to_string(),
+            cleanup.to_string(),
+        );
+        let attempt = move |s: &Service| -> Result<TaskRecord, StoreError> {
+            s.inner.store.clear_resources(&id, &cleanup)?;
+            s.inner
+                .store
+                .transition(&id, state, Some(&reason), Some(&detail), code)
+        };
+        match attempt(self) {
+            Ok(t) => self.publish_state(&t),
+            Err(e @ StoreError::Db(_)) => {
+                warn!(error = %e, "record a task's end; trying again every second");
+                let s = self.clone();
+                tokio::task::spawn_local(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        match attempt(&s) {
+                            Ok(t) => {
+                                tracing::info!(task = %t.id, "recorded its end");
+                                s.publish_state(&t);
+                                break;
+                            }
+                            Err(StoreError::Db(_)) => {}
+                            Err(e) => {
+                                warn!(error = %e, "record a task's end");
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "record a task's end"),
         }
     }
 }

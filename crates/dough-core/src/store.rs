@@ -201,6 +201,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The file system under the store is full (SQLite turns ENOSPC from
+    /// a write into SQLITE_FULL).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Db(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Output of a task, as stored.

@@ -145,9 +145,11 @@ impl Qemu {
             ),
             "-device",
             "virtio-blk-device,drive=base",
+            // werror=report: a host file system that is full gives the
+            // guest an I/O error; QEMU's default would pause the VM.
             "-drive",
             &format!(
-                "id=scratch,file={},format=raw,if=none,cache=unsafe,discard=unmap",
+                "id=scratch,file={},format=raw,if=none,cache=unsafe,discard=unmap,werror=report,rerror=report",
                 spec.scratch.display()
             ),
             "-device",

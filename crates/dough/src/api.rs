@@ -150,6 +150,11 @@ fn submit_error(e: SubmitError) -> Response {
             format!("no task {id}"),
         ),
         e @ SubmitError::Finished(..) => error(StatusCode::CONFLICT, "finished", e.to_string()),
+        SubmitError::Store(e) if e.is_full() => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "state_full",
+            format!("the daemon's state directory is full; free space there and retry ({e})"),
+        ),
         SubmitError::Store(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }

@@ -1,7 +1,8 @@
 //! Tier 2 (real VMs, a real daemon): `dough bench faults` in small. Each
 //! kind of fault once, in an order drawn from the seed — the VMM killed and
 //! stopped, the vsock backend killed, the daemon killed and restarted, a
-//! guest kernel panic, OOM and full disk, an output flood, cancels while
+//! guest kernel panic, OOM and full disk, an output flood, the host's
+//! state directory full, cancels while
 //! queued, booting and running — then the leak audit (processes, network
 //! namespaces and veths, slot and uid leases, cgroups, run dirs, jails,
 //! mounts, templates, the daemon's descriptors and panics).
@@ -14,7 +15,7 @@ fn every_fault_ends_as_documented_and_leaves_nothing() {
     let h = Harness::new();
     let out = h
         .cmd()
-        .args(["bench", "faults", "--tasks", "12", "--seed", "5"])
+        .args(["bench", "faults", "--tasks", "13", "--seed", "5"])
         .output()
         .unwrap();
     let (so, se) = (text(&out.stdout), text(&out.stderr));
@@ -29,7 +30,7 @@ fn every_fault_ends_as_documented_and_leaves_nothing() {
         .skip(1)
         .take_while(|l| !l.starts_with("daemon "))
         .collect();
-    assert_eq!(rows.len(), 12, "{so}");
+    assert_eq!(rows.len(), 13, "{so}");
     for r in rows {
         let cols: Vec<&str> = r.split_whitespace().collect();
         let n = cols.iter().position(|c| c.parse::<u32>().is_ok()).unwrap();

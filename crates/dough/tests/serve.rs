@@ -1315,3 +1315,85 @@ fn a_killed_daemon_is_recovered_on_restart() {
     s.stop();
     h.assert_clean();
 }
+
+/// A tmpfs of its own over a directory; unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn over(dir: &std::path::Path, size: &str) -> Tmpfs {
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap();
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Fill it to the last page with a ballast file; its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        let path = self.0.join("ballast");
+        let f = std::fs::File::create(&path).unwrap();
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        let (mut len, mut chunk) = (0i64, (st.blocks_available() * st.fragment_size()) as i64);
+        while chunk >= 4096 {
+            if nix::fcntl::posix_fallocate(f.as_raw_fd(), len, chunk).is_ok() {
+                len += chunk;
+            } else {
+                chunk /= 2;
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The daemon's state directory full (a tmpfs of its own, filled by a
+/// ballast file): submissions get 507 `state_full` with a message that
+/// says what to do — never another 5xx, never a panic — while reads go on
+/// being answered; once there is room, submissions are accepted again.
+/// (SQLite writes into its log's spare room first, so the refusal comes
+/// after some submissions: the test submits until it sees one.)
+#[test]
+fn a_full_state_dir_refuses_submissions_with_507_until_there_is_room() {
+    let h = Harness::new();
+    let fs = Tmpfs::over(h.state.path(), "64m");
+    let s = Server::start(&h, &["--max-vms", "0"]);
+    let body = json!({"command": ["echo", "hi"]}).to_string();
+    let first = s.submit(json!({"command": ["true"]}));
+    let ballast = fs.fill();
+    let mut refused = None;
+    for i in 0..5000 {
+        let (st, v) = s.call("POST", "/v1/tasks", Some(&body));
+        match st {
+            201 => continue,
+            507 => {
+                refused = Some((i, v));
+                break;
+            }
+            _ => panic!("submission {i} with the state dir full: {st} {v}"),
+        }
+    }
+    let (n, v) = refused.expect("5000 submissions accepted with the state dir full");
+    eprintln!("refused after {n} accepted: {v}");
+    assert_eq!(code(&v), "state_full", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("state directory is full"), "{msg}");
+    // Reads are answered.
+    assert_eq!(s.task(&first)["state"], "queued");
+    let (st, _) = s.call("GET", "/v1/tasks", None);
+    assert_eq!(st, 200);
+    // Room again: accepted.
+    std::fs::remove_file(ballast).unwrap();
+    let again = s.submit(json!({"command": ["true"]}));
+    assert_eq!(s.task(&again)["state"], "queued");
+    s.stop();
+}

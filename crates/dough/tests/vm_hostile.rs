@@ -2,7 +2,8 @@
 //! control connection (`pidfd_getfd` on PID 1, from perl: Debian's perl-base
 //! is in every image) and writes what a compromised guest would. The host
 //! must end the run with the reason docs/design.md promises, tear the VM
-//! down, and leave nothing.
+//! down, and leave nothing; and a second VM running beside it (`Beside`)
+//! must finish normally.
 mod common;
 
 use common::*;
@@ -42,6 +43,43 @@ fn hostile(h: &Harness, hex: &str) -> (Option<i32>, String) {
     (out.status.code(), all)
 }
 
+/// A second VM, beside the hostile one: started first and awaited until
+/// its command runs, so the hostile run begins while it is up; it then
+/// sleeps 10 s in its own guest and must end normally, with its exit code
+/// and its output whole.
+struct Beside(std::process::Child);
+
+impl Beside {
+    fn start(h: &Harness) -> Beside {
+        use std::io::BufRead;
+        let mut c = h
+            .cmd()
+            .args([
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "echo up; sleep 10; echo done; exit 3",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "up\n");
+        c.stdout = Some(out.into_inner());
+        Beside(c)
+    }
+
+    fn finishes_normally(self) {
+        let o = self.0.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), "done\n");
+    }
+}
+
 /// `perl -e '<script>'`, quoted for `sh -c`.
 fn perl(script: &str) -> String {
     format!("perl -e '{}'", script.replace('\'', "'\\''"))
@@ -53,6 +91,7 @@ fn perl(script: &str) -> String {
 #[test]
 fn garbage_and_an_oversized_header_on_the_control_socket_are_protocol_errors() {
     let h = Harness::new();
+    let beside = Beside::start(&h);
     for (hex, cause) in [
         ("00000008ffffffffffffffff", "malformed message"),
         ("ffffffff", "exceeds the limit"),
@@ -62,8 +101,9 @@ fn garbage_and_an_oversized_header_on_the_control_socket_are_protocol_errors() {
         assert_ne!(code, Some(0), "{all}");
         assert!(all.contains("protocol error from the guest"), "{all}");
         assert!(all.contains(cause), "{cause}: {all}");
-        h.assert_clean();
     }
+    beside.finishes_normally();
+    h.assert_clean();
 }
 
 /// A frame that never completes (64 KiB announced, 4 bytes sent): the
@@ -72,10 +112,12 @@ fn garbage_and_an_oversized_header_on_the_control_socket_are_protocol_errors() {
 #[test]
 fn a_frame_that_never_completes_ends_as_a_lost_agent() {
     let h = Harness::new();
+    let beside = Beside::start(&h);
     let (code, all) = hostile(&h, "0001000001020304");
     assert!(all.contains("writing 8 bytes"), "the writer ran: {all}");
     assert_ne!(code, Some(0), "{all}");
     assert!(all.contains("lost the guest agent: no heartbeat"), "{all}");
+    beside.finishes_normally();
     h.assert_clean();
 }
 
@@ -88,6 +130,7 @@ fn a_frame_that_never_completes_ends_as_a_lost_agent() {
 fn a_flood_of_valid_output_frames_is_bounded_output() {
     use std::io::Read;
     let h = Harness::new();
+    let beside = Beside::start(&h);
     let frame = dough_proto::encode(&dough_proto::GuestMsg::Output {
         stream: dough_proto::Stream::Stdout,
         data: vec![b'x'; 1000],
@@ -140,6 +183,7 @@ fn a_flood_of_valid_output_frames_is_bounded_output() {
         assert!(err.contains("protocol error from the guest"), "{err}");
     }
     assert!(peak < 40 << 10, "dough's peak RSS {peak} KiB for 50 MB");
+    beside.finishes_normally();
     h.assert_clean();
 }
 
@@ -177,10 +221,12 @@ for my $r (1 .. $rounds) {
 }
 print "tries=$tries connected=$ok failed=$failed\n";
 "#;
+    let beside = Beside::start(&h);
     let out = h.run(&["--", "sh", "-c", &format!("{} 3", perl(DIAL))]);
     let so = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{so}\n{}", text(&out.stderr));
     assert_eq!(so, "tries=2700 connected=0 failed=2700\n");
+    beside.finishes_normally();
     h.assert_clean();
 }
 

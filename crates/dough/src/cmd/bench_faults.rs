@@ -3,7 +3,9 @@
 //! from a plan made from the seed (the same seed, the same plan): the host
 //! kills or stops its VMM or its vsock backend, the daemon is killed and
 //! restarted, the guest panics, runs out of memory or disk, floods its
-//! output, or the task is cancelled while queued, booting or running. Every
+//! output, the host's state directory fills up (the bench's state
+//! directory is a tmpfs of its own), or the task is cancelled while
+//! queued, booting or running. Every
 //! task must end in the state and reason the docs promise; afterwards
 //! nothing of any VM may remain and the daemon must not have panicked or
 //! kept descriptors. Exit 0 only if all of that holds.
@@ -38,12 +40,13 @@ enum Fault {
     GuestOom,
     GuestDiskFull,
     OutputFlood,
+    StateDirFull,
     CancelQueued,
     CancelBooting,
     CancelRunning,
 }
 
-const ALL: [Fault; 12] = [
+const ALL: [Fault; 13] = [
     Fault::None,
     Fault::KillVmm,
     Fault::KillVsockBackend,
@@ -53,6 +56,7 @@ const ALL: [Fault; 12] = [
     Fault::GuestOom,
     Fault::GuestDiskFull,
     Fault::OutputFlood,
+    Fault::StateDirFull,
     Fault::CancelQueued,
     Fault::CancelBooting,
     Fault::CancelRunning,
@@ -70,6 +74,7 @@ impl Fault {
             Fault::GuestOom => "guest OOM",
             Fault::GuestDiskFull => "guest disk full",
             Fault::OutputFlood => "output flood",
+            Fault::StateDirFull => "host state dir full",
             Fault::CancelQueued => "cancel while queued",
             Fault::CancelBooting => "cancel while booting",
             Fault::CancelRunning => "cancel while running",
@@ -89,6 +94,7 @@ impl Fault {
             Fault::KillDaemon => ("failed", &["orchestrator_restart"]),
             Fault::GuestOom => ("failed", &["oom"]),
             Fault::GuestDiskFull => ("failed", &["exit_code"]),
+            Fault::StateDirFull => ("failed", &["state_full"]),
             Fault::CancelQueued | Fault::CancelBooting | Fault::CancelRunning => {
                 ("cancelled", &["cancelled"])
             }
@@ -111,6 +117,13 @@ impl Fault {
             }
             Fault::OutputFlood => {
                 json!({"command": sh("echo started; head -c 40000000 /dev/zero | tr '\\0' x")})
+            }
+            // New blocks of the scratch disk need room in the state dir:
+            // once the host has filled it the guest's write fails (the
+            // guest has 4 GiB of its own, far more than it writes before
+            // the fill). Then output the daemon cannot store.
+            Fault::StateDirFull => {
+                json!({"command": sh("echo started; i=0; while head -c 1048576 /dev/urandom > /tmp/f$i && sync /tmp/f$i; do i=$((i+1)); done; echo the scratch disk failed after $i MiB; head -c 40000000 /dev/zero | tr '\\0' x; exit 1")})
             }
             _ => json!({"command": sh("echo started; exec sleep 600")}),
         }
@@ -202,7 +215,7 @@ const TERMINAL: [&str; 4] = ["succeeded", "failed", "cancelled", "timed_out"];
 
 impl Bench {
     fn daemon_args() -> [&'static str; 4] {
-        ["--max-vms", "1", "--output-limit", "8"]
+        ["--max-vms", "1", "--output-limit", "16"]
     }
 
     fn task(&self, id: &str) -> anyhow::Result<Value> {
@@ -312,6 +325,24 @@ impl Bench {
                 self.cancel(&id)?;
             }
             Fault::None | Fault::OutputFlood => {}
+            Fault::StateDirFull => {
+                // As soon as it runs (the guest writes until the host is
+                // full); the ballast goes once the VM is gone, and the
+                // daemon records the task's end when it finds room.
+                self.wait_started(&id)?;
+                let ballast = fill(&self.dir)?;
+                let needle = format!("vms/{}", vm(self)?);
+                let t = Instant::now();
+                while !pids_of("qemu-system", &needle).is_empty()
+                    || !pids_of("firecracker", &needle).is_empty()
+                {
+                    if t.elapsed() > Duration::from_secs(300) {
+                        bail!("the VM outlived its full state dir by 300 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::fs::remove_file(&ballast)?;
+            }
             Fault::GuestPanic | Fault::GuestOom | Fault::GuestDiskFull => {}
             _ => {
                 self.wait_started(&id)?;
@@ -342,6 +373,26 @@ impl Bench {
         }
         self.wait(&id, &[], Duration::from_secs(600))
     }
+}
+
+/// Fill the file system of `dir` to the last byte: a ballast file, whose
+/// path is returned.
+fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("ballast");
+    let f = std::fs::File::create(&path)?;
+    // Halving chunks: what statvfs reports free is not always all
+    // allocatable in one piece.
+    let st = nix::sys::statvfs::statvfs(dir)?;
+    let (mut len, mut chunk) = (0i64, (st.blocks_available() * st.fragment_size()) as i64);
+    while chunk >= 4096 {
+        if nix::fcntl::posix_fallocate(f.as_raw_fd(), len, chunk).is_ok() {
+            len += chunk;
+        } else {
+            chunk /= 2;
+        }
+    }
+    Ok(path)
 }
 
 /// What of the bench's VMs is left on the host: one line per leftover.
@@ -377,7 +428,9 @@ fn audit(dir: &Path, vms: &[String]) -> Vec<String> {
         }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for m in mounts.lines().filter(|l| l.contains(&tag)) {
+    // Not the bench's own tmpfs at `dir`.
+    let own = |l: &str| l.split(' ').nth(4) == Some(tag.as_str());
+    for m in mounts.lines().filter(|l| l.contains(&tag) && !own(l)) {
         left.push(format!("mount {m}"));
     }
     left
@@ -391,6 +444,15 @@ pub fn run(a: &FaultsArgs) -> anyhow::Result<u8> {
     let dir = std::env::temp_dir().join(format!("dough-bench-faults-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    // A file system of its own, so that it can be filled.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("size=2g,mode=0755"),
+    )
+    .context("mount a tmpfs for the state dir")?;
     let log = dir.with_extension("log");
     let _ = std::fs::remove_file(&log);
     eprintln!(
@@ -500,13 +562,14 @@ pub fn run(a: &FaultsArgs) -> anyhow::Result<u8> {
     }
     let fd_leak = fd_end > fd_start + 4;
     if wrong == 0 && left.is_empty() && panics == 0 && !fd_leak {
+        let _ = nix::mount::umount(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_file(&log);
         println!("ok: every end as documented, nothing left");
         Ok(0)
     } else {
         println!(
-            "FAILED: {wrong} unexpected ends, {} leaks, {panics} panics{} (state dir {}, daemon log {})",
+            "FAILED: {wrong} unexpected ends, {} leaks, {panics} panics{} (state dir {}, a tmpfs: umount it when done; daemon log {})",
             left.len(),
             if fd_leak { ", descriptors grew" } else { "" },
             dir.display(),
