@@ -1397,3 +1397,89 @@ fn a_full_state_dir_refuses_submissions_with_507_until_there_is_room() {
     assert_eq!(s.task(&again)["state"], "queued");
     s.stop();
 }
+
+/// The state directory on an ext4 file system of its own (a loop device),
+/// frozen (`fsfreeze`, FIFREEZE) and thawed on demand; thawed and
+/// unmounted when dropped.
+struct Freezable {
+    dir: std::path::PathBuf,
+    _image: tempfile::NamedTempFile,
+}
+
+impl Freezable {
+    fn over(dir: &std::path::Path) -> Freezable {
+        let image = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        image.as_file().set_len(2 << 30).unwrap();
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        };
+        let img = image.path().to_str().unwrap();
+        run(&["mkfs.ext4", "-q", "-F", img]);
+        run(&["mount", "-o", "loop", img, dir.to_str().unwrap()]);
+        Freezable {
+            dir: dir.to_path_buf(),
+            _image: image,
+        }
+    }
+
+    fn freeze(&self, on: bool) {
+        let o = std::process::Command::new("fsfreeze")
+            .arg(if on { "-f" } else { "-u" })
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success() || !on, "fsfreeze: {}", text(&o.stderr));
+    }
+}
+
+impl Drop for Freezable {
+    fn drop(&mut self) {
+        self.freeze(false);
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// A store that stalls does not fail a task (issue 18): the daemon's state
+/// directory — its SQLite store, and the run directories — is frozen for
+/// 20 s (4 heartbeat limits) while a task prints, as a slow or
+/// snapshotting disk would stall it. Every write to it blocks, the
+/// store's output writes first; the guest is slowed (its output queue
+/// fills, the host stops reading) and its silence meanwhile is not held
+/// against it. After the thaw the task succeeds with every line stored in
+/// order. The test sends the daemon nothing while frozen (its reads wait
+/// for the store too). The task prints for at least 20 s of its own time,
+/// so the freeze lands while it prints.
+#[test]
+fn a_stalled_store_slows_the_guest_and_fails_nothing() {
+    let h = Harness::new();
+    let fs = Freezable::over(h.state.path());
+    let s = Server::start(&h, &[]);
+    let pid = s.child.id();
+    let script = "echo first; i=0; while [ $i -lt 200 ]; do seq $((i*1000+1)) $((i*1000+1000)); i=$((i+1)); sleep 0.1; done";
+    let id = s.submit(json!({"command": ["sh", "-c", script]}));
+    wait_until("the first line", Duration::from_secs(120), || {
+        s.logs(&id).starts_with("first\n")
+    });
+    fs.freeze(true);
+    std::thread::sleep(Duration::from_secs(20));
+    fs.freeze(false);
+    let t = s.wait_state(
+        &id,
+        |st| matches!(st, "succeeded" | "failed" | "cancelled" | "timed_out"),
+        Duration::from_secs(300),
+    );
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let want: String = std::iter::once("first".to_string())
+        .chain((1..=200_000).map(|n| n.to_string()))
+        .map(|l| l + "\n")
+        .collect();
+    let got = s.logs(&id);
+    assert!(got == want, "{} bytes stored of {}", got.len(), want.len());
+    eprintln!("daemon peak RSS {} KiB", status_kib(pid, "VmHWM:"));
+    s.stop();
+    drop(fs);
+}
