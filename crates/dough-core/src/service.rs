@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::pool::{ImageName, PoolConfig, PoolSettings, Pools, Shape};
-use crate::store::{now_ms, State, Store, StoreError, TaskRecord, TaskRequest};
+use crate::store::{State, Store, StoreError, TaskRecord, TaskRequest};
 use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
 
@@ -128,6 +128,18 @@ pub enum TaskEvent {
         offset: u64,
         data: String,
     },
+}
+
+impl TaskEvent {
+    /// A task's current state, as an event.
+    pub fn state_of(t: &TaskRecord) -> TaskEvent {
+        TaskEvent::State {
+            state: t.state,
+            at_ms: t.transitions.last().map_or(t.created_ms, |x| x.at_ms),
+            reason: t.reason.clone(),
+            exit_code: t.exit_code,
+        }
+    }
 }
 
 /// Why a request was refused (the API maps these to 4xx).
@@ -443,15 +455,7 @@ impl Service {
     }
 
     fn publish_state(&self, t: &TaskRecord) {
-        self.publish(
-            &t.id,
-            TaskEvent::State {
-                state: t.state,
-                at_ms: t.transitions.last().map(|x| x.at_ms).unwrap_or_else(now_ms),
-                reason: t.reason.clone(),
-                exit_code: t.exit_code,
-            },
-        );
+        self.publish(&t.id, TaskEvent::state_of(t));
         if t.state.is_terminal() {
             // Subscribers see the final event, then the channel closes.
             self.inner.channels.lock().unwrap().remove(&t.id);

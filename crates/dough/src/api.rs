@@ -282,18 +282,12 @@ async fn logs(State(api): State<Api>, Path(id): Path<String>) -> Response {
     tokio::spawn(async move {
         let mut from = 0u64;
         loop {
-            let (svc2, id2) = (svc.clone(), id.clone());
-            let page = tokio::task::spawn_blocking(move || {
-                svc2.store().output_from(&id2, from, REPLAY_PAGE)
-            })
-            .await;
-            let page = match page {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+            let page = match stored_page(&svc, &id, from).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
                     return;
                 }
-                Err(_) => return,
             };
             if page.is_empty() {
                 break;
@@ -335,6 +329,22 @@ struct EventsQuery {
 /// daemon hold more than this (plus its bounded event queue) for it.
 const REPLAY_PAGE: usize = 256 * 1024;
 
+/// About [`REPLAY_PAGE`] bytes of a task's stored output from byte `from`
+/// on, read off the runtime's threads: (stream, offset, bytes) in order;
+/// empty past the end.
+async fn stored_page(
+    svc: &Service,
+    id: &str,
+    from: u64,
+) -> Result<Vec<(u8, u64, Vec<u8>)>, String> {
+    let (svc, id) = (svc.clone(), id.to_string());
+    match tokio::task::spawn_blocking(move || svc.store().output_from(&id, from, REPLAY_PAGE)).await
+    {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Send the stored output from byte `from` on as `output` events; the
 /// offset after the last byte sent, or None when the client went away.
 async fn replay(
@@ -344,12 +354,7 @@ async fn replay(
     tx: &tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>,
 ) -> Option<u64> {
     loop {
-        let (svc2, id2) = (svc.clone(), id.to_string());
-        let page =
-            tokio::task::spawn_blocking(move || svc2.store().output_from(&id2, from, REPLAY_PAGE))
-                .await
-                .ok()?
-                .unwrap_or_default();
+        let page = stored_page(svc, id, from).await.ok()?;
         if page.is_empty() {
             return Some(from);
         }
@@ -392,16 +397,7 @@ async fn events(
             return submit_error(e);
         }
     };
-    let first = TaskEvent::State {
-        state: t.state,
-        at_ms: t
-            .transitions
-            .last()
-            .map(|x| x.at_ms)
-            .unwrap_or(t.created_ms),
-        reason: t.reason.clone(),
-        exit_code: t.exit_code,
-    };
+    let first = TaskEvent::state_of(&t);
     let done = t.state.is_terminal();
     let svc = api.svc.clone();
     let stream = async_stream(move |tx| async move {
@@ -493,16 +489,7 @@ async fn events(
                         }
                     }
                     if let Ok(t) = svc.get(&id) {
-                        let ev = TaskEvent::State {
-                            state: t.state,
-                            at_ms: t
-                                .transitions
-                                .last()
-                                .map(|x| x.at_ms)
-                                .unwrap_or(t.created_ms),
-                            reason: t.reason.clone(),
-                            exit_code: t.exit_code,
-                        };
+                        let ev = TaskEvent::state_of(&t);
                         let _ = tx.send(sse(&ev)).await;
                     }
                     return;

@@ -740,15 +740,6 @@ fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     h.assert_clean();
 }
 
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} for {pid}"))
-}
-
 /// The output events of `GET /v1/tasks/{id}/events?offset=N`, joined.
 fn replayed_output(s: &Server, id: &str, offset: u64) -> (u64, String) {
     let r = s
@@ -788,7 +779,7 @@ fn slow_readers_neither_fail_a_task_nor_lose_its_output() {
     let h = Harness::new();
     let s = Server::start(&h, &["--output-limit", "80"]);
     let pid = s.child.id();
-    let base = status_kib(pid, "VmRSS:");
+    let base = status_kib(pid, "VmRSS:").unwrap();
     const N: u32 = 8_000_000;
     let id = s.submit(json!({"command": ["seq", "1", N.to_string()]}));
     let addr = s.url.trim_start_matches("http://").to_string();
@@ -824,7 +815,7 @@ fn slow_readers_neither_fail_a_task_nor_lose_its_output() {
         |st| matches!(st, "succeeded" | "failed" | "cancelled" | "timed_out"),
         Duration::from_secs(900),
     );
-    let peak = status_kib(pid, "VmHWM:");
+    let peak = status_kib(pid, "VmHWM:").unwrap();
     assert_eq!(t["state"], "succeeded", "{t}");
     assert_eq!(s.call("GET", "/healthz", None).0, 200);
     let mut expected = String::with_capacity(64 << 20);
@@ -924,7 +915,7 @@ fn abusive_clients_get_4xx_and_never_starve_others() {
     let h = Harness::new();
     let s = Server::start(&h, &["--max-vms", "0"]);
     let pid = s.child.id();
-    let base = status_kib(pid, "VmRSS:");
+    let base = status_kib(pid, "VmRSS:").unwrap();
     let addr = s.url.trim_start_matches("http://").to_string();
     let get = format!(
         "GET /v1/tasks?limit=1 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
@@ -969,7 +960,7 @@ fn abusive_clients_get_4xx_and_never_starve_others() {
         let mut head = [0u8; 12];
         c.read_exact(&mut head).unwrap();
         assert_eq!(&head, b"HTTP/1.1 200", "connection {i}");
-        peak = peak.max(status_kib(pid, "VmRSS:"));
+        peak = peak.max(status_kib(pid, "VmRSS:").unwrap());
     }
     drop(conns);
 
@@ -1479,7 +1470,7 @@ fn a_stalled_store_slows_the_guest_and_fails_nothing() {
         .collect();
     let got = s.logs(&id);
     assert!(got == want, "{} bytes stored of {}", got.len(), want.len());
-    eprintln!("daemon peak RSS {} KiB", status_kib(pid, "VmHWM:"));
+    eprintln!("daemon peak RSS {} KiB", status_kib(pid, "VmHWM:").unwrap());
     s.stop();
     drop(fs);
 }

@@ -295,6 +295,19 @@ impl Bench {
             })
     }
 
+    /// SIGTERM to the daemon (it tears its VMs down first), then the leak
+    /// audit of `vms`: (leftovers, panics in the daemon's log).
+    fn stop_and_audit(mut self, vms: &[String]) -> (Vec<String>, usize) {
+        signal(self.d.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.d.child.wait();
+        let left = audit(&self.dir, vms);
+        let panics = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("panicked")
+            .count();
+        (left, panics)
+    }
+
     /// Run one task with its fault; its final record.
     fn one(&mut self, f: Fault, delay: Duration) -> anyhow::Result<Value> {
         let id = self.d.post(&self.a, &f.request())?;
@@ -527,11 +540,7 @@ pub fn run(a: &FaultsArgs) -> anyhow::Result<u8> {
     }
     let fd_end = fds(b.d.child.id());
     let (_, fd_start) = fd_base.unwrap_or((0, fd_end));
-    signal(b.d.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
-    let _ = b.d.child.wait();
-    let left = audit(&dir, &vms);
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let panics = log_text.matches("panicked").count();
+    let (left, panics) = b.stop_and_audit(&vms);
 
     println!(
         "{:<26} {:>5} {:>8}  {:<48} otherwise",
@@ -648,14 +657,7 @@ pub fn soak(a: &SoakArgs) -> anyhow::Result<u8> {
     b.wait_pools_full()?;
     let last = (b.d.rss_kib(), fds(pid));
     let (rss0, fd0) = first.unwrap_or(last);
-    signal(pid as i32, nix::sys::signal::Signal::SIGTERM);
-    let mut child = b.d.child;
-    let _ = child.wait();
-    let left = audit(&dir, &vms);
-    let panics = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .matches("panicked")
-        .count();
+    let (left, panics) = b.stop_and_audit(&vms);
     println!(
         "{} tasks in {:.0} s: {ok} succeeded, {} not",
         a.tasks,

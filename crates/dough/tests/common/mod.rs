@@ -162,9 +162,15 @@ pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 /// A process's peak resident memory (VmHWM), KiB; None once it is gone.
 #[allow(dead_code)]
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A KiB figure of a process's /proc status (`key` with its colon,
+/// "VmRSS:"); None once it is gone.
+pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
