@@ -23,7 +23,9 @@ use tokio::sync::{broadcast, oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::pool::{ImageName, PoolConfig, PoolSettings, Pools, Shape};
-use crate::store::{State, Store, StoreError, TaskRecord, TaskRequest};
+use crate::store::{
+    now_ms, NodeCapacity, NodeRecord, NodeUse, State, Store, StoreError, TaskRecord, TaskRequest,
+};
 use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
 
@@ -90,6 +92,8 @@ pub struct ServiceConfig {
     pub pool_check_every: Duration,
     /// Pools refill with snapshot clones (see [`crate::snapshot`]).
     pub pool_clones: bool,
+    /// This daemon's name among nodes (`--node-name`; the hostname).
+    pub node_name: String,
 }
 
 impl ServiceConfig {
@@ -106,6 +110,10 @@ impl ServiceConfig {
             pools: vec![],
             pool_check_every: Duration::from_millis(250),
             pool_clones: true,
+            node_name: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
         }
     }
 }
@@ -180,6 +188,8 @@ struct Inner {
     cancels: Mutex<HashMap<String, oneshot::Sender<i32>>>,
     stopping: std::sync::atomic::AtomicBool,
     pools: std::sync::OnceLock<Pools>,
+    /// When this daemon started (ms since the epoch).
+    started_ms: u64,
 }
 
 /// The service. Cheap to clone.
@@ -214,6 +224,7 @@ impl Service {
                 cancels: Mutex::new(HashMap::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 pools: std::sync::OnceLock::new(),
+                started_ms: now_ms(),
             }),
         };
         let rec = svc.recover()?;
@@ -236,11 +247,71 @@ impl Service {
             );
             let _ = svc.inner.pools.set(pools);
         }
+        svc.beat("up")?;
         let s = svc.clone();
         tokio::task::spawn_local(async move { s.schedule_loop().await });
+        let s = svc.clone();
+        tokio::task::spawn_local(async move { s.heartbeat_loop().await });
         // Tasks queued before this start (or re-queued just now) may run.
         svc.inner.wake.notify_one();
         Ok((svc, rec))
+    }
+
+    /// This node as the store records it: capacity, use, `state`, now.
+    pub fn node_record(&self, state: &str) -> NodeRecord {
+        let cfg = &self.inner.cfg;
+        let u = self.usage();
+        NodeRecord {
+            name: cfg.node_name.clone(),
+            state: state.into(),
+            started_ms: self.inner.started_ms,
+            heartbeat_ms: now_ms(),
+            capacity: NodeCapacity {
+                vcpus: cfg.limits.vcpu_capacity(),
+                memory_mib: cfg.limits.memory_mib,
+                vms: cfg.limits.max_vms,
+                pools: cfg
+                    .pools
+                    .iter()
+                    .map(|p| format!("{}={}", p.shape, p.size))
+                    .collect(),
+                images: self.images().iter().map(|i| i.name().to_string()).collect(),
+            },
+            usage: NodeUse {
+                vms: u.running_vms,
+                vcpus: u.vcpus,
+                memory_mib: u.memory_mib,
+            },
+        }
+    }
+
+    /// Record this node's state and use now.
+    pub fn beat(&self, state: &str) -> Result<(), StoreError> {
+        self.inner.store.node_beat(&self.node_record(state))
+    }
+
+    /// Every second while the daemon admits work: the node's heartbeat,
+    /// with its use (written off the runtime's threads).
+    async fn heartbeat_loop(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self
+                .inner
+                .stopping
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return;
+            }
+            let rec = self.node_record("up");
+            let store = self.inner.store.clone();
+            match tokio::task::spawn_blocking(move || store.node_beat(&rec)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "node heartbeat"),
+                Err(e) => warn!(error = %e, "node heartbeat"),
+            }
+        }
     }
 
     /// The warm pools, when configured.
@@ -553,7 +624,7 @@ impl Service {
             // are on record before anything exists.
             let st = &self.inner.store;
             let recorded = (|| -> Result<(), StoreError> {
-                st.set_vm(&t.id, &vm_id)?;
+                st.set_vm(&t.id, &vm_id, &self.inner.cfg.node_name)?;
                 st.add_resource(&t.id, "vm", &vm_id)?;
                 let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
                 st.add_resource(&t.id, "run_dir", &run_dir.display().to_string())?;

@@ -187,6 +187,40 @@ pub struct TaskRecord {
     pub result: Option<crate::repo::Finalized>,
     /// The digest of the image the task's VM booted.
     pub image_digest: Option<String>,
+    /// The node (`dough serve --node-name`) that took the task.
+    pub node: Option<String>,
+}
+
+/// A `dough serve` as the store knows it: what it can hold, what it holds,
+/// and when it last said so (every second while it runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    /// `up` while it runs, `stopped` after a clean shutdown.
+    pub state: String,
+    pub started_ms: u64,
+    pub heartbeat_ms: u64,
+    pub capacity: NodeCapacity,
+    #[serde(rename = "use")]
+    pub usage: NodeUse,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeCapacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub vms: u32,
+    /// Warm pools, as `image:shape=size`.
+    pub pools: Vec<String>,
+    /// Images it can boot.
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeUse {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,7 +287,8 @@ pub trait Store: Send + Sync {
     fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()>;
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>>;
     fn clear_resources(&self, id: &str, cleanup: &str) -> Result<()>;
-    fn set_vm(&self, id: &str, vm_id: &str) -> Result<()>;
+    /// The VM the task runs in, and the node that runs it.
+    fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()>;
     /// Record a repository task's result (before its final transition).
     fn set_result(&self, id: &str, result: &crate::repo::Finalized) -> Result<()>;
     /// Record the digest of the image the task's VM booted.
@@ -262,6 +297,10 @@ pub trait Store: Send + Sync {
     fn requeue(&self, id: &str) -> Result<()>;
     /// Task counts per state.
     fn counts(&self) -> Result<BTreeMap<State, u64>>;
+    /// Record a node's state (insert or replace, by name).
+    fn node_beat(&self, node: &NodeRecord) -> Result<()>;
+    /// Every node on record, by name.
+    fn nodes(&self) -> Result<Vec<NodeRecord>>;
 }
 
 impl PartialOrd for State {
@@ -324,6 +363,10 @@ CREATE TABLE IF NOT EXISTS resources (
     name TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS resources_task ON resources(task_id);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 ";
 
 impl SqliteStore {
@@ -347,6 +390,13 @@ impl SqliteStore {
             .exists([])?;
         if !has_image {
             db.execute_batch("ALTER TABLE tasks ADD COLUMN image_digest TEXT")?;
+        }
+        // … and before nodes, `node`.
+        let has_node: bool = db
+            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'node'")?
+            .exists([])?;
+        if !has_node {
+            db.execute_batch("ALTER TABLE tasks ADD COLUMN node TEXT")?;
         }
         Ok(SqliteStore { db: Mutex::new(db) })
     }
@@ -397,6 +447,7 @@ impl SqliteStore {
                 .map(|r| serde_json::from_str(&r).map_err(|e| StoreError::Corrupt(e.to_string())))
                 .transpose()?,
             image_digest: row.get("image_digest")?,
+            node: row.get("node")?,
             id,
         })
     }
@@ -635,12 +686,33 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn set_vm(&self, id: &str, vm_id: &str) -> Result<()> {
+    fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()> {
         self.conn().execute(
-            "UPDATE tasks SET vm_id = ?2 WHERE id = ?1",
-            params![id, vm_id],
+            "UPDATE tasks SET vm_id = ?2, node = ?3 WHERE id = ?1",
+            params![id, vm_id, node],
         )?;
         Ok(())
+    }
+
+    fn node_beat(&self, node: &NodeRecord) -> Result<()> {
+        let rec = serde_json::to_string(node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "INSERT INTO nodes (name, record) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET record = excluded.record",
+            params![node.name, rec],
+        )?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let db = self.conn();
+        let mut st = db.prepare_cached("SELECT record FROM nodes ORDER BY name")?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.iter()
+            .map(|r| serde_json::from_str(r).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
     }
 
     fn requeue(&self, id: &str) -> Result<()> {

@@ -40,6 +40,12 @@ pub const ROUTES: &[(&str, &str, bool, &str)] = &[
     ("post", "/v1/tasks", true, "Submit a task; 201 with its id"),
     (
         "get",
+        "/v1/nodes",
+        true,
+        "Nodes: state, capacity, use, last heartbeat",
+    ),
+    (
+        "get",
         "/v1/tasks",
         true,
         "List tasks, newest first (?state=, ?limit=)",
@@ -85,7 +91,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tasks/{id}", get(show).delete(cancel))
         .route("/v1/tasks/{id}/logs", get(logs))
         .route("/v1/tasks/{id}/events", get(events))
-        .route("/v1/pools", get(pools));
+        .route("/v1/pools", get(pools))
+        .route("/v1/nodes", get(nodes));
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(api.clone(), auth))
@@ -527,6 +534,20 @@ where
 async fn pools(State(api): State<Api>) -> Response {
     let pools = api.svc.pools().map(|p| p.status()).unwrap_or_default();
     axum::Json(json!({ "pools": pools })).into_response()
+}
+
+/// Every node on record (this daemon's own line is its heartbeat of the
+/// last second), with the time of the answer to judge heartbeats by.
+async fn nodes(State(api): State<Api>) -> Response {
+    let svc = api.svc.clone();
+    match tokio::task::spawn_blocking(move || svc.store().nodes()).await {
+        Ok(Ok(nodes)) => {
+            axum::Json(json!({ "now_ms": dough_core::store::now_ms(), "nodes": nodes }))
+                .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    }
 }
 
 async fn metrics(State(api): State<Api>) -> Response {

@@ -86,6 +86,8 @@ pub enum Command {
     Logs(cmd::client::LogsArgs),
     /// Cancel a task.
     Cancel(cmd::client::IdArgs),
+    /// List the nodes (`dough serve` daemons) sharing this store.
+    Nodes(cmd::client::NodesArgs),
 }
 
 fn init_logging(cli: &Cli) {
@@ -143,6 +145,7 @@ fn main() -> ExitCode {
             Command::Show(a) => cmd::client::show(&cli, a),
             Command::Logs(a) => cmd::client::logs(&cli, a),
             Command::Cancel(a) => cmd::client::cancel(&cli, a),
+            Command::Nodes(a) => cmd::client::nodes(&cli, a),
         }
     });
     match res {

@@ -575,7 +575,7 @@ fn the_openapi_document_matches_the_served_routes() {
             }
         }
     }
-    assert_eq!(documented, 10, "{doc}");
+    assert_eq!(documented, 11, "{doc}");
     // Without pools the pool list is empty, not an error.
     assert_eq!(s.call("GET", "/v1/pools", None).1, json!({"pools": []}));
     // Routes outside the document do not exist.
@@ -591,7 +591,7 @@ fn the_openapi_document_matches_the_served_routes() {
 #[test]
 fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     let h = Harness::new();
-    let s = Server::start(&h, &["--max-vms", "2"]);
+    let s = Server::start(&h, &["--max-vms", "2", "--node-name", "node-a"]);
     let a = s.submit(json!({"command": ["sh", "-c", "echo out; echo err >&2; exec sleep 600"]}));
     // B through the CLI client (it finds the daemon through the state dir).
     let out = h
@@ -634,6 +634,14 @@ fn tasks_run_up_to_the_limit_and_the_rest_wait_their_turn() {
     // While A and B hold both slots, C waits.
     s.wait_state(&b, |st| st == "running", Duration::from_secs(60));
     assert_eq!(s.task(&c)["state"], "queued");
+    // The node's heartbeat carries its use; each task names its node.
+    wait_until(
+        "the node's heartbeat to count 2 VMs",
+        Duration::from_secs(30),
+        || s.call("GET", "/v1/nodes", None).1["nodes"][0]["use"]["vms"] == 2,
+    );
+    assert_eq!(s.task(&a)["node"], "node-a");
+    assert_eq!(s.task(&b)["node"], "node-a");
     // B has said its line before it is cancelled (`running` comes when its
     // process exists, not when it has printed).
     wait_until("B's output", Duration::from_secs(60), || {
@@ -1473,4 +1481,100 @@ fn a_stalled_store_slows_the_guest_and_fails_nothing() {
     eprintln!("daemon peak RSS {} KiB", status_kib(pid, "VmHWM:").unwrap());
     s.stop();
     drop(fs);
+}
+
+/// A daemon is a node: `GET /v1/nodes` and `dough nodes` show its name,
+/// state, capacity (from its flags), use and a heartbeat that advances
+/// every second; after a clean stop it is recorded `stopped`, and the next
+/// daemon on the same store appears beside it. A bad `--node-name` is
+/// refused before anything starts.
+#[test]
+fn nodes_show_capacity_use_and_a_live_heartbeat() {
+    let h = Harness::new();
+    let bad = h
+        .cmd()
+        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", "a b"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(125), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("--node-name \"a b\": give 1 to 64 characters, no spaces"));
+    let s = Server::start(
+        &h,
+        &[
+            "--max-vms",
+            "3",
+            "--node-name",
+            "n1",
+            "--memory-limit",
+            "4096",
+        ],
+    );
+    let (st, v) = s.call("GET", "/v1/nodes", None);
+    assert_eq!(st, 200, "{v}");
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{v}");
+    let n = &nodes[0];
+    assert_eq!(n["name"], "n1");
+    assert_eq!(n["state"], "up");
+    assert_eq!(n["capacity"]["vms"], 3);
+    assert_eq!(n["capacity"]["memory_mib"], 4096);
+    assert!(
+        n["capacity"]["images"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("default")),
+        "{n}"
+    );
+    assert_eq!(n["use"]["vms"], 0);
+    let first = n["heartbeat_ms"].as_u64().unwrap();
+    assert!(first <= v["now_ms"].as_u64().unwrap());
+    wait_until("a second heartbeat", Duration::from_secs(30), || {
+        s.call("GET", "/v1/nodes", None).1["nodes"][0]["heartbeat_ms"]
+            .as_u64()
+            .unwrap()
+            > first
+    });
+    let out = h.cmd().arg("nodes").output().unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lines = so.lines();
+    let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        head,
+        [
+            "NODE",
+            "STATE",
+            "VMS",
+            "VCPUS",
+            "MEM_MIB",
+            "HEARTBEAT",
+            "POOLS",
+            "IMAGES"
+        ]
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], ["n1", "up", "0/3"], "{so}");
+    assert_eq!(row[4], "0/4096", "{so}");
+    s.stop();
+    let s2 = Server::start(&h, &["--max-vms", "0", "--node-name", "n2"]);
+    let v = s2.call("GET", "/v1/nodes", None).1;
+    let states: Vec<(String, String)> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().into(),
+                n["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("n1".to_string(), "stopped".to_string()),
+            ("n2".into(), "up".into())
+        ]
+    );
+    s2.stop();
 }

@@ -269,6 +269,73 @@ pub fn ls(cli: &Cli, a: &LsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+#[derive(Args, Debug)]
+pub struct NodesArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dough nodes`: every node on record, its state, use against capacity
+/// and the age of its last heartbeat.
+pub fn nodes(cli: &Cli, a: &NodesArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    let v = c.get_json("/v1/nodes")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    use super::table::{print, Align::*};
+    let now = v["now_ms"].as_u64().unwrap_or(0);
+    let n = |v: &Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    let rows: Vec<Vec<String>> = v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|nd| {
+            let (cap, used) = (&nd["capacity"], &nd["use"]);
+            let beat = nd["heartbeat_ms"].as_u64().unwrap_or(0);
+            let list = |v: &Value| {
+                let l: Vec<&str> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str())
+                    .collect();
+                if l.is_empty() {
+                    "-".to_string()
+                } else {
+                    l.join(" ")
+                }
+            };
+            vec![
+                nd["name"].as_str().unwrap_or("?").to_string(),
+                nd["state"].as_str().unwrap_or("?").to_string(),
+                format!("{}/{}", n(&used["vms"]), n(&cap["vms"])),
+                format!("{}/{}", n(&used["vcpus"]), n(&cap["vcpus"])),
+                format!("{}/{}", n(&used["memory_mib"]), n(&cap["memory_mib"])),
+                format!("{:.1} s ago", now.saturating_sub(beat) as f64 / 1000.0),
+                list(&cap["pools"]),
+                list(&cap["images"]),
+            ]
+        })
+        .collect();
+    print(
+        &[
+            ("NODE", Left),
+            ("STATE", Left),
+            ("VMS", Right),
+            ("VCPUS", Right),
+            ("MEM_MIB", Right),
+            ("HEARTBEAT", Right),
+            ("POOLS", Left),
+            ("IMAGES", Left),
+        ],
+        &rows,
+    );
+    Ok(0)
+}
+
 fn ls_pools(c: &Client, json: bool) -> anyhow::Result<u8> {
     let v = c.get_json("/v1/pools")?;
     if json {

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Refill pools with cold boots, not with clones of a snapshot template.
     #[arg(long)]
     pub no_pool_clones: bool,
+    /// This daemon's name among nodes (`dough nodes`); default: the
+    /// hostname.
+    #[arg(long, env = "DOUGH_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 /// The pools asked for, checked against the limits they count against.
@@ -203,6 +207,12 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     cfg.creds = dough_core::repo::Credentials::from_env();
     cfg.gate = dough_core::repo::GateConfig::from_env().map_err(anyhow::Error::msg)?;
     cfg.pools = pools;
+    if let Some(n) = &a.node_name {
+        if n.is_empty() || n.len() > 64 || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            anyhow::bail!("--node-name {n:?}: give 1 to 64 characters, no spaces");
+        }
+        cfg.node_name = n.clone();
+    }
     cfg.pool_clones = !a.no_pool_clones;
 
     let local = tokio::task::LocalSet::new();
@@ -269,6 +279,9 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
                 for e in svc.shutdown_pools().await {
                     eprintln!("dough serve: pool teardown: {e}");
                 }
+            }
+            if let Err(e) = svc.beat("stopped") {
+                eprintln!("dough serve: record this node stopped: {e}");
             }
             drop(lock);
             Ok::<u8, anyhow::Error>(0)
