@@ -291,7 +291,8 @@ impl Service {
     }
 
     /// Every second while the daemon admits work: the node's heartbeat,
-    /// with its use (written off the runtime's threads).
+    /// with its use. Made and written off the runtime's threads (listing
+    /// the images reads their manifests).
     async fn heartbeat_loop(self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,9 +305,8 @@ impl Service {
             {
                 return;
             }
-            let rec = self.node_record("up");
-            let store = self.inner.store.clone();
-            match tokio::task::spawn_blocking(move || store.node_beat(&rec)).await {
+            let s = self.clone();
+            match tokio::task::spawn_blocking(move || s.beat("up")).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "node heartbeat"),
                 Err(e) => warn!(error = %e, "node heartbeat"),
@@ -1014,7 +1014,7 @@ impl Service {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         match attempt(&s) {
                             Ok(t) => {
-                                tracing::info!(task = %t.id, "recorded its end");
+                                info!(task = %t.id, "recorded its end");
                                 s.publish_state(&t);
                                 break;
                             }

@@ -210,7 +210,7 @@ pub struct NodeCapacity {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub vms: u32,
-    /// Warm pools, as `image:shape=size`.
+    /// Warm pools, as `[IMAGE:]VCPUSxMIB=SIZE`.
     pub pools: Vec<String>,
     /// Images it can boot.
     pub images: Vec<String>,
