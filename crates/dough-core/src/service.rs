@@ -13,6 +13,7 @@
 //!
 //! [`supervisor`]: crate::supervisor
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,10 @@ pub struct ServiceConfig {
     pub pool_clones: bool,
     /// This daemon's name among nodes (`--node-name`; the hostname).
     pub node_name: String,
+    /// A node silent this long is declared dead by its peers; a node that
+    /// cannot reach the store for nearly as long stops its tasks
+    /// ([`ServiceConfig::lease`]).
+    pub node_timeout: Duration,
 }
 
 impl ServiceConfig {
@@ -114,7 +119,17 @@ impl ServiceConfig {
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".into()),
+            node_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// How long this node keeps running its tasks without a heartbeat
+    /// written: shorter than `node_timeout` (by 2 s, at most by half), so
+    /// the node has stopped them before a peer can declare it dead.
+    pub fn lease(&self) -> Duration {
+        self.node_timeout
+            .saturating_sub(Duration::from_secs(2))
+            .max(self.node_timeout / 2)
     }
 }
 
@@ -188,8 +203,16 @@ struct Inner {
     cancels: Mutex<HashMap<String, oneshot::Sender<i32>>>,
     stopping: std::sync::atomic::AtomicBool,
     pools: std::sync::OnceLock<Pools>,
-    /// When this daemon started (ms since the epoch).
-    started_ms: u64,
+    /// When this incarnation of the node started (ms since the epoch):
+    /// renewed when the node finds it was declared dead.
+    started_ms: std::sync::atomic::AtomicU64,
+    /// Tasks this node gave up (its lease lapsed, or their claim was
+    /// taken over), with why: they end `node_lost`.
+    abandoned: Mutex<HashMap<String, String>>,
+    /// The last heartbeat written.
+    last_beat: Mutex<Instant>,
+    /// A heartbeat is being written (the store may hang).
+    beating: std::sync::atomic::AtomicBool,
 }
 
 /// The service. Cheap to clone.
@@ -224,7 +247,10 @@ impl Service {
                 cancels: Mutex::new(HashMap::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 pools: std::sync::OnceLock::new(),
-                started_ms: now_ms(),
+                started_ms: now_ms().into(),
+                abandoned: Mutex::new(HashMap::new()),
+                last_beat: Mutex::new(Instant::now()),
+                beating: false.into(),
             }),
         };
         let rec = svc.recover()?;
@@ -247,7 +273,12 @@ impl Service {
             );
             let _ = svc.inner.pools.set(pools);
         }
-        svc.beat("up")?;
+        if !svc.beat("up")? {
+            // Only a dead incarnation with this very start time: a clock
+            // step back. Come up as a new one.
+            svc.inner.started_ms.store(now_ms() + 1, SeqCst);
+            svc.beat("up")?;
+        }
         let s = svc.clone();
         tokio::task::spawn_local(async move { s.schedule_loop().await });
         let s = svc.clone();
@@ -264,7 +295,7 @@ impl Service {
         NodeRecord {
             name: cfg.node_name.clone(),
             state: state.into(),
-            started_ms: self.inner.started_ms,
+            started_ms: self.inner.started_ms.load(SeqCst),
             heartbeat_ms: now_ms(),
             capacity: NodeCapacity {
                 vcpus: cfg.limits.vcpu_capacity(),
@@ -285,32 +316,130 @@ impl Service {
         }
     }
 
-    /// Record this node's state and use now.
-    pub fn beat(&self, state: &str) -> Result<(), StoreError> {
+    /// Record this node's state and use now. `false`: this incarnation
+    /// was declared dead by a peer (nothing written).
+    pub fn beat(&self, state: &str) -> Result<bool, StoreError> {
         self.inner.store.node_beat(&self.node_record(state))
     }
 
     /// Every second while the daemon admits work: the node's heartbeat,
-    /// with its use. Made and written off the runtime's threads (listing
-    /// the images reads their manifests).
+    /// with its use; the lease check; a peer silent for `node_timeout`
+    /// declared dead; cancels asked of this node by others.
+    ///
+    /// The store's calls run off the runtime's threads (listing the images
+    /// reads their manifests; a store cut off may hang), one heartbeat at
+    /// a time: the lease is checked every tick even while one hangs.
     async fn heartbeat_loop(self) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
         loop {
             tick.tick().await;
-            if self
-                .inner
-                .stopping
-                .load(std::sync::atomic::Ordering::SeqCst)
-            {
+            n += 1;
+            if self.inner.stopping.load(SeqCst) {
                 return;
             }
-            let s = self.clone();
-            match tokio::task::spawn_blocking(move || s.beat("up")).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "node heartbeat"),
-                Err(e) => warn!(error = %e, "node heartbeat"),
+            self.check_lease();
+            if self.inner.beating.swap(true, SeqCst) {
+                continue;
             }
+            let s = self.clone();
+            let full = n % 4 == 1;
+            tokio::task::spawn_blocking(move || {
+                s.tick(full);
+                s.inner.beating.store(false, SeqCst);
+            });
+        }
+    }
+
+    /// One round of [`Service::heartbeat_loop`], on a blocking thread:
+    /// cancels asked by peers (every 250 ms); with `full`, the heartbeat
+    /// and the reaping of dead peers (every second).
+    fn tick(&self, full: bool) {
+        let st = &self.inner.store;
+        match st.cancel_requests(&self.inner.cfg.node_name) {
+            Ok(ids) => {
+                for id in ids {
+                    if let Some(tx) = self.inner.cancels.lock().unwrap().remove(&id) {
+                        info!(task = %id, "cancel asked through another node");
+                        let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "read cancel requests"),
+        }
+        if !full {
+            return;
+        }
+        match self.beat("up") {
+            Ok(true) => *self.inner.last_beat.lock().unwrap() = Instant::now(),
+            Ok(false) => {
+                // Declared dead while alive (cut off from the store, or
+                // stalled): its tasks are settled by the peer already.
+                // Stop them, writing nothing, and come back as a new
+                // incarnation.
+                warn!(
+                    node = %self.inner.cfg.node_name,
+                    "this node was declared dead by a peer; stopping its tasks and rejoining"
+                );
+                self.abandon_all("this node was declared dead by a peer");
+                self.inner.started_ms.store(now_ms(), SeqCst);
+            }
+            Err(e) => warn!(error = %e, "node heartbeat"),
+        }
+        let timeout = self.inner.cfg.node_timeout.as_millis() as u64;
+        match st.reap_dead_nodes(&self.inner.cfg.node_name, timeout) {
+            Ok(reaped) => {
+                for r in reaped {
+                    warn!(
+                        node = %r.node,
+                        failed = ?r.failed,
+                        requeued = ?r.requeued,
+                        "declared a silent node dead"
+                    );
+                }
+                self.inner.wake.notify_one();
+            }
+            Err(e) => warn!(error = %e, "reap dead nodes"),
+        }
+    }
+
+    /// No heartbeat written for the lease: peers may declare this node
+    /// dead at any moment, so its tasks stop now.
+    fn check_lease(&self) {
+        let silent = self.inner.last_beat.lock().unwrap().elapsed();
+        let lease = self.inner.cfg.lease();
+        if silent > lease && !self.inner.cancels.lock().unwrap().is_empty() {
+            warn!(
+                silent_ms = silent.as_millis() as u64,
+                "no heartbeat written for the lease; stopping this node's tasks"
+            );
+            self.abandon_all(&format!(
+                "node {} could not reach the store for {} s and stopped the task",
+                self.inner.cfg.node_name,
+                silent.as_secs()
+            ));
+        }
+    }
+
+    /// Stop every task of this node at once (SIGKILL), each to end
+    /// `node_lost` with `why` — if its claim is still this node's.
+    fn abandon_all(&self, why: &str) {
+        let ids: Vec<String> = self.inner.cancels.lock().unwrap().keys().cloned().collect();
+        for id in ids {
+            self.abandon(&id, why);
+        }
+    }
+
+    /// Stop task `id` (SIGKILL) to end `node_lost` with `why`.
+    fn abandon(&self, id: &str, why: &str) {
+        self.inner
+            .abandoned
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), why.to_string());
+        if let Some(tx) = self.inner.cancels.lock().unwrap().remove(id) {
+            let _ = tx.send(nix::sys::signal::Signal::SIGKILL as i32);
         }
     }
 
@@ -365,7 +494,8 @@ impl Service {
     fn recover(&self) -> Result<Recovery, StoreError> {
         let st = &self.inner.store;
         let mut r = Recovery::default();
-        let in_flight = st.in_flight()?;
+        // Only this node's: in a cluster the others' tasks are theirs.
+        let in_flight = self.in_flight_here()?;
         // Always: a dead daemon's pooled VMs belong to no task.
         let gc = crate::rundir::gc_host(&self.inner.cfg.host);
         r.reclaimed
@@ -391,6 +521,7 @@ impl Service {
             } else {
                 st.transition(
                     &t.id,
+                    Some(t.epoch),
                     State::Failed,
                     Some("orchestrator_restart"),
                     Some("the daemon stopped while the task ran; its VM was reclaimed"),
@@ -401,6 +532,23 @@ impl Service {
         }
         info!(?r, "recovered");
         Ok(r)
+    }
+
+    /// Whether `t` was taken by this node (a task on record from before
+    /// nodes were recorded is: it was a single host's).
+    pub fn is_mine(&self, t: &TaskRecord) -> bool {
+        !matches!(t.node.as_deref(), Some(n) if n != self.inner.cfg.node_name)
+    }
+
+    /// This node's tasks in flight.
+    pub fn in_flight_here(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .in_flight()?
+            .into_iter()
+            .filter(|t| self.is_mine(t))
+            .collect())
     }
 
     /// Check and queue a task.
@@ -477,15 +625,27 @@ impl Service {
             return self.get(id);
         }
         if t.state == State::Queued {
-            let t = self.inner.store.transition(
+            match self.inner.store.transition(
                 id,
+                None,
                 State::Cancelled,
                 Some("cancelled"),
                 Some("cancelled while queued"),
                 None,
-            )?;
-            self.publish_state(&t);
-            return Ok(t);
+            ) {
+                Ok(t) => {
+                    self.publish_state(&t);
+                    return Ok(t);
+                }
+                // Claimed in between: cancelled as a running task.
+                Err(StoreError::BadTransition { .. }) => return self.cancel(id),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !self.is_mine(&t) {
+            // Another node's: it picks the request up within 250 ms.
+            self.inner.store.request_cancel(id)?;
+            return self.get(id);
         }
         // Being admitted right now: the runner picks the cancel up.
         self.get(id)
@@ -533,16 +693,27 @@ impl Service {
         }
     }
 
+    /// A runner's transition, under its claim (`fence`): a claim taken
+    /// over stops the task.
     fn transition(
         &self,
         id: &str,
+        fence: u64,
         to: State,
         reason: Option<&str>,
         detail: Option<&str>,
         code: Option<i32>,
     ) {
-        match self.inner.store.transition(id, to, reason, detail, code) {
+        match self
+            .inner
+            .store
+            .transition(id, Some(fence), to, reason, detail, code)
+        {
             Ok(t) => self.publish_state(&t),
+            Err(e @ StoreError::Fenced { .. }) => {
+                warn!(task = id, error = %e, "stopping the task");
+                self.abandon(id, &e.to_string());
+            }
             Err(e) => warn!(task = id, error = %e, "transition"),
         }
     }
@@ -620,31 +791,50 @@ impl Service {
             let vm_id = warm
                 .as_ref()
                 .map_or_else(crate::new_id, |vm| vm.vm_id().to_string());
-            // Intent before action: the VM id and the resources named by it
+            // The claim: only one node takes a task (the store decides).
+            // Then intent before action: the resources named by the VM id
             // are on record before anything exists.
             let st = &self.inner.store;
-            let recorded = (|| -> Result<(), StoreError> {
-                st.set_vm(&t.id, &vm_id, &self.inner.cfg.node_name)?;
-                st.add_resource(&t.id, "vm", &vm_id)?;
-                let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
-                st.add_resource(&t.id, "run_dir", &run_dir.display().to_string())?;
-                st.add_resource(
-                    &t.id,
-                    "netns",
-                    &dough_net::netns_path(&vm_id).display().to_string(),
-                )
-            })();
-            if let Err(e) = recorded {
-                // Nothing was started: give the room back, drop the claim.
-                let mut u = self.inner.usage.lock().unwrap();
-                u.running_vms = u.running_vms.saturating_sub(1);
-                u.vcpus = u.vcpus.saturating_sub(v);
-                u.memory_mib = u.memory_mib.saturating_sub(m);
-                drop(u);
-                tokio::task::spawn_local(discard(warm));
-                return Err(e);
-            }
-            self.transition(&t.id, State::Provisioning, None, None, None);
+            let claimed = st.claim(&t.id, &self.inner.cfg.node_name, &vm_id);
+            let recorded = match &claimed {
+                Ok(Some(_)) => (|| -> Result<(), StoreError> {
+                    st.add_resource(&t.id, "vm", &vm_id)?;
+                    let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
+                    st.add_resource(&t.id, "run_dir", &run_dir.display().to_string())?;
+                    st.add_resource(
+                        &t.id,
+                        "netns",
+                        &dough_net::netns_path(&vm_id).display().to_string(),
+                    )
+                })(),
+                _ => Ok(()),
+            };
+            let t = match (claimed, recorded) {
+                (Ok(Some(t)), Ok(())) => t,
+                (claimed, recorded) => {
+                    // Nothing was started: give the room back.
+                    let mut u = self.inner.usage.lock().unwrap();
+                    u.running_vms = u.running_vms.saturating_sub(1);
+                    u.vcpus = u.vcpus.saturating_sub(v);
+                    u.memory_mib = u.memory_mib.saturating_sub(m);
+                    drop(u);
+                    tokio::task::spawn_local(discard(warm));
+                    match (claimed, recorded) {
+                        // Another node took it, or it was cancelled: the
+                        // next one.
+                        (Ok(None), _) => continue,
+                        (Err(e), _) => return Err(e),
+                        (Ok(Some(_)), Err(e)) => {
+                            // Claimed, not recorded: back to the queue.
+                            let _ = st.clear_resources(&t.id, "not started");
+                            let _ = st.requeue(&t.id);
+                            return Err(e);
+                        }
+                        (Ok(Some(_)), Ok(())) => unreachable!("handled above"),
+                    }
+                }
+            };
+            self.publish_state(&t);
             if let Some(freed) = self.inner.room_freed.lock().unwrap().take() {
                 let mut u = self.inner.usage.lock().unwrap();
                 if u.sched_latency_us.len() >= 10_000 {
@@ -712,6 +902,7 @@ impl Service {
         let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(8);
         let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let store_failed: Arc<Mutex<Option<StoreError>>> = Arc::default();
+        let epoch = t.epoch;
         let record = {
             let (me, id, offset) = (self.clone(), t.id.clone(), offset.clone());
             let store_failed = store_failed.clone();
@@ -722,11 +913,13 @@ impl Service {
                 };
                 let mut failed = store_failed.lock().unwrap();
                 if failed.is_none() {
-                    if let Err(e) =
-                        me.inner
-                            .store
-                            .append_output(&id, n, data, me.inner.cfg.output_cap)
-                    {
+                    if let Err(e) = me.inner.store.append_output(
+                        &id,
+                        Some(epoch),
+                        n,
+                        data,
+                        me.inner.cfg.output_cap,
+                    ) {
                         warn!(task = %id, error = %e, "store output; stopping the task");
                         *failed = Some(e);
                         if let Some(tx) = me.inner.cancels.lock().unwrap().remove(&id) {
@@ -776,9 +969,15 @@ impl Service {
         let id = t.id.clone();
         let me = self.clone();
         let mut on_event = move |ev: Event<'_>| match ev {
-            Event::Phase(Phase::Spawned, _) => me.transition(&id, State::Booting, None, None, None),
-            Event::Phase(Phase::Started, _) => me.transition(&id, State::Running, None, None, None),
-            Event::Phase(Phase::Done, _) => me.transition(&id, State::Finalizing, None, None, None),
+            Event::Phase(Phase::Spawned, _) => {
+                me.transition(&id, epoch, State::Booting, None, None, None)
+            }
+            Event::Phase(Phase::Started, _) => {
+                me.transition(&id, epoch, State::Running, None, None, None)
+            }
+            Event::Phase(Phase::Done, _) => {
+                me.transition(&id, epoch, State::Finalizing, None, None, None)
+            }
             Event::Phase(..) => {}
             Event::Progress(p) => tracing::debug!(task = %id, "{p}"),
             // Only without a sink (the spec above has one).
@@ -801,11 +1000,11 @@ impl Service {
         let warm = match (warm, template) {
             (Some(vm), _) => {
                 // Booted already: claimed from a pool.
-                self.transition(&t.id, State::Booting, None, None, None);
+                self.transition(&t.id, epoch, State::Booting, None, None, None);
                 Some(vm)
             }
             (None, Some(tpl)) => {
-                self.transition(&t.id, State::Booting, None, None, None);
+                self.transition(&t.id, epoch, State::Booting, None, None, None);
                 // The clone takes the VM id on record.
                 match crate::snapshot::clone_vm(&cfg.host, &tpl, &spec).await {
                     Ok(vm) => Some(vm),
@@ -871,7 +1070,7 @@ impl Service {
         };
         let work_failed = match work {
             Some(Ok(fin)) => {
-                if let Err(e) = self.inner.store.set_result(&t.id, &fin) {
+                if let Err(e) = self.inner.store.set_result(&t.id, Some(epoch), &fin) {
                     warn!(task = %t.id, error = %e, "store result");
                 }
                 None
@@ -880,7 +1079,14 @@ impl Service {
             None => None,
         };
         let store_failed = store_failed.lock().unwrap().take();
+        let abandoned = self.inner.abandoned.lock().unwrap().remove(&t.id);
         let (state, reason, detail, code) = match rep.result {
+            _ if abandoned.is_some() => (
+                State::Failed,
+                "node_lost".into(),
+                abandoned.expect("checked"),
+                None,
+            ),
             _ if store_failed.is_some() => {
                 let e = store_failed.expect("checked");
                 (
@@ -962,7 +1168,7 @@ impl Service {
         cleanup: &str,
     ) {
         self.inner.cancels.lock().unwrap().remove(&t.id);
-        self.settle(&t.id, state, reason, detail, code, cleanup);
+        self.settle(&t.id, t.epoch, state, reason, detail, code, cleanup);
         {
             let mut u = self.inner.usage.lock().unwrap();
             u.running_vms = u.running_vms.saturating_sub(1);
@@ -979,13 +1185,17 @@ impl Service {
 }
 
 impl Service {
-    /// Record a task's end (its resources released, its final state).
-    /// While the store cannot be written (the state directory's disk
-    /// full) this is tried again every second: the end is late, never
-    /// lost. A restart in between ends the task as orchestrator_restart.
+    /// Record a task's end (its resources released, its final state),
+    /// under its claim (`epoch`). While the store cannot be written (the
+    /// state directory's disk full, the database unreachable) this is
+    /// tried again every second: the end is late, never lost. A restart
+    /// in between ends the task as orchestrator_restart; a claim taken
+    /// over in between (this node declared dead) writes nothing.
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
         id: &str,
+        epoch: u64,
         state: State,
         reason: &str,
         detail: &str,
@@ -1002,33 +1212,45 @@ impl Service {
             s.inner.store.clear_resources(&id, &cleanup)?;
             s.inner
                 .store
-                .transition(&id, state, Some(&reason), Some(&detail), code)
+                .transition(&id, Some(epoch), state, Some(&reason), Some(&detail), code)
         };
-        match attempt(self) {
-            Ok(t) => self.publish_state(&t),
-            Err(e @ StoreError::Db(_)) => {
-                warn!(error = %e, "record a task's end; trying again every second");
-                let s = self.clone();
-                tokio::task::spawn_local(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        match attempt(&s) {
-                            Ok(t) => {
-                                info!(task = %t.id, "recorded its end");
-                                s.publish_state(&t);
-                                break;
-                            }
-                            Err(StoreError::Db(_)) => {}
-                            Err(e) => {
-                                warn!(error = %e, "record a task's end");
-                                break;
-                            }
+        let done = |s: &Service, r: Result<TaskRecord, StoreError>| -> bool {
+            match r {
+                Ok(t) => {
+                    s.publish_state(&t);
+                    true
+                }
+                Err(e) if e.is_transient() => false,
+                Err(e) => {
+                    warn!(error = %e, "record a task's end");
+                    // Its end as the store has it (a peer's node_lost).
+                    if let StoreError::Fenced { id, .. } = &e {
+                        if let Ok(t) = s.inner.store.get(id) {
+                            s.publish_state(&t);
                         }
                     }
-                });
+                    true
+                }
             }
-            Err(e) => warn!(error = %e, "record a task's end"),
+        };
+        if done(self, attempt(self)) {
+            return;
         }
+        warn!("record a task's end: the store cannot be written; trying again every second");
+        let s = self.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (s2, attempt) = (s.clone(), attempt.clone());
+                let r = tokio::task::spawn_blocking(move || attempt(&s2))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())));
+                if done(&s, r) {
+                    info!("recorded a task's end");
+                    break;
+                }
+            }
+        });
     }
 }
 
@@ -1236,14 +1458,14 @@ mod tests {
         let store = Arc::new(SqliteStore::open(&d.path().join("db")).unwrap());
         store.insert("prov", &req()).unwrap();
         store
-            .transition("prov", State::Provisioning, None, None, None)
+            .transition("prov", None, State::Provisioning, None, None, None)
             .unwrap();
         store.insert("boot", &req()).unwrap();
         store
-            .transition("boot", State::Provisioning, None, None, None)
+            .transition("boot", None, State::Provisioning, None, None, None)
             .unwrap();
         store
-            .transition("boot", State::Booting, None, None, None)
+            .transition("boot", None, State::Booting, None, None, None)
             .unwrap();
         store.add_resource("boot", "vm", "0123456789ab").unwrap();
         store.insert("wait", &req()).unwrap();

@@ -239,6 +239,7 @@ fn steps_become_layers_a_task_boots_and_the_cache_and_failures_behave() {
         store
             .transition(
                 "q1",
+                None,
                 dough_core::store::State::Cancelled,
                 Some("cancelled"),
                 None,

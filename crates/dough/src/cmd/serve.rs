@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use dough_core::pool::{ImageName, PoolConfig, Shape};
 use dough_core::service::{Limits, Service, ServiceConfig};
-use dough_core::store::SqliteStore;
+use dough_core::store::{PgStore, SqliteStore};
 
 use crate::Cli;
 
@@ -51,6 +51,40 @@ pub struct ServeArgs {
     /// hostname.
     #[arg(long, env = "DOUGH_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Where tasks are kept: `sqlite` (dough.db in the state directory,
+    /// one host) or a PostgreSQL address, postgres://USER@HOST/DB, that
+    /// the nodes of a cluster share (docs/cluster.md).
+    #[arg(
+        long,
+        env = "DOUGH_STORE",
+        value_name = "URL",
+        default_value = "sqlite"
+    )]
+    pub store: String,
+    /// A node silent this long is declared dead by its peers (its booted
+    /// tasks fail node_lost, the others are queued again); a node that
+    /// cannot write its heartbeat for nearly as long stops its tasks.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..))]
+    pub node_timeout: u64,
+}
+
+/// The task store `--store` names.
+fn open_store(
+    a: &ServeArgs,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn dough_core::store::Store>> {
+    let s = a.store.as_str();
+    if s == "sqlite" {
+        return Ok(Arc::new(
+            SqliteStore::open(&state_dir.join("dough.db")).context("open the task store")?,
+        ));
+    }
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return Ok(Arc::new(
+            PgStore::open(s, 8).context("open the task store (--store)")?,
+        ));
+    }
+    anyhow::bail!("--store: give `sqlite` or a postgres://USER@HOST/DB address")
 }
 
 /// The pools asked for, checked against the limits they count against.
@@ -195,9 +229,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     if let Err(e) = dough_image::Image::load(&host.image_dir) {
         eprintln!("dough serve: warning: {e}; tasks for the default image are refused (400) until it exists");
     }
-    let store = Arc::new(
-        SqliteStore::open(&host.state_dir.join("dough.db")).context("open the task store")?,
-    );
+    let store = open_store(a, &host.state_dir)?;
     let mut cfg = ServiceConfig::new(host.clone());
     cfg.limits = limits;
     cfg.heartbeat_timeout = Duration::from_secs(a.heartbeat_timeout);
@@ -214,6 +246,21 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
         cfg.node_name = n.clone();
     }
     cfg.pool_clones = !a.no_pool_clones;
+    cfg.node_timeout = Duration::from_secs(a.node_timeout);
+    // Two live daemons under one name would take each other's tasks for
+    // their own.
+    let name = cfg.node_name.clone();
+    let held = tokio::task::spawn_blocking({
+        let (store, name) = (store.clone(), name.clone());
+        move || store.hold_node_name(&name)
+    })
+    .await?
+    .context("hold the node's name in the store")?;
+    if !held {
+        anyhow::bail!(
+            "a live `dough serve` holds the node name {name:?} in this store: give this one another --node-name"
+        );
+    }
 
     let local = tokio::task::LocalSet::new();
     local
@@ -267,11 +314,11 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
             // and their VMs torn down before we exit.
             eprintln!("dough serve: shutting down; cancelling running tasks");
             svc.stop_admitting();
-            for t in svc.store().in_flight()? {
+            for t in svc.in_flight_here()? {
                 let _ = svc.cancel(&t.id);
             }
             let deadline = tokio::time::Instant::now() + svc.config().cancel_grace + Duration::from_secs(30);
-            while !svc.store().in_flight()?.is_empty() && tokio::time::Instant::now() < deadline {
+            while !svc.in_flight_here()?.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             if svc.pools().is_some() {

@@ -6,6 +6,8 @@
 //! else `/var/lib/dough/images/default`). A missing image fails the test loudly.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

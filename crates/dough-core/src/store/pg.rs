@@ -1,0 +1,750 @@
+//! PostgreSQL: the store the nodes of a cluster share
+//! (`dough serve --store postgres://…`).
+//!
+//! The schema is versioned (`dough_schema`) and migrated on open, under an
+//! advisory lock so nodes starting together migrate once; a database whose
+//! schema is newer than this build knows is refused.
+//!
+//! Connections come from an r2d2 pool. The `postgres` client drives its
+//! socket on a runtime of its own, which cannot run on a thread that is
+//! already driving the daemon's runtime; so each call runs on a short
+//! scoped thread (tens of µs, small next to a round trip to the database)
+//! and the caller waits for it, as it waits for SQLite's disk.
+use std::time::Duration;
+
+use postgres::{Client, GenericClient, NoTls};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::*;
+
+/// `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The database's clock, in ms since the epoch.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+const V1: &str = "
+CREATE TABLE tasks (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    reason TEXT,
+    detail TEXT,
+    exit_code INTEGER,
+    request TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_ms BIGINT NOT NULL,
+    vm_id TEXT,
+    output_bytes BIGINT NOT NULL DEFAULT 0,
+    output_truncated BOOLEAN NOT NULL DEFAULT false,
+    cleanup TEXT,
+    result TEXT,
+    image_digest TEXT,
+    node TEXT,
+    epoch BIGINT NOT NULL DEFAULT 0,
+    cancel_requested BOOLEAN NOT NULL DEFAULT false
+);
+CREATE INDEX tasks_node ON tasks (node) WHERE state IN ('provisioning', 'booting', 'running', 'finalizing');
+CREATE INDEX tasks_queue ON tasks (priority DESC, seq) WHERE state = 'queued';
+CREATE INDEX tasks_state ON tasks (state);
+CREATE TABLE transitions (
+    seq BIGSERIAL PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    reason TEXT
+);
+CREATE INDEX transitions_task ON transitions (task_id, seq);
+CREATE TABLE output (
+    task_id TEXT NOT NULL,
+    off BIGINT NOT NULL,
+    stream SMALLINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (task_id, off)
+);
+CREATE TABLE resources (
+    seq BIGSERIAL PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL
+);
+CREATE INDEX resources_task ON resources (task_id, seq);
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    -- The database's clock: nodes' clocks may disagree.
+    heartbeat_ms BIGINT NOT NULL,
+    record TEXT NOT NULL
+);
+";
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+pub struct PgStore {
+    /// Taken only by `Drop`.
+    pool: Option<Pool>,
+    config: postgres::Config,
+    /// The session that holds this node's name (an advisory lock, freed
+    /// by the server when the process dies).
+    name_lock: std::sync::Mutex<Option<Client>>,
+}
+
+impl Drop for PgStore {
+    /// Clients own runtimes, which must not be dropped on a thread that
+    /// drives the daemon's runtime: they go on a thread of their own.
+    fn drop(&mut self) {
+        let pool = self.pool.take();
+        let lock = self.name_lock.lock().map(|mut l| l.take()).ok().flatten();
+        let _ = std::thread::spawn(move || drop((pool, lock))).join();
+    }
+}
+
+impl PgStore {
+    /// Connect (a pool of up to `connections`), then bring the schema up
+    /// to [`SCHEMA_VERSION`].
+    pub fn open(url: &str, connections: u32) -> Result<PgStore> {
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            StoreError::Schema(format!(
+                "the store's address is not a PostgreSQL connection string: {e}"
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("dough");
+        // A database that went silent is noticed in seconds, not after the
+        // kernel's two hours.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(2))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(5));
+        // One connection first, for the migration: a database that cannot
+        // be reached is an error now, with its cause (the pool would retry
+        // until its timeout).
+        std::thread::scope(|s| {
+            s.spawn(|| migrate(&mut config.connect(NoTls)?))
+                .join()
+                .unwrap_or_else(|_| Err(StoreError::Corrupt("the store's thread panicked".into())))
+        })?;
+        let pool = r2d2::Pool::builder()
+            .max_size(connections.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_secs(10))
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls));
+        Ok(PgStore {
+            pool: Some(pool),
+            config,
+            name_lock: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i32> {
+        self.with(|c| {
+            Ok(
+                c.query_one("SELECT COALESCE(MAX(version), 0) FROM dough_schema", &[])?
+                    .get(0),
+            )
+        })
+    }
+
+    /// Run `f` with a pooled connection, on a thread of its own (see the
+    /// module's doc), and wait for it.
+    fn with<R: Send>(&self, f: impl FnOnce(&mut Client) -> Result<R> + Send) -> Result<R> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut c = self.pool.as_ref().expect("taken only by drop").get()?;
+                f(&mut c)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Corrupt("the store's thread panicked".into())))
+        })
+    }
+}
+
+fn migrate(c: &mut Client) -> Result<()> {
+    let mut tx = c.transaction()?;
+    // One node migrates at a time; the others then find it done.
+    tx.query("SELECT pg_advisory_xact_lock(7446870711)", &[])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS dough_schema (
+            version INTEGER PRIMARY KEY,
+            applied_ms BIGINT NOT NULL,
+            dough TEXT NOT NULL
+        )",
+    )?;
+    let have: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM dough_schema", &[])?
+        .get(0);
+    if have > SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "the database's schema is version {have}, newer than this dough {} knows (version {SCHEMA_VERSION}): \
+             a newer dough has migrated it; run that release on this node too",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO dough_schema (version, applied_ms, dough) VALUES ($1, $2, $3)",
+            &[
+                &(i as i32 + 1),
+                &(now_ms() as i64),
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Tasks from `sql` (selecting `*` from `tasks`), with their transitions.
+fn records<C: GenericClient>(
+    c: &mut C,
+    sql: &str,
+    p: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Result<Vec<TaskRecord>> {
+    let rows = c.query(sql, p)?;
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let ids: Vec<String> = rows.iter().map(|r| r.get("id")).collect();
+    let mut transitions: BTreeMap<String, Vec<Transition>> = BTreeMap::new();
+    for r in c.query(
+        "SELECT task_id, state, at_ms, reason FROM transitions WHERE task_id = ANY($1) ORDER BY seq",
+        &[&ids],
+    )? {
+        let s: String = r.get(1);
+        transitions
+            .entry(r.get(0))
+            .or_default()
+            .push(Transition {
+                state: State::parse(&s).ok_or_else(|| corrupt(&s))?,
+                at_ms: r.get::<_, i64>(2) as u64,
+                reason: r.get(3),
+            });
+    }
+    rows.iter()
+        .map(|row| {
+            let id: String = row.get("id");
+            let state: String = row.get("state");
+            Ok(TaskRecord {
+                state: State::parse(&state).ok_or_else(|| corrupt(&state))?,
+                reason: row.get("reason"),
+                detail: row.get("detail"),
+                exit_code: row.get("exit_code"),
+                request: serde_json::from_str(row.get("request")).map_err(corrupt)?,
+                created_ms: row.get::<_, i64>("created_ms") as u64,
+                vm_id: row.get("vm_id"),
+                transitions: transitions.remove(&id).unwrap_or_default(),
+                output_bytes: row.get::<_, i64>("output_bytes") as u64,
+                output_truncated: row.get("output_truncated"),
+                cleanup: row.get("cleanup"),
+                result: row
+                    .get::<_, Option<&str>>("result")
+                    .map(|r| serde_json::from_str(r).map_err(corrupt))
+                    .transpose()?,
+                image_digest: row.get("image_digest"),
+                node: row.get("node"),
+                epoch: row.get::<_, i64>("epoch") as u64,
+                id,
+            })
+        })
+        .collect()
+}
+
+fn get_one<C: GenericClient>(c: &mut C, id: &str) -> Result<TaskRecord> {
+    records(c, "SELECT * FROM tasks WHERE id = $1", &[&id])?
+        .pop()
+        .ok_or_else(|| StoreError::NotFound(id.into()))
+}
+
+/// Fails with NotFound when no row was changed.
+fn changed(n: u64, id: &str) -> Result<()> {
+    if n == 0 {
+        return Err(StoreError::NotFound(id.into()));
+    }
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn insert(&self, id: &str, req: &TaskRequest) -> Result<TaskRecord> {
+        let request = serde_json::to_string(req).expect("request serializes");
+        self.with(|c| {
+            let now = now_ms() as i64;
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO tasks (id, state, request, priority, created_ms) VALUES ($1, 'queued', $2, $3, $4)",
+                &[&id, &request, &req.priority, &now],
+            )?;
+            tx.execute(
+                "INSERT INTO transitions (task_id, state, at_ms) VALUES ($1, 'queued', $2)",
+                &[&id, &now],
+            )?;
+            let t = get_one(&mut tx, id)?;
+            tx.commit()?;
+            Ok(t)
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<TaskRecord> {
+        self.with(|c| get_one(c, id))
+    }
+
+    fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<TaskRecord>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.with(|c| match state {
+            Some(s) => records(
+                c,
+                "SELECT * FROM tasks WHERE state = $1 ORDER BY seq DESC LIMIT $2",
+                &[&s.as_str(), &limit],
+            ),
+            None => records(
+                c,
+                "SELECT * FROM tasks ORDER BY seq DESC LIMIT $1",
+                &[&limit],
+            ),
+        })
+    }
+
+    fn queued(&self, limit: usize) -> Result<Vec<TaskRecord>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.with(|c| {
+            records(
+                c,
+                "SELECT * FROM tasks WHERE state = 'queued' ORDER BY priority DESC, seq ASC LIMIT $1",
+                &[&limit],
+            )
+        })
+    }
+
+    fn in_flight(&self) -> Result<Vec<TaskRecord>> {
+        self.with(|c| {
+            records(
+                c,
+                "SELECT * FROM tasks WHERE state IN ('provisioning', 'booting', 'running', 'finalizing') ORDER BY seq",
+                &[],
+            )
+        })
+    }
+
+    fn transition(
+        &self,
+        id: &str,
+        fence: Option<u64>,
+        to: State,
+        reason: Option<&str>,
+        detail: Option<&str>,
+        exit_code: Option<i32>,
+    ) -> Result<TaskRecord> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let row = tx
+                .query_opt(
+                    "SELECT state, epoch FROM tasks WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let (from, epoch): (String, i64) = (row.get(0), row.get(1));
+            check_fence(id, fence, epoch)?;
+            let from = State::parse(&from).ok_or_else(|| corrupt(&from))?;
+            if !from.can_go_to(to) {
+                return Err(StoreError::BadTransition {
+                    id: id.into(),
+                    from,
+                    to,
+                });
+            }
+            tx.execute(
+                "UPDATE tasks SET state = $2, reason = COALESCE($3, reason), detail = COALESCE($4, detail), exit_code = COALESCE($5, exit_code) WHERE id = $1",
+                &[&id, &to.as_str(), &reason, &detail, &exit_code],
+            )?;
+            tx.execute(
+                "INSERT INTO transitions (task_id, state, at_ms, reason) VALUES ($1, $2, $3, $4)",
+                &[&id, &to.as_str(), &(now_ms() as i64), &reason],
+            )?;
+            let t = get_one(&mut tx, id)?;
+            tx.commit()?;
+            Ok(t)
+        })
+    }
+
+    fn append_output(
+        &self,
+        id: &str,
+        fence: Option<u64>,
+        stream: u8,
+        data: &[u8],
+        cap: u64,
+    ) -> Result<bool> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let row = tx
+                .query_opt(
+                    "SELECT output_bytes, output_truncated, epoch FROM tasks WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let (bytes, truncated): (i64, bool) = (row.get(0), row.get(1));
+            check_fence(id, fence, row.get(2))?;
+            if truncated {
+                return Ok(false);
+            }
+            let room = cap.saturating_sub(bytes as u64) as usize;
+            let keep = &data[..data.len().min(room)];
+            if !keep.is_empty() {
+                tx.execute(
+                    "INSERT INTO output (task_id, off, stream, data) VALUES ($1, $2, $3, $4)",
+                    &[&id, &bytes, &(stream as i16), &keep],
+                )?;
+            }
+            let cut = keep.len() < data.len();
+            tx.execute(
+                "UPDATE tasks SET output_bytes = output_bytes + $2, output_truncated = $3 WHERE id = $1",
+                &[&id, &(keep.len() as i64), &cut],
+            )?;
+            tx.commit()?;
+            Ok(!cut)
+        })
+    }
+
+    fn logs(&self, id: &str) -> Result<Logs> {
+        self.with(|c| {
+            let truncated: bool = c
+                .query_opt("SELECT output_truncated FROM tasks WHERE id = $1", &[&id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?
+                .get(0);
+            let chunks = c
+                .query(
+                    "SELECT stream, data FROM output WHERE task_id = $1 ORDER BY off",
+                    &[&id],
+                )?
+                .iter()
+                .map(|r| (r.get::<_, i16>(0) as u8, r.get::<_, Vec<u8>>(1)))
+                .collect();
+            Ok(Logs { chunks, truncated })
+        })
+    }
+
+    fn output_from(&self, id: &str, from: u64, max: usize) -> Result<Vec<(u8, u64, Vec<u8>)>> {
+        let from = from.min(i64::MAX as u64) as i64;
+        self.with(|c| {
+            c.query_opt("SELECT 1 FROM tasks WHERE id = $1", &[&id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let mut out = vec![];
+            let mut taken = 0usize;
+            let mut cursor = from;
+            // The chunk that holds `from`, cut to start there …
+            if let Some(r) = c.query_opt(
+                "SELECT off, stream, data FROM output WHERE task_id = $1 AND off <= $2 ORDER BY off DESC LIMIT 1",
+                &[&id, &from],
+            )? {
+                let (off, data): (i64, Vec<u8>) = (r.get(0), r.get(2));
+                let end = off + data.len() as i64;
+                if end > from {
+                    let skip = (from - off) as usize;
+                    taken += data.len() - skip;
+                    out.push((r.get::<_, i16>(1) as u8, from as u64, data[skip..].to_vec()));
+                    cursor = end;
+                }
+            }
+            // … then whole chunks, a page at a time, until about `max`.
+            'pages: while taken < max {
+                let rows = c.query(
+                    "SELECT off, stream, data FROM output WHERE task_id = $1 AND off >= $2 ORDER BY off LIMIT 32",
+                    &[&id, &cursor],
+                )?;
+                if rows.is_empty() {
+                    break;
+                }
+                for r in rows {
+                    if taken >= max {
+                        break 'pages;
+                    }
+                    let (off, data): (i64, Vec<u8>) = (r.get(0), r.get(2));
+                    taken += data.len();
+                    cursor = off + data.len() as i64;
+                    out.push((r.get::<_, i16>(1) as u8, off as u64, data));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO resources (task_id, kind, name) VALUES ($1, $2, $3)",
+                &[&id, &kind, &name],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn resources(&self, id: &str) -> Result<Vec<(String, String)>> {
+        self.with(|c| {
+            Ok(c.query(
+                "SELECT kind, name FROM resources WHERE task_id = $1 ORDER BY seq",
+                &[&id],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })
+    }
+
+    fn clear_resources(&self, id: &str, cleanup: &str) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("DELETE FROM resources WHERE task_id = $1", &[&id])?;
+            tx.execute(
+                "UPDATE tasks SET cleanup = $2 WHERE id = $1",
+                &[&id, &cleanup],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn claim(&self, id: &str, node: &str, vm_id: &str) -> Result<Option<TaskRecord>> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            // Read committed: a second claimer waits on the first's row
+            // lock, then finds the row no longer queued.
+            let n = tx.execute(
+                "UPDATE tasks SET state = 'provisioning', node = $2, vm_id = $3, epoch = epoch + 1 WHERE id = $1 AND state = 'queued'",
+                &[&id, &node, &vm_id],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO transitions (task_id, state, at_ms) VALUES ($1, 'provisioning', $2)",
+                &[&id, &(now_ms() as i64)],
+            )?;
+            let t = get_one(&mut tx, id)?;
+            tx.commit()?;
+            Ok(Some(t))
+        })
+    }
+
+    fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE tasks SET vm_id = $2, node = $3 WHERE id = $1",
+                &[&id, &vm_id, &node],
+            )?;
+            changed(n, id)
+        })
+    }
+
+    fn set_result(
+        &self,
+        id: &str,
+        fence: Option<u64>,
+        result: &crate::repo::Finalized,
+    ) -> Result<()> {
+        let text = serde_json::to_string(result).map_err(corrupt)?;
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let epoch: i64 = tx
+                .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?
+                .get(0);
+            check_fence(id, fence, epoch)?;
+            tx.execute("UPDATE tasks SET result = $2 WHERE id = $1", &[&id, &text])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn set_image_digest(&self, id: &str, digest: &str) -> Result<()> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE tasks SET image_digest = $2 WHERE id = $1",
+                &[&id, &digest],
+            )?;
+            changed(n, id)
+        })
+    }
+
+    fn requeue(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "UPDATE tasks SET state = 'queued', vm_id = NULL WHERE id = $1",
+                &[&id],
+            )?;
+            tx.execute(
+                "INSERT INTO transitions (task_id, state, at_ms, reason) VALUES ($1, 'queued', $2, 'orchestrator_restart')",
+                &[&id, &(now_ms() as i64)],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn counts(&self) -> Result<BTreeMap<State, u64>> {
+        self.with(|c| {
+            let mut m: BTreeMap<State, u64> = State::ALL.iter().map(|s| (*s, 0)).collect();
+            for r in c.query("SELECT state, COUNT(*) FROM tasks GROUP BY state", &[])? {
+                if let Some(s) = State::parse(r.get(0)) {
+                    m.insert(s, r.get::<_, i64>(1) as u64);
+                }
+            }
+            Ok(m)
+        })
+    }
+
+    fn node_beat(&self, node: &NodeRecord) -> Result<bool> {
+        let rec = serde_json::to_string(node).map_err(corrupt)?;
+        self.with(|c| {
+            // Not over the record of this very incarnation declared dead.
+            let n = c.execute(
+                &format!(
+                    "INSERT INTO nodes (name, state, started_ms, heartbeat_ms, record)
+                     VALUES ($1, $2, $3, {DB_NOW_MS}, $4)
+                     ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                        started_ms = excluded.started_ms, heartbeat_ms = excluded.heartbeat_ms,
+                        record = excluded.record
+                     WHERE NOT (nodes.state = 'dead' AND nodes.started_ms = excluded.started_ms)"
+                ),
+                &[&node.name, &node.state, &(node.started_ms as i64), &rec],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn hold_node_name(&self, name: &str) -> Result<bool> {
+        let mut held = self.name_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let slot: &mut Option<Client> = &mut held;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                if slot.is_none() {
+                    *slot = Some(self.config.connect(NoTls)?);
+                }
+                let c = slot.as_mut().expect("just made");
+                Ok(c.query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended('dough node ' || $1, 0))",
+                    &[&name],
+                )?
+                .get(0))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Corrupt("the store's thread panicked".into())))
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.with(|c| {
+            c.query(
+                "SELECT record, state, heartbeat_ms FROM nodes ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                let mut n: NodeRecord = serde_json::from_str(r.get(0)).map_err(corrupt)?;
+                n.state = r.get(1);
+                n.heartbeat_ms = r.get::<_, i64>(2) as u64;
+                Ok(n)
+            })
+            .collect()
+        })
+    }
+
+    fn request_cancel(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE tasks SET cancel_requested = true WHERE id = $1",
+                &[&id],
+            )?;
+            changed(n, id)
+        })
+    }
+
+    fn cancel_requests(&self, node: &str) -> Result<Vec<String>> {
+        self.with(|c| {
+            Ok(c.query(
+                "SELECT id FROM tasks WHERE node = $1 AND cancel_requested
+                 AND state IN ('provisioning', 'booting', 'running', 'finalizing')",
+                &[&node],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+
+    fn reap_dead_nodes(&self, by: &str, timeout_ms: u64) -> Result<Vec<Reaped>> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            // Locked, so two peers do not both reap one node; a node being
+            // reaped by another is skipped.
+            let dead: Vec<String> = tx
+                .query(
+                    &format!(
+                        "UPDATE nodes SET state = 'dead' WHERE name IN (
+                            SELECT name FROM nodes WHERE name <> $1
+                            AND state NOT IN ('stopped', 'dead')
+                            AND heartbeat_ms < {DB_NOW_MS} - $2
+                            FOR UPDATE SKIP LOCKED)
+                         RETURNING name"
+                    ),
+                    &[&by, &(timeout_ms as i64)],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut out = vec![];
+            for node in dead {
+                let now = now_ms() as i64;
+                let requeued: Vec<String> = tx
+                    .query(
+                        "UPDATE tasks SET state = 'queued', vm_id = NULL, node = NULL, epoch = epoch + 1
+                         WHERE node = $1 AND state = 'provisioning' RETURNING id",
+                        &[&node],
+                    )?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let failed: Vec<String> = tx
+                    .query(
+                        "UPDATE tasks SET state = 'failed', reason = 'node_lost', detail = $2, epoch = epoch + 1
+                         WHERE node = $1 AND state IN ('booting', 'running', 'finalizing') RETURNING id",
+                        &[&node, &node_lost_detail(&node, by, timeout_ms)],
+                    )?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                tx.execute(
+                    "INSERT INTO transitions (task_id, state, at_ms, reason)
+                     SELECT id, 'queued', $2, 'node_lost' FROM unnest($1::text[]) AS id",
+                    &[&requeued, &now],
+                )?;
+                tx.execute(
+                    "INSERT INTO transitions (task_id, state, at_ms, reason)
+                     SELECT id, 'failed', $2, 'node_lost' FROM unnest($1::text[]) AS id",
+                    &[&failed, &now],
+                )?;
+                out.push(Reaped {
+                    node,
+                    failed,
+                    requeued,
+                });
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+}

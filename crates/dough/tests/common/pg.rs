@@ -1,0 +1,153 @@
+//! A real PostgreSQL server for a test: Debian's `postgresql` (installed
+//! by `scripts/test.sh`), a cluster of its own made with `initdb` in a
+//! temporary directory, run as the `postgres` user on a free port, and
+//! stopped (immediate) when dropped.
+use std::path::PathBuf;
+use std::process::Command;
+
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    /// The address it listens on.
+    pub host: String,
+}
+
+/// Debian's server binaries (`/usr/lib/postgresql/<major>/bin`), newest.
+fn bin_dir() -> PathBuf {
+    let mut majors: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|m| PathBuf::from(format!("/usr/lib/postgresql/{m}/bin/initdb")).exists())
+        .collect();
+    majors.sort();
+    let m = majors.pop().unwrap_or_else(|| {
+        panic!("no PostgreSQL server under /usr/lib/postgresql: apt-get install postgresql (scripts/test.sh does)")
+    });
+    PathBuf::from(format!("/usr/lib/postgresql/{m}/bin"))
+}
+
+/// `cmd` as the `postgres` user (initdb refuses root).
+fn as_postgres(cmd: &std::path::Path) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(cmd);
+    c
+}
+
+fn check(c: &mut Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Postgres {
+    /// A new cluster listening on 127.0.0.1.
+    pub fn start() -> Postgres {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A new cluster listening on `host` (an address of this namespace).
+    pub fn start_on(host: &str) -> Postgres {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("dough-pg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        check(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path()),
+            "chown the cluster's directory",
+        );
+        check(
+            as_postgres(&bin.join("initdb"))
+                .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
+                .arg(&data),
+            "initdb",
+        );
+        let port = {
+            let l = std::net::TcpListener::bind((host, 0)).unwrap();
+            l.local_addr().unwrap().port()
+        };
+        check(
+            as_postgres(&bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses={host} -c fsync=off -c max_connections=300",
+                    dir.path().display()
+                ))
+                .args(["-w", "-t", "60", "start"]),
+            "pg_ctl start",
+        );
+        Postgres {
+            dir,
+            bin,
+            port,
+            host: host.into(),
+        }
+    }
+
+    /// The address of database `db`, made if it does not exist yet.
+    pub fn url(&self, db: &str) -> String {
+        let exists = self.psql(
+            "postgres",
+            &format!("SELECT 1 FROM pg_database WHERE datname = '{db}'"),
+        );
+        if exists.trim().is_empty() {
+            self.psql("postgres", &format!("CREATE DATABASE \"{db}\""));
+        }
+        format!("postgres://postgres@{}:{}/{db}", self.host, self.port)
+    }
+
+    /// Run `sql` in database `db`; its rows, unaligned.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.host)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}

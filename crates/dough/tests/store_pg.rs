@@ -1,0 +1,80 @@
+//! The PostgreSQL store against a real server (Debian's `postgresql`, a
+//! cluster of the test's own): the same checks SQLite passes, and the
+//! schema's versioning.
+mod common;
+
+use common::pg::Postgres;
+use dough_core::store::{PgStore, Store};
+
+#[test]
+fn postgres_passes_the_store_checks() {
+    let pg = Postgres::start();
+    dough_core::store::checks::all(&|name: &str| -> Box<dyn Store> {
+        Box::new(PgStore::open(&pg.url(name), 4).unwrap())
+    });
+}
+
+#[test]
+fn the_schema_is_versioned_and_a_newer_one_is_refused() {
+    let pg = Postgres::start();
+    let url = pg.url("schema");
+    let s = PgStore::open(&url, 2).unwrap();
+    let v = s.schema_version().unwrap();
+    assert_eq!(v, dough_core::store::PG_SCHEMA_VERSION);
+    assert!(v >= 1);
+    drop(s);
+    // Opening again migrates nothing (one row per version).
+    PgStore::open(&url, 2).unwrap();
+    assert_eq!(
+        pg.psql("schema", "SELECT count(*) FROM dough_schema")
+            .trim(),
+        v.to_string()
+    );
+    // A newer dough migrated the database: this one refuses it, and says
+    // what to do.
+    pg.psql(
+        "schema",
+        &format!(
+            "INSERT INTO dough_schema (version, applied_ms, dough) VALUES ({}, 0, '99.0.0')",
+            v + 1
+        ),
+    );
+    let e = PgStore::open(&url, 2)
+        .err()
+        .expect("a newer schema is refused");
+    let m = e.to_string();
+    assert!(
+        m.contains(&format!("schema is version {}", v + 1)) && m.contains("newer"),
+        "{m}"
+    );
+}
+
+#[test]
+fn an_unreachable_or_malformed_store_is_a_clear_error() {
+    let e = PgStore::open("postgres://postgres@127.0.0.1:1/x", 1)
+        .err()
+        .expect("nothing listens on port 1");
+    assert!(e.to_string().contains("postgres"), "{e}");
+    let e = PgStore::open("not a url at all", 1).err().unwrap();
+    assert!(
+        e.to_string().contains("not a PostgreSQL connection string"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_node_name_is_held_by_one_live_process() {
+    let pg = Postgres::start();
+    let url = pg.url("names");
+    let a = PgStore::open(&url, 1).unwrap();
+    let b = PgStore::open(&url, 1).unwrap();
+    assert!(a.hold_node_name("n1").unwrap());
+    assert!(a.hold_node_name("n1").unwrap(), "held again by its holder");
+    assert!(!b.hold_node_name("n1").unwrap());
+    assert!(b.hold_node_name("n2").unwrap());
+    // The holder gone (its session closed), the name is free.
+    drop(a);
+    common::wait_until("the name freed", std::time::Duration::from_secs(10), || {
+        b.hold_node_name("n1").unwrap()
+    });
+}
