@@ -39,6 +39,21 @@ if ! dpkg -s busybox-static >/dev/null 2>&1 || ! command -v docker-registry >/de
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
+# Test-only: PostgreSQL, the store of the cluster tests
+# (crates/dough/tests/cluster.rs, store_pg.rs). Its service is not started
+# (policy-rc.d, as above); each test runs a cluster of its own with initdb
+# and pg_ctl as the postgres user.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/dev/null; then
+  printf '\n== apt: postgresql (test-only)\n' >&2
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
+fi
+
 # The image of the end-to-end agent test (crates/dough/tests/vm_claude.rs):
 # Claude Code from the npm registry, ~5 minutes under TCG the first time,
 # then cached by content (its layers are keyed by the steps and the base).

@@ -213,6 +213,10 @@ struct Inner {
     last_beat: Mutex<Instant>,
     /// A heartbeat is being written (the store may hang).
     beating: std::sync::atomic::AtomicBool,
+    /// Drained (`dough node drain`): takes no new task.
+    draining: std::sync::atomic::AtomicBool,
+    /// The VM of each task running here.
+    vms: Mutex<HashMap<String, String>>,
 }
 
 /// The service. Cheap to clone.
@@ -251,6 +255,8 @@ impl Service {
                 abandoned: Mutex::new(HashMap::new()),
                 last_beat: Mutex::new(Instant::now()),
                 beating: false.into(),
+                draining: false.into(),
+                vms: Mutex::new(HashMap::new()),
             }),
         };
         let rec = svc.recover()?;
@@ -273,7 +279,7 @@ impl Service {
             );
             let _ = svc.inner.pools.set(pools);
         }
-        if !svc.beat("up")? {
+        if svc.beat("up")?.is_none() {
             // Only a dead incarnation with this very start time: a clock
             // step back. Come up as a new one.
             svc.inner.started_ms.store(now_ms() + 1, SeqCst);
@@ -283,6 +289,23 @@ impl Service {
         tokio::task::spawn_local(async move { s.schedule_loop().await });
         let s = svc.clone();
         tokio::task::spawn_local(async move { s.heartbeat_loop().await });
+        if svc.inner.store.is_shared() {
+            // The lease is watched from a thread of its own: it must act
+            // even while the runtime waits on a store that hangs.
+            let weak = Arc::downgrade(&svc.inner);
+            std::thread::Builder::new()
+                .name("dough-lease".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let Some(inner) = weak.upgrade() else { return };
+                    let s = Service { inner };
+                    if s.inner.stopping.load(SeqCst) {
+                        return;
+                    }
+                    s.check_lease();
+                })
+                .map_err(|e| StoreError::Corrupt(format!("start the lease thread: {e}")))?;
+        }
         // Tasks queued before this start (or re-queued just now) may run.
         svc.inner.wake.notify_one();
         Ok((svc, rec))
@@ -316,9 +339,10 @@ impl Service {
         }
     }
 
-    /// Record this node's state and use now. `false`: this incarnation
-    /// was declared dead by a peer (nothing written).
-    pub fn beat(&self, state: &str) -> Result<bool, StoreError> {
+    /// Record this node's state and use now; the state on record
+    /// (`draining` once drained). `None`: this incarnation was declared
+    /// dead by a peer (nothing written).
+    pub fn beat(&self, state: &str) -> Result<Option<String>, StoreError> {
         self.inner.store.node_beat(&self.node_record(state))
     }
 
@@ -339,7 +363,6 @@ impl Service {
             if self.inner.stopping.load(SeqCst) {
                 return;
             }
-            self.check_lease();
             if self.inner.beating.swap(true, SeqCst) {
                 continue;
             }
@@ -357,7 +380,12 @@ impl Service {
     /// and the reaping of dead peers (every second).
     fn tick(&self, full: bool) {
         let st = &self.inner.store;
-        match st.cancel_requests(&self.inner.cfg.node_name) {
+        let shared = st.is_shared();
+        match if shared {
+            st.cancel_requests(&self.inner.cfg.node_name)
+        } else {
+            Ok(vec![])
+        } {
             Ok(ids) => {
                 for id in ids {
                     if let Some(tx) = self.inner.cancels.lock().unwrap().remove(&id) {
@@ -372,8 +400,14 @@ impl Service {
             return;
         }
         match self.beat("up") {
-            Ok(true) => *self.inner.last_beat.lock().unwrap() = Instant::now(),
-            Ok(false) => {
+            Ok(Some(state)) => {
+                *self.inner.last_beat.lock().unwrap() = Instant::now();
+                let draining = state == "draining";
+                if self.inner.draining.swap(draining, SeqCst) != draining {
+                    info!(draining, "this node's drain changed");
+                }
+            }
+            Ok(None) => {
                 // Declared dead while alive (cut off from the store, or
                 // stalled): its tasks are settled by the peer already.
                 // Stop them, writing nothing, and come back as a new
@@ -386,6 +420,9 @@ impl Service {
                 self.inner.started_ms.store(now_ms(), SeqCst);
             }
             Err(e) => warn!(error = %e, "node heartbeat"),
+        }
+        if !shared {
+            return;
         }
         let timeout = self.inner.cfg.node_timeout.as_millis() as u64;
         match st.reap_dead_nodes(&self.inner.cfg.node_name, timeout) {
@@ -405,8 +442,13 @@ impl Service {
     }
 
     /// No heartbeat written for the lease: peers may declare this node
-    /// dead at any moment, so its tasks stop now.
+    /// dead at any moment, so its tasks stop now. (Only on a shared store:
+    /// a single host's store that stalls has no peer to take over, and its
+    /// tasks wait for it.)
     fn check_lease(&self) {
+        if !self.inner.store.is_shared() {
+            return;
+        }
         let silent = self.inner.last_beat.lock().unwrap().elapsed();
         let lease = self.inner.cfg.lease();
         if silent > lease && !self.inner.cancels.lock().unwrap().is_empty() {
@@ -414,11 +456,28 @@ impl Service {
                 silent_ms = silent.as_millis() as u64,
                 "no heartbeat written for the lease; stopping this node's tasks"
             );
-            self.abandon_all(&format!(
+            let why = format!(
                 "node {} could not reach the store for {} s and stopped the task",
                 self.inner.cfg.node_name,
                 silent.as_secs()
-            ));
+            );
+            let ids: Vec<String> = self.inner.cancels.lock().unwrap().keys().cloned().collect();
+            for id in ids {
+                self.abandon(&id, &why);
+                // At once, not when the runtime gets to it (it may be
+                // waiting on the store): the VM's processes are killed
+                // here; the runner tears the rest down.
+                if let Some(vm) = self.inner.vms.lock().unwrap().get(&id) {
+                    for pid in
+                        crate::rundir::processes_using(&self.inner.cfg.host.runs_dir().join(vm))
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -452,11 +511,7 @@ impl Service {
     /// and the host's limits hold it next to the tasks' VMs and every other
     /// pooled VM.
     fn room_for_pool(&self, shape: Shape) -> bool {
-        if self
-            .inner
-            .stopping
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.inner.stopping.load(SeqCst) || self.inner.draining.load(SeqCst) {
             return false;
         }
         if !matches!(self.inner.store.queued(1), Ok(q) if q.is_empty()) {
@@ -514,7 +569,7 @@ impl Service {
                     gc.errors.join("; ")
                 )
             };
-            st.clear_resources(&t.id, &cleanup)?;
+            st.clear_resources(&t.id, Some(t.epoch), &cleanup)?;
             if t.state == State::Provisioning {
                 st.requeue(&t.id)?;
                 r.requeued.push(t.id);
@@ -534,10 +589,11 @@ impl Service {
         Ok(r)
     }
 
-    /// Whether `t` was taken by this node (a task on record from before
-    /// nodes were recorded is: it was a single host's).
+    /// Whether `t` was taken by this node: on a store of its own (SQLite)
+    /// every task is; on a shared one, those it claimed.
     pub fn is_mine(&self, t: &TaskRecord) -> bool {
-        !matches!(t.node.as_deref(), Some(n) if n != self.inner.cfg.node_name)
+        !self.inner.store.is_shared()
+            || !matches!(t.node.as_deref(), Some(n) if n != self.inner.cfg.node_name)
     }
 
     /// This node's tasks in flight.
@@ -743,7 +799,7 @@ impl Service {
             {
                 continue;
             }
-            if let Err(e) = self.admit() {
+            if let Err(e) = self.admit().await {
                 warn!(error = %e, "scheduler");
             }
         }
@@ -751,7 +807,10 @@ impl Service {
 
     /// Start queued tasks, in order, while they fit. The head of the queue
     /// is never overtaken by a smaller task behind it.
-    fn admit(&self) -> Result<(), StoreError> {
+    async fn admit(&self) -> Result<(), StoreError> {
+        if self.inner.draining.load(SeqCst) {
+            return Ok(());
+        }
         let lim = self.inner.cfg.limits;
         // Only as many as could start: the queue may be long.
         let room = {
@@ -761,8 +820,30 @@ impl Service {
         if room == 0 {
             return Ok(());
         }
-        for t in self.inner.store.queued(room)? {
+        // In a cluster a task this node can never run (bigger than its
+        // capacity, or an image it lacks) is another node's to take: it is
+        // passed over, and the queue looked further into.
+        let shared = self.inner.store.is_shared();
+        let look = if shared { room * 4 + 16 } else { room };
+        let mut started = 0;
+        // The store's calls off the runtime's threads: a store that hangs
+        // (a database cut off) must not stop the node's other work.
+        let st = self.inner.store.clone();
+        let queue = tokio::task::spawn_blocking(move || st.queued(look))
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()))??;
+        for t in queue {
+            if started == room {
+                break;
+            }
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
+            if shared
+                && (v > lim.vcpu_capacity()
+                    || m > lim.memory_mib
+                    || self.image_of(&t.request).is_err())
+            {
+                continue;
+            }
             // A warm VM of the task's shape (image, vCPUs, memory): its
             // room is already counted.
             let warm = ImageName::of(t.request.image.as_deref())
@@ -794,24 +875,41 @@ impl Service {
             // The claim: only one node takes a task (the store decides).
             // Then intent before action: the resources named by the VM id
             // are on record before anything exists.
-            let st = &self.inner.store;
-            let claimed = st.claim(&t.id, &self.inner.cfg.node_name, &vm_id);
-            let recorded = match &claimed {
-                Ok(Some(_)) => (|| -> Result<(), StoreError> {
-                    st.add_resource(&t.id, "vm", &vm_id)?;
-                    let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
-                    st.add_resource(&t.id, "run_dir", &run_dir.display().to_string())?;
-                    st.add_resource(
-                        &t.id,
-                        "netns",
-                        &dough_net::netns_path(&vm_id).display().to_string(),
-                    )
-                })(),
-                _ => Ok(()),
+            let claimed = {
+                let (st, id, node, vm) = (
+                    self.inner.store.clone(),
+                    t.id.clone(),
+                    self.inner.cfg.node_name.clone(),
+                    vm_id.clone(),
+                );
+                let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
+                tokio::task::spawn_blocking(move || -> Result<Option<TaskRecord>, StoreError> {
+                    let Some(t) = st.claim(&id, &node, &vm)? else {
+                        return Ok(None);
+                    };
+                    let recorded = (|| {
+                        st.add_resource(&id, "vm", &vm)?;
+                        st.add_resource(&id, "run_dir", &run_dir.display().to_string())?;
+                        st.add_resource(
+                            &id,
+                            "netns",
+                            &dough_net::netns_path(&vm).display().to_string(),
+                        )
+                    })();
+                    if let Err(e) = recorded {
+                        // Claimed, not recorded: back to the queue.
+                        let _ = st.clear_resources(&id, Some(t.epoch), "not started");
+                        let _ = st.requeue(&id);
+                        return Err(e);
+                    }
+                    Ok(Some(t))
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())))
             };
-            let t = match (claimed, recorded) {
-                (Ok(Some(t)), Ok(())) => t,
-                (claimed, recorded) => {
+            let t = match claimed {
+                Ok(Some(t)) => t,
+                claimed => {
                     // Nothing was started: give the room back.
                     let mut u = self.inner.usage.lock().unwrap();
                     u.running_vms = u.running_vms.saturating_sub(1);
@@ -819,22 +917,21 @@ impl Service {
                     u.memory_mib = u.memory_mib.saturating_sub(m);
                     drop(u);
                     tokio::task::spawn_local(discard(warm));
-                    match (claimed, recorded) {
-                        // Another node took it, or it was cancelled: the
-                        // next one.
-                        (Ok(None), _) => continue,
-                        (Err(e), _) => return Err(e),
-                        (Ok(Some(_)), Err(e)) => {
-                            // Claimed, not recorded: back to the queue.
-                            let _ = st.clear_resources(&t.id, "not started");
-                            let _ = st.requeue(&t.id);
-                            return Err(e);
-                        }
-                        (Ok(Some(_)), Ok(())) => unreachable!("handled above"),
+                    match claimed {
+                        // Another node took it, or it was cancelled, or
+                        // this node is drained: the next one.
+                        Ok(_) => continue,
+                        Err(e) => return Err(e),
                     }
                 }
             };
+            self.inner
+                .vms
+                .lock()
+                .unwrap()
+                .insert(t.id.clone(), vm_id.clone());
             self.publish_state(&t);
+            started += 1;
             if let Some(freed) = self.inner.room_freed.lock().unwrap().take() {
                 let mut u = self.inner.usage.lock().unwrap();
                 if u.sched_latency_us.len() >= 10_000 {
@@ -1059,7 +1156,11 @@ impl Service {
             warn!(task = %t.id, error = %e, "output writer");
         }
         if let Some(img) = &rep.image {
-            if let Err(e) = self.inner.store.set_image_digest(&t.id, &img.digest) {
+            if let Err(e) = self
+                .inner
+                .store
+                .set_image_digest(&t.id, Some(epoch), &img.digest)
+            {
                 warn!(task = %t.id, error = %e, "store image digest");
             }
         }
@@ -1168,6 +1269,7 @@ impl Service {
         cleanup: &str,
     ) {
         self.inner.cancels.lock().unwrap().remove(&t.id);
+        self.inner.vms.lock().unwrap().remove(&t.id);
         self.settle(&t.id, t.epoch, state, reason, detail, code, cleanup);
         {
             let mut u = self.inner.usage.lock().unwrap();
@@ -1209,7 +1311,7 @@ impl Service {
             cleanup.to_string(),
         );
         let attempt = move |s: &Service| -> Result<TaskRecord, StoreError> {
-            s.inner.store.clear_resources(&id, &cleanup)?;
+            s.inner.store.clear_resources(&id, Some(epoch), &cleanup)?;
             s.inner
                 .store
                 .transition(&id, Some(epoch), state, Some(&reason), Some(&detail), code)

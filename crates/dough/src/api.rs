@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use dough_core::service::{Service, SubmitError, TaskEvent};
-use dough_core::store::{State as TaskState, TaskRequest};
+use dough_core::store::{State as TaskState, StoreError, TaskRequest};
 use serde_json::json;
 
 /// Largest accepted request body.
@@ -43,6 +43,18 @@ pub const ROUTES: &[(&str, &str, bool, &str)] = &[
         "/v1/nodes",
         true,
         "Nodes: state, capacity, use, last heartbeat",
+    ),
+    (
+        "post",
+        "/v1/nodes/{name}/drain",
+        true,
+        "Drain a node: it finishes its tasks and takes no new ones",
+    ),
+    (
+        "delete",
+        "/v1/nodes/{name}/drain",
+        true,
+        "End a node's drain: it takes tasks again",
     ),
     (
         "get",
@@ -92,7 +104,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tasks/{id}/logs", get(logs))
         .route("/v1/tasks/{id}/events", get(events))
         .route("/v1/pools", get(pools))
-        .route("/v1/nodes", get(nodes));
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/drain", post(drain).delete(undrain));
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(api.clone(), auth))
@@ -394,6 +407,9 @@ async fn events(
             "query parameters: offset (a byte offset)",
         );
     };
+    if api.svc.store().is_shared() {
+        return follow_store(api.svc.clone(), id, q.offset).await;
+    }
     // Subscribe first, then read the state: no transition falls in between.
     let mut rx = api.svc.subscribe(&id);
     let t = match api.svc.get(&id) {
@@ -509,6 +525,75 @@ async fn events(
         .into_response()
 }
 
+/// How often a task followed through the store is read.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
+/// [`events`] in a cluster: the task may run on another node, so its
+/// states and output are read from the store every [`FOLLOW_EVERY`]
+/// instead of this process's channels. The same stream: (with `offset`)
+/// the stored output from there, the current state, then every new
+/// transition and output byte, in order, ending with the final state.
+async fn follow_store(svc: Service, id: String, offset: Option<u64>) -> Response {
+    let get = |svc: &Service, id: &str| {
+        let (svc, id) = (svc.clone(), id.to_string());
+        async move {
+            tokio::task::spawn_blocking(move || svc.get(&id))
+                .await
+                .map_err(|e| SubmitError::Store(StoreError::Corrupt(e.to_string())))?
+        }
+    };
+    let t = match get(&svc, &id).await {
+        Ok(t) => t,
+        Err(e) => return submit_error(e),
+    };
+    let stream = async_stream(move |tx| async move {
+        // Without an offset: live output only, from what is stored now.
+        let mut next = offset.unwrap_or(t.output_bytes);
+        if offset.is_some() {
+            match replay(&svc, &id, next, &tx).await {
+                Some(n) => next = n,
+                None => return,
+            }
+        }
+        if tx.send(sse(&TaskEvent::state_of(&t))).await.is_err() || t.state.is_terminal() {
+            return;
+        }
+        let mut seen = t.transitions.len();
+        loop {
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            let Ok(t) = get(&svc, &id).await else { return };
+            // Output first: a task's output is stored before its end.
+            match replay(&svc, &id, next, &tx).await {
+                Some(n) => next = n,
+                None => return,
+            }
+            let new = t.transitions.get(seen..).unwrap_or_default();
+            for (i, tr) in new.iter().enumerate() {
+                let ev = if i + 1 == new.len() {
+                    TaskEvent::state_of(&t)
+                } else {
+                    TaskEvent::State {
+                        state: tr.state,
+                        at_ms: tr.at_ms,
+                        reason: tr.reason.clone(),
+                        exit_code: None,
+                    }
+                };
+                if tx.send(sse(&ev)).await.is_err() {
+                    return;
+                }
+            }
+            seen = t.transitions.len();
+            if t.state.is_terminal() {
+                return;
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
 fn sse(ev: &TaskEvent) -> Result<SseEvent, Infallible> {
     let name = match ev {
         TaskEvent::State { .. } => "state",
@@ -534,6 +619,48 @@ where
 async fn pools(State(api): State<Api>) -> Response {
     let pools = api.svc.pools().map(|p| p.status()).unwrap_or_default();
     axum::Json(json!({ "pools": pools })).into_response()
+}
+
+async fn drain(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    set_drain(api, name, true).await
+}
+
+async fn undrain(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    set_drain(api, name, false).await
+}
+
+/// Drain node `name`, or end its drain: the node record as it is then;
+/// 404 for no such node, 409 for a node not in the state to change from.
+async fn set_drain(api: Api, name: String, drain: bool) -> Response {
+    let svc = api.svc.clone();
+    let n = name.clone();
+    let node = match tokio::task::spawn_blocking(move || svc.store().drain_node(&n, drain)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    };
+    let (want, from) = if drain {
+        ("draining", "up")
+    } else {
+        ("up", "draining")
+    };
+    match node {
+        None => error(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            format!("no node {name:?} (dough nodes lists them)"),
+        ),
+        Some(n) if n.state == want => axum::Json(n).into_response(),
+        Some(n) => error(
+            StatusCode::CONFLICT,
+            "node_state",
+            format!(
+                "node {name:?} is {}: only a node that is {from} can be {}",
+                n.state,
+                if drain { "drained" } else { "taken back" }
+            ),
+        ),
+    }
 }
 
 /// Every node on record (this daemon's own line is its heartbeat of the

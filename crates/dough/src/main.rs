@@ -88,6 +88,9 @@ pub enum Command {
     Cancel(cmd::client::IdArgs),
     /// List the nodes (`dough serve` daemons) sharing this store.
     Nodes(cmd::client::NodesArgs),
+    /// Drain a node (it finishes its tasks, takes no new ones) or take it
+    /// back.
+    Node(cmd::client::NodeArgs),
 }
 
 fn init_logging(cli: &Cli) {
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
             Command::Logs(a) => cmd::client::logs(&cli, a),
             Command::Cancel(a) => cmd::client::cancel(&cli, a),
             Command::Nodes(a) => cmd::client::nodes(&cli, a),
+            Command::Node(a) => cmd::client::node(&cli, a),
         }
     });
     match res {

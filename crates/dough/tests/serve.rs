@@ -3,134 +3,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::server::Server;
 use common::*;
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    url: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
-impl Server {
-    fn start(h: &Harness, args: &[&str]) -> Server {
-        let _ = std::fs::remove_file(h.state.path().join("api-url"));
-        let child = h
-            .cmd()
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url_file = h.state.path().join("api-url");
-        wait_until("the server to listen", Duration::from_secs(20), || {
-            url_file.exists()
-        });
-        Server {
-            child,
-            url: std::fs::read_to_string(url_file)
-                .unwrap()
-                .trim()
-                .to_string(),
-            token: std::fs::read_to_string(h.state.path().join("api-token"))
-                .unwrap()
-                .trim()
-                .to_string(),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(30))
-                .build(),
-        }
-    }
-
-    /// (status, JSON body) of a request with the right token.
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        self.call_as(Some(&self.token), method, path, body)
-    }
-
-    fn call_as(
-        &self,
-        token: Option<&str>,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-    ) -> (u16, Value) {
-        let mut r = self.agent.request(method, &format!("{}{path}", self.url));
-        if let Some(t) = token {
-            r = r.set("Authorization", &format!("Bearer {t}"));
-        }
-        let res = match body {
-            Some(b) => r.set("Content-Type", "application/json").send_string(b),
-            None => r.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    fn submit(&self, body: Value) -> String {
-        let (st, v) = self.call("POST", "/v1/tasks", Some(&body.to_string()));
-        assert_eq!(st, 201, "{v}");
-        v["id"].as_str().unwrap().to_string()
-    }
-
-    fn task(&self, id: &str) -> Value {
-        self.call("GET", &format!("/v1/tasks/{id}"), None).1
-    }
-
-    fn wait_state(&self, id: &str, pred: impl Fn(&str) -> bool, limit: Duration) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let t = self.task(id);
-            if pred(t["state"].as_str().unwrap_or("")) {
-                return t;
-            }
-            assert!(t0.elapsed() < limit, "task {id} stuck: {t}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_terminal(&self, id: &str) -> Value {
-        self.wait_state(
-            id,
-            |s| matches!(s, "succeeded" | "failed" | "cancelled" | "timed_out"),
-            Duration::from_secs(120),
-        )
-    }
-
-    fn logs(&self, id: &str) -> String {
-        match self.call("GET", &format!("/v1/tasks/{id}/logs"), None).1 {
-            Value::String(s) => s,
-            v => v.to_string(),
-        }
-    }
-
-    fn stop(mut self) {
-        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// (token: None none, Some("") the right one; method; path; body; status;
 /// error code; a phrase of the message)
@@ -543,7 +421,7 @@ fn bad_requests_get_a_4xx_and_a_json_error_naming_the_problem() {
 #[test]
 fn the_openapi_document_matches_the_served_routes() {
     let h = Harness::new();
-    let s = Server::start(&h, &["--max-vms", "0"]);
+    let s = Server::start(&h, &["--max-vms", "0", "--node-name", "t1"]);
     let (st, doc) = s.call("GET", "/openapi.json", None);
     assert_eq!(st, 200);
     assert_eq!(doc["openapi"], "3.0.3");
@@ -551,7 +429,8 @@ fn the_openapi_document_matches_the_served_routes() {
     let id = s.submit(json!({"command": ["true"]}));
     let mut documented = 0;
     for (path, ops) in paths {
-        let concrete = path.replace("{id}", &id);
+        // (A node's drain: POST drains it, then DELETE takes it back.)
+        let concrete = path.replace("{id}", &id).replace("{name}", "t1");
         for method in ["get", "post", "delete", "put", "patch"] {
             let body = (method == "post").then_some(r#"{"command":["true"]}"#);
             let m = method.to_uppercase();
@@ -575,7 +454,7 @@ fn the_openapi_document_matches_the_served_routes() {
             }
         }
     }
-    assert_eq!(documented, 11, "{doc}");
+    assert_eq!(documented, 13, "{doc}");
     // Without pools the pool list is empty, not an error.
     assert_eq!(s.call("GET", "/v1/pools", None).1, json!({"pools": []}));
     // Routes outside the document do not exist.

@@ -165,7 +165,7 @@ pub fn queue_order_is_priority_then_submission(s: &dyn Store) {
 pub fn results_resources_and_nodes_are_kept(s: &dyn Store) {
     s.insert("t", &req()).unwrap();
     s.set_vm("t", "vm1", "node-a").unwrap();
-    s.set_image_digest("t", "sha256:ab").unwrap();
+    s.set_image_digest("t", None, "sha256:ab").unwrap();
     let fin: crate::repo::Finalized = serde_json::from_value(serde_json::json!({
         "branch": "dough/t", "base": "main", "base_commit": "abc", "commits": [],
         "head": "def", "pushed": true, "pr_url": "http://forge/pr/1"
@@ -175,7 +175,7 @@ pub fn results_resources_and_nodes_are_kept(s: &dyn Store) {
     s.add_resource("t", "vm", "vm1").unwrap();
     s.add_resource("t", "netns", "/run/netns/x").unwrap();
     assert_eq!(s.resources("t").unwrap().len(), 2);
-    s.clear_resources("t", "ok").unwrap();
+    s.clear_resources("t", None, "ok").unwrap();
     assert!(s.resources("t").unwrap().is_empty());
     let t = s.get("t").unwrap();
     assert_eq!(
@@ -281,6 +281,16 @@ pub fn writes_under_an_old_claim_are_fenced(s: &dyn Store) {
         s.set_result("t", stale, &fin),
         Err(StoreError::Fenced { .. })
     ));
+    s.add_resource("t", "vm", "vm").unwrap();
+    assert!(matches!(
+        s.clear_resources("t", stale, "ok"),
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(s.resources("t").unwrap().len(), 1);
+    assert!(matches!(
+        s.set_image_digest("t", stale, "sha256:x"),
+        Err(StoreError::Fenced { .. })
+    ));
     let t = s.get("t").unwrap();
     assert_eq!(
         (t.state, t.output_bytes, t.result.is_none()),
@@ -308,9 +318,9 @@ fn node(name: &str, state: &str, started_ms: u64) -> NodeRecord {
 /// tasks fail node_lost, its claimed ones are queued again, all under a
 /// new epoch; its old incarnation cannot beat again, a new one can.
 pub fn a_silent_node_is_reaped_once_and_its_tasks_settled(s: &dyn Store) {
-    assert!(s.node_beat(&node("a", "up", 1)).unwrap());
-    assert!(s.node_beat(&node("b", "up", 1)).unwrap());
-    assert!(s.node_beat(&node("s", "stopped", 1)).unwrap());
+    assert!(s.node_beat(&node("a", "up", 1)).unwrap().is_some());
+    assert!(s.node_beat(&node("b", "up", 1)).unwrap().is_some());
+    assert!(s.node_beat(&node("s", "stopped", 1)).unwrap().is_some());
     for id in ["x", "y", "z", "w"] {
         s.insert(id, &req()).unwrap();
     }
@@ -335,7 +345,7 @@ pub fn a_silent_node_is_reaped_once_and_its_tasks_settled(s: &dyn Store) {
     // Within the timeout: nobody is dead.
     assert!(s.reap_dead_nodes("a", 60_000).unwrap().is_empty());
     std::thread::sleep(std::time::Duration::from_millis(30));
-    assert!(s.node_beat(&node("a", "up", 1)).unwrap());
+    assert!(s.node_beat(&node("a", "up", 1)).unwrap().is_some());
     let r = s.reap_dead_nodes("a", 10).unwrap();
     assert_eq!(
         r,
@@ -388,8 +398,38 @@ pub fn a_silent_node_is_reaped_once_and_its_tasks_settled(s: &dyn Store) {
         ]
     );
     // The dead incarnation cannot beat; a new one (a new start) can.
-    assert!(!s.node_beat(&node("b", "up", 1)).unwrap());
+    assert!(s.node_beat(&node("b", "up", 1)).unwrap().is_none());
     assert_eq!(s.nodes().unwrap()[1].state, "dead");
-    assert!(s.node_beat(&node("b", "up", 2)).unwrap());
+    assert_eq!(
+        s.node_beat(&node("b", "up", 2)).unwrap().as_deref(),
+        Some("up")
+    );
     assert_eq!(s.nodes().unwrap()[1].state, "up");
+    // Drained, a node's `up` beats stay `draining`; taken back, `up`.
+    assert!(s.drain_node("nope", true).unwrap().is_none());
+    assert_eq!(s.drain_node("b", true).unwrap().unwrap().state, "draining");
+    assert_eq!(
+        s.node_beat(&node("b", "up", 2)).unwrap().as_deref(),
+        Some("draining")
+    );
+    assert_eq!(s.nodes().unwrap()[1].state, "draining");
+    // A stopped node is not drained.
+    assert_eq!(s.drain_node("s", true).unwrap().unwrap().state, "stopped");
+    assert_eq!(s.drain_node("b", false).unwrap().unwrap().state, "up");
+    assert_eq!(
+        s.node_beat(&node("b", "up", 2)).unwrap().as_deref(),
+        Some("up")
+    );
+    // A drained or dead node claims nothing.
+    s.insert("q", &req()).unwrap();
+    s.drain_node("b", true).unwrap();
+    assert!(s.claim("q", "b", "vm").unwrap().is_none());
+    s.drain_node("b", false).unwrap();
+    assert!(s.claim("q", "b", "vm").unwrap().is_some());
+    // A drain ends with the incarnation (a restart comes back up).
+    s.drain_node("b", true).unwrap();
+    assert_eq!(
+        s.node_beat(&node("b", "up", 3)).unwrap().as_deref(),
+        Some("up")
+    );
 }

@@ -199,8 +199,9 @@ pub struct TaskRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub name: String,
-    /// `up` while it runs, `stopped` after a clean shutdown, `dead` once
-    /// a peer found it silent for `--node-timeout`.
+    /// `up` while it runs, `draining` when asked to finish its tasks and
+    /// take no new ones, `stopped` after a clean shutdown, `dead` once a
+    /// peer found it silent for `--node-timeout`.
     pub state: String,
     pub started_ms: u64,
     pub heartbeat_ms: u64,
@@ -349,7 +350,9 @@ pub trait Store: Send + Sync {
     /// Record a host resource of the task's VM before it is made.
     fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()>;
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>>;
-    fn clear_resources(&self, id: &str, cleanup: &str) -> Result<()>;
+    /// The task's resources are gone (`cleanup`: how that went). With
+    /// `fence`, only while the claim is still that epoch.
+    fn clear_resources(&self, id: &str, fence: Option<u64>, cleanup: &str) -> Result<()>;
     /// Take queued task `id` for `node` to run in VM `vm_id`: queued →
     /// provisioning and the epoch one up, in one step only one node can
     /// win. `None`: the task is no longer queued (another node took it,
@@ -366,15 +369,27 @@ pub trait Store: Send + Sync {
         result: &crate::repo::Finalized,
     ) -> Result<()>;
     /// Record the digest of the image the task's VM booted.
-    fn set_image_digest(&self, id: &str, digest: &str) -> Result<()>;
+    /// With `fence`, only while the claim is still that epoch.
+    fn set_image_digest(&self, id: &str, fence: Option<u64>, digest: &str) -> Result<()>;
     /// Back to the queue (recovery of a task whose VM never booted).
     fn requeue(&self, id: &str) -> Result<()>;
     /// Task counts per state.
     fn counts(&self) -> Result<BTreeMap<State, u64>>;
     /// Record a node's state and its heartbeat (the store's clock: now),
-    /// insert or replace by name. `false`, and nothing written: this
-    /// incarnation of the node (its `started_ms`) was declared dead.
-    fn node_beat(&self, node: &NodeRecord) -> Result<bool>;
+    /// insert or replace by name, and answer the state on record: `up`
+    /// stays `draining` while this incarnation is being drained. `None`,
+    /// and nothing written: this incarnation of the node (its
+    /// `started_ms`) was declared dead.
+    fn node_beat(&self, node: &NodeRecord) -> Result<Option<String>>;
+    /// Drain node `name` (`up` → `draining`: it finishes its tasks and
+    /// takes no new ones), or with `drain` false take it back (`draining`
+    /// → `up`). The node as it is then; `None`: no such node.
+    fn drain_node(&self, name: &str, drain: bool) -> Result<Option<NodeRecord>>;
+    /// Whether other daemons (the nodes of a cluster) share this store:
+    /// then a task's events come from the store, not from this process.
+    fn is_shared(&self) -> bool {
+        false
+    }
     /// Hold node name `name` while this store is open. `false`: a live
     /// process holds it (a second daemon under the same name would take
     /// the first one's tasks for its own). SQLite: always held (its state

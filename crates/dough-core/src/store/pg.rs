@@ -504,9 +504,14 @@ impl Store for PgStore {
         })
     }
 
-    fn clear_resources(&self, id: &str, cleanup: &str) -> Result<()> {
+    fn clear_resources(&self, id: &str, fence: Option<u64>, cleanup: &str) -> Result<()> {
         self.with(|c| {
             let mut tx = c.transaction()?;
+            let epoch: i64 = tx
+                .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?
+                .get(0);
+            check_fence(id, fence, epoch)?;
             tx.execute("DELETE FROM resources WHERE task_id = $1", &[&id])?;
             tx.execute(
                 "UPDATE tasks SET cleanup = $2 WHERE id = $1",
@@ -521,9 +526,12 @@ impl Store for PgStore {
         self.with(|c| {
             let mut tx = c.transaction()?;
             // Read committed: a second claimer waits on the first's row
-            // lock, then finds the row no longer queued.
+            // lock, then finds the row no longer queued. Not by a node
+            // drained or declared dead.
             let n = tx.execute(
-                "UPDATE tasks SET state = 'provisioning', node = $2, vm_id = $3, epoch = epoch + 1 WHERE id = $1 AND state = 'queued'",
+                "UPDATE tasks SET state = 'provisioning', node = $2, vm_id = $3, epoch = epoch + 1
+                 WHERE id = $1 AND state = 'queued' AND NOT EXISTS (
+                    SELECT 1 FROM nodes WHERE name = $2 AND state IN ('draining', 'dead'))",
                 &[&id, &node, &vm_id],
             )?;
             if n == 0 {
@@ -569,13 +577,20 @@ impl Store for PgStore {
         })
     }
 
-    fn set_image_digest(&self, id: &str, digest: &str) -> Result<()> {
+    fn set_image_digest(&self, id: &str, fence: Option<u64>, digest: &str) -> Result<()> {
         self.with(|c| {
-            let n = c.execute(
+            let mut tx = c.transaction()?;
+            let epoch: i64 = tx
+                .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?
+                .get(0);
+            check_fence(id, fence, epoch)?;
+            tx.execute(
                 "UPDATE tasks SET image_digest = $2 WHERE id = $1",
                 &[&id, &digest],
             )?;
-            changed(n, id)
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -607,23 +622,57 @@ impl Store for PgStore {
         })
     }
 
-    fn node_beat(&self, node: &NodeRecord) -> Result<bool> {
+    fn node_beat(&self, node: &NodeRecord) -> Result<Option<String>> {
         let rec = serde_json::to_string(node).map_err(corrupt)?;
         self.with(|c| {
-            // Not over the record of this very incarnation declared dead.
-            let n = c.execute(
+            // Not over the record of this very incarnation declared dead;
+            // a drain of this incarnation holds.
+            let row = c.query_opt(
                 &format!(
                     "INSERT INTO nodes (name, state, started_ms, heartbeat_ms, record)
                      VALUES ($1, $2, $3, {DB_NOW_MS}, $4)
-                     ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                     ON CONFLICT (name) DO UPDATE SET
+                        state = CASE WHEN nodes.state = 'draining' AND excluded.state = 'up'
+                                      AND nodes.started_ms = excluded.started_ms
+                                 THEN 'draining' ELSE excluded.state END,
                         started_ms = excluded.started_ms, heartbeat_ms = excluded.heartbeat_ms,
                         record = excluded.record
-                     WHERE NOT (nodes.state = 'dead' AND nodes.started_ms = excluded.started_ms)"
+                     WHERE NOT (nodes.state = 'dead' AND nodes.started_ms = excluded.started_ms)
+                     RETURNING state"
                 ),
                 &[&node.name, &node.state, &(node.started_ms as i64), &rec],
             )?;
-            Ok(n == 1)
+            Ok(row.map(|r| r.get(0)))
         })
+    }
+
+    fn drain_node(&self, name: &str, drain: bool) -> Result<Option<NodeRecord>> {
+        let (from, to) = if drain {
+            ("up", "draining")
+        } else {
+            ("draining", "up")
+        };
+        self.with(|c| {
+            c.execute(
+                "UPDATE nodes SET state = $3 WHERE name = $1 AND state = $2",
+                &[&name, &from, &to],
+            )?;
+            let row = c.query_opt(
+                "SELECT record, state, heartbeat_ms FROM nodes WHERE name = $1",
+                &[&name],
+            )?;
+            row.map(|r| {
+                let mut n: NodeRecord = serde_json::from_str(r.get(0)).map_err(corrupt)?;
+                n.state = r.get(1);
+                n.heartbeat_ms = r.get::<_, i64>(2) as u64;
+                Ok(n)
+            })
+            .transpose()
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
     }
 
     fn hold_node_name(&self, name: &str) -> Result<bool> {

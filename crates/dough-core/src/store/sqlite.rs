@@ -368,9 +368,14 @@ impl Store for SqliteStore {
         Ok(v)
     }
 
-    fn clear_resources(&self, id: &str, cleanup: &str) -> Result<()> {
+    fn clear_resources(&self, id: &str, fence: Option<u64>, cleanup: &str) -> Result<()> {
         let mut db = self.conn();
         let tx = db.transaction()?;
+        let epoch: i64 = tx
+            .query_row("SELECT epoch FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        check_fence(id, fence, epoch)?;
         tx.execute("DELETE FROM resources WHERE task_id = ?1", [id])?;
         tx.execute(
             "UPDATE tasks SET cleanup = ?2 WHERE id = ?1",
@@ -402,14 +407,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn set_image_digest(&self, id: &str, digest: &str) -> Result<()> {
-        let n = self.conn().execute(
+    fn set_image_digest(&self, id: &str, fence: Option<u64>, digest: &str) -> Result<()> {
+        let mut db = self.conn();
+        let tx = db.transaction()?;
+        let epoch: i64 = tx
+            .query_row("SELECT epoch FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        check_fence(id, fence, epoch)?;
+        tx.execute(
             "UPDATE tasks SET image_digest = ?2 WHERE id = ?1",
             params![id, digest],
         )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(id.into()));
-        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -417,8 +427,12 @@ impl Store for SqliteStore {
         {
             let mut db = self.conn();
             let tx = db.transaction()?;
+            // Not by a node drained or declared dead.
             let n = tx.execute(
-                "UPDATE tasks SET state = 'provisioning', node = ?2, vm_id = ?3, epoch = epoch + 1 WHERE id = ?1 AND state = 'queued'",
+                "UPDATE tasks SET state = 'provisioning', node = ?2, vm_id = ?3, epoch = epoch + 1
+                 WHERE id = ?1 AND state = 'queued' AND NOT EXISTS (
+                    SELECT 1 FROM nodes WHERE name = ?2
+                    AND json_extract(record, '$.state') IN ('draining', 'dead'))",
                 params![id, node, vm_id],
             )?;
             if n == 0 {
@@ -441,10 +455,9 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn node_beat(&self, node: &NodeRecord) -> Result<bool> {
+    fn node_beat(&self, node: &NodeRecord) -> Result<Option<String>> {
         let mut node = node.clone();
         node.heartbeat_ms = now_ms();
-        let rec = serde_json::to_string(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut db = self.conn();
         let tx = db.transaction()?;
         let old: Option<String> = tx
@@ -457,17 +470,50 @@ impl Store for SqliteStore {
         if let Some(old) = old {
             let old: NodeRecord =
                 serde_json::from_str(&old).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if old.state == "dead" && old.started_ms == node.started_ms {
-                return Ok(false);
+            if old.started_ms == node.started_ms {
+                if old.state == "dead" {
+                    return Ok(None);
+                }
+                if old.state == "draining" && node.state == "up" {
+                    node.state = "draining".into();
+                }
             }
         }
+        let rec = serde_json::to_string(&node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         tx.execute(
             "INSERT INTO nodes (name, record) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET record = excluded.record",
             params![node.name, rec],
         )?;
         tx.commit()?;
-        Ok(true)
+        Ok(Some(node.state))
+    }
+
+    fn drain_node(&self, name: &str, drain: bool) -> Result<Option<NodeRecord>> {
+        let mut db = self.conn();
+        let tx = db.transaction()?;
+        let old: Option<String> = tx
+            .query_row("SELECT record FROM nodes WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(old) = old else { return Ok(None) };
+        let mut n: NodeRecord =
+            serde_json::from_str(&old).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (from, to) = if drain {
+            ("up", "draining")
+        } else {
+            ("draining", "up")
+        };
+        if n.state == from {
+            n.state = to.into();
+            tx.execute(
+                "UPDATE nodes SET record = ?2 WHERE name = ?1",
+                params![name, serde_json::to_string(&n).expect("serializes")],
+            )?;
+            tx.commit()?;
+        }
+        Ok(Some(n))
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>> {

@@ -276,6 +276,46 @@ pub struct NodesArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub action: NodeAction,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum NodeAction {
+    /// Finish the node's running tasks and give it no new ones (then stop
+    /// it at leisure: it holds no task).
+    Drain {
+        /// The node's name (`dough nodes`).
+        name: String,
+    },
+    /// End a drain: the node takes tasks again.
+    Resume {
+        /// The node's name (`dough nodes`).
+        name: String,
+    },
+}
+
+/// `dough node drain|resume NAME`.
+pub fn node(cli: &Cli, a: &NodeArgs) -> anyhow::Result<u8> {
+    let c = Client::from_env(cli)?;
+    let (method, name) = match &a.action {
+        NodeAction::Drain { name } => ("POST", name),
+        NodeAction::Resume { name } => ("DELETE", name),
+    };
+    let n: Value = c
+        .call(c.req(method, &format!("/v1/nodes/{name}/drain")).call())?
+        .into_json()?;
+    let vms = n["use"]["vms"].as_u64().unwrap_or(0);
+    match n["state"].as_str() {
+        Some("draining") => println!("{name} draining ({vms} VMs running; it takes no new task)"),
+        Some(s) => println!("{name} {s}"),
+        None => println!("{name} ?"),
+    }
+    Ok(0)
+}
+
 /// `dough nodes`: every node on record, its state, use against capacity
 /// and the age of its last heartbeat.
 pub fn nodes(cli: &Cli, a: &NodesArgs) -> anyhow::Result<u8> {

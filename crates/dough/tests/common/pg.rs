@@ -49,11 +49,13 @@ fn check(c: &mut Command, what: &str) {
 impl Postgres {
     /// A new cluster listening on 127.0.0.1.
     pub fn start() -> Postgres {
-        Self::start_on("127.0.0.1")
+        Self::start_on(&["127.0.0.1"])
     }
 
-    /// A new cluster listening on `host` (an address of this namespace).
-    pub fn start_on(host: &str) -> Postgres {
+    /// A new cluster listening on each of `addrs` (addresses of this
+    /// namespace); [`Postgres::url`] names the first.
+    pub fn start_on(addrs: &[&str]) -> Postgres {
+        let host = addrs[0];
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("dough-pg")
@@ -85,8 +87,9 @@ impl Postgres {
                 .arg(dir.path().join("log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses={host} -c fsync=off -c max_connections=300",
-                    dir.path().display()
+                    "-p {port} -k {} -c listen_addresses={} -c fsync=off -c max_connections=300",
+                    dir.path().display(),
+                    addrs.join(",")
                 ))
                 .args(["-w", "-t", "60", "start"]),
             "pg_ctl start",
@@ -101,6 +104,11 @@ impl Postgres {
 
     /// The address of database `db`, made if it does not exist yet.
     pub fn url(&self, db: &str) -> String {
+        self.url_via(db, &self.host.clone())
+    }
+
+    /// As [`Postgres::url`], reached through address `via`.
+    pub fn url_via(&self, db: &str, via: &str) -> String {
         let exists = self.psql(
             "postgres",
             &format!("SELECT 1 FROM pg_database WHERE datname = '{db}'"),
@@ -108,7 +116,7 @@ impl Postgres {
         if exists.trim().is_empty() {
             self.psql("postgres", &format!("CREATE DATABASE \"{db}\""));
         }
-        format!("postgres://postgres@{}:{}/{db}", self.host, self.port)
+        format!("postgres://postgres@{via}:{}/{db}", self.port)
     }
 
     /// Run `sql` in database `db`; its rows, unaligned.

@@ -1,0 +1,519 @@
+//! Many `dough serve` nodes on one PostgreSQL store: real daemons, each
+//! with a state directory of its own, real VMs, a real PostgreSQL server
+//! (Debian's, a cluster of the test's own), real nftables for the cut.
+//!
+//! The nodes share this machine's network namespace (and its host-global
+//! slot pool, as any two daemons on one host do); a node is cut off from
+//! the database by reaching it through an address of its own (127.0.0.2)
+//! that a table of the test's own drops.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pg::Postgres;
+use common::server::Server;
+use common::*;
+use serde_json::{json, Value};
+
+/// `--node-timeout` of the tests' nodes (their lease: 4 s).
+const NODE_TIMEOUT: u64 = 6;
+
+struct Node {
+    h: Harness,
+    name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    server: Option<Server>,
+}
+
+impl Node {
+    /// Node `name` on store `store` holding up to `max_vms` VMs, with the
+    /// cluster's API token.
+    fn start(name: &str, store: &str, max_vms: u32, token: &str) -> Node {
+        let h = Harness::new();
+        std::fs::write(h.state.path().join("api-token"), token).unwrap();
+        let log = h.state.path().join("serve.log");
+        let mut n = Node {
+            name: name.into(),
+            args: [
+                "--store",
+                store,
+                "--node-name",
+                name,
+                "--node-timeout",
+                &NODE_TIMEOUT.to_string(),
+                "--max-vms",
+                &max_vms.to_string(),
+                "--cancel-grace",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec(),
+            log,
+            h,
+            server: None,
+        };
+        n.restart();
+        n
+    }
+
+    fn restart(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.server = Some(Server::start_logged(&self.h, &args, Some(&self.log)));
+    }
+
+    fn s(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    fn kill9(&mut self) {
+        let mut s = self.server.take().expect("running");
+        s.child.kill().unwrap();
+        s.child.wait().unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn token() -> String {
+    format!("cluster-test-token-{}", std::process::id())
+}
+
+/// The nodes as the API lists them: name → state.
+fn node_states(s: &Server) -> Vec<(String, String)> {
+    let (st, v) = s.call("GET", "/v1/nodes", None);
+    assert_eq!(st, 200, "{v}");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_string(),
+                n["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn state_of(nodes: &[(String, String)], name: &str) -> String {
+    nodes
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s.clone())
+        .unwrap_or_default()
+}
+
+/// The task's states, in order.
+fn states(t: &Value) -> Vec<String> {
+    t["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Wait until the task's stored output holds `what`.
+fn wait_output(s: &Server, id: &str, what: &str) {
+    let t0 = Instant::now();
+    while !s.logs(id).contains(what) {
+        let t = s.task(id);
+        assert!(
+            t0.elapsed() < Duration::from_secs(120)
+                && !matches!(
+                    t["state"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled" | "timed_out")
+                ),
+            "task {id} never printed {what:?}: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Server-sent events of task `id` from byte 0, through `s`, until the
+/// stream ends: the `data:` lines.
+fn collect_events(s: &Server, id: &str) -> std::thread::JoinHandle<Vec<Value>> {
+    let r = s
+        .agent
+        .get(&format!("{}/v1/tasks/{id}/events?offset=0", s.url))
+        .set("Authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    std::thread::spawn(move || {
+        BufReader::new(r.into_reader())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(l.strip_prefix("data: ")?).ok())
+            .collect()
+    })
+}
+
+#[test]
+fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() {
+    let pg = Postgres::start();
+    let url = pg.url("spread");
+    let token = token();
+    let n1 = Node::start("n1", &url, 1, &token);
+    let n2 = Node::start("n2", &url, 1, &token);
+    // Queue-only: it takes no task, and serves every one.
+    let n3 = Node::start("n3", &url, 0, &token);
+    let front = n3.s();
+    let ids: Vec<String> = (0..4)
+        .map(|i| {
+            front.submit(json!({
+                "command": ["sh", "-c", "echo hi-$N; sleep 3"],
+                "env": {"N": i.to_string()},
+                "egress": "none",
+            }))
+        })
+        .collect();
+    // Followed from the start through a node that does not run it.
+    let events = collect_events(front, &ids[0]);
+    let mut used: Vec<(String, u64, u64)> = vec![];
+    for (i, id) in ids.iter().enumerate() {
+        let t = front.wait_terminal(id);
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(front.logs(id), format!("hi-{i}\n"));
+        // Claimed once.
+        assert_eq!(
+            states(&t),
+            [
+                "queued",
+                "provisioning",
+                "booting",
+                "running",
+                "finalizing",
+                "succeeded"
+            ],
+            "{t}"
+        );
+        let node = t["node"].as_str().unwrap().to_string();
+        let at = |k: usize| t["transitions"][k]["at_ms"].as_u64().unwrap();
+        used.push((node, at(1), at(5)));
+    }
+    let mut names: Vec<&str> = used.iter().map(|u| u.0.as_str()).collect();
+    names.sort();
+    names.dedup();
+    // n3 holds no VM; each task of 3 s or more keeps its node full, so the
+    // other node takes the next.
+    assert_eq!(names, ["n1", "n2"], "{used:?}");
+    // Within capacity: one VM at a time per node, so a node's tasks never
+    // overlap (claim to end).
+    for a in &used {
+        for b in &used {
+            if a != b && a.0 == b.0 {
+                assert!(a.2 <= b.1 || b.2 <= a.1, "overlap on {}: {used:?}", a.0);
+            }
+        }
+    }
+    let ev = events.join().unwrap();
+    let seen: Vec<&str> = ev.iter().filter_map(|e| e["state"].as_str()).collect();
+    assert_eq!(
+        seen,
+        [
+            "queued",
+            "provisioning",
+            "booting",
+            "running",
+            "finalizing",
+            "succeeded"
+        ],
+        "{ev:?}"
+    );
+    let out: String = ev
+        .iter()
+        .filter(|e| e["type"] == "output")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "hi-0\n");
+    // Every node sees every node, up.
+    for n in [&n1, &n2, &n3] {
+        let st = node_states(n.s());
+        assert_eq!(
+            st,
+            [("n1", "up"), ("n2", "up"), ("n3", "up")].map(|(a, b)| (a.to_string(), b.to_string())),
+            "as {} sees them",
+            n.name
+        );
+    }
+    // A second daemon under a live node's name is refused.
+    let dup = Harness::new();
+    let out = dup
+        .cmd()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+            "--node-name",
+            "n1",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("holds the node name \"n1\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_killed_node_is_declared_dead_its_task_ends_node_lost_and_cancels_cross_nodes() {
+    let pg = Postgres::start();
+    let url = pg.url("kill");
+    let token = token();
+    let mut n1 = Node::start("n1", &url, 1, &token);
+    let mut n2 = Node::start("n2", &url, 1, &token);
+    let n3 = Node::start("n3", &url, 0, &token);
+    let front = n3.s();
+    let a = front.submit(
+        json!({"command": ["sh", "-c", "echo a-started; exec sleep 600"], "egress": "none"}),
+    );
+    wait_output(front, &a, "a-started");
+    let owner = front.task(&a)["node"].as_str().unwrap().to_string();
+    let b = front.submit(
+        json!({"command": ["sh", "-c", "echo b-started; exec sleep 600"], "egress": "none"}),
+    );
+    wait_output(front, &b, "b-started");
+    let other = front.task(&b)["node"].as_str().unwrap().to_string();
+    assert_ne!(owner, other, "one VM per node");
+
+    // A cancel through a node that does not run the task reaches its owner.
+    let t0 = Instant::now();
+    let (st, v) = front.call("DELETE", &format!("/v1/tasks/{b}"), None);
+    assert_eq!(st, 202, "{v}");
+    let t = front.wait_terminal(&b);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    eprintln!("cancel through another node: {:?}", t0.elapsed());
+
+    // kill -9 of the owner of a: a peer declares it dead after the
+    // timeout, and a fails node_lost.
+    let (victim, survivor) = if owner == "n1" {
+        (&mut n1, &mut n2)
+    } else {
+        (&mut n2, &mut n1)
+    };
+    let t0 = Instant::now();
+    victim.kill9();
+    let t = front.wait_state(&a, |s| s == "failed", Duration::from_secs(120));
+    let settled = t0.elapsed();
+    assert_eq!(t["reason"], "node_lost", "{t}");
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("node {owner} ")),
+        "{t}"
+    );
+    assert!(
+        settled >= Duration::from_secs(NODE_TIMEOUT - 1),
+        "declared dead before its timeout: {settled:?}"
+    );
+    eprintln!("kill -9 to node_lost: {settled:?} (timeout {NODE_TIMEOUT} s)");
+    assert_eq!(
+        states(&t),
+        ["queued", "provisioning", "booting", "running", "failed"],
+        "ran once: {t}"
+    );
+    assert_eq!(state_of(&node_states(front), &owner), "dead");
+    let (st, v) = front.call("POST", &format!("/v1/nodes/{owner}/drain"), None);
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("node_state")),
+        "{v}"
+    );
+    // New work goes to the node left.
+    let c = front.submit(json!({"command": ["echo", "c"], "egress": "none"}));
+    let t = front.wait_terminal(&c);
+    assert_eq!(
+        (t["state"].as_str(), t["node"].as_str()),
+        (Some("succeeded"), Some(survivor.name.as_str())),
+        "{t}"
+    );
+
+    // The dead node restarts under its name: its VM is gone (it died with
+    // its daemon), and it is up again; a stays as the peer left it.
+    assert!(qemu_pids(&victim.h).is_empty());
+    let before = front.task(&a);
+    victim.restart();
+    wait_until("the restarted node up", Duration::from_secs(30), || {
+        state_of(&node_states(front), &owner) == "up"
+    });
+    assert_eq!(front.task(&a), before);
+}
+
+/// A table of the test's own that drops traffic to and from one address's
+/// port: the node that reaches the database there is cut off from it.
+struct Cut(String);
+
+impl Cut {
+    fn new(addr: &str, port: u16) -> Cut {
+        let name = format!("dough_test_cut_{}", std::process::id());
+        let script = format!(
+            "table inet {name} {{
+                chain out {{
+                    type filter hook output priority 0; policy accept;
+                    ip daddr {addr} tcp dport {port} drop
+                    ip saddr {addr} tcp sport {port} drop
+                }}
+            }}"
+        );
+        let mut c = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success(), "nft: {script}");
+        Cut(name)
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_the_database_stops_its_vms_and_writes_nothing_stale() {
+    let pg = Postgres::start_on(&["127.0.0.1", "127.0.0.2"]);
+    let token = token();
+    // n1 reaches the database through 127.0.0.2 (the address cut); n2,
+    // which holds no VM, through 127.0.0.1.
+    let n1 = Node::start("n1", &pg.url_via("cut", "127.0.0.2"), 1, &token);
+    let n2 = Node::start("n2", &pg.url_via("cut", "127.0.0.1"), 0, &token);
+    let front = n2.s();
+    let a = front.submit(json!({
+        // Silent after its first lines: only the lease can stop it (a
+        // task whose output cannot be stored is stopped for that).
+        "command": ["sh", "-c", "echo line 1; echo line 2; echo line 3; exec sleep 600"],
+        "egress": "none",
+    }));
+    wait_output(front, &a, "line 3\n");
+    assert_eq!(front.task(&a)["node"], "n1");
+    assert!(!qemu_pids(&n1.h).is_empty());
+
+    let cut = Cut::new("127.0.0.2", pg.port);
+    let t0 = Instant::now();
+    // n1 cannot write its heartbeat: once its lease lapses it stops its VM.
+    wait_until("n1's VM stopped", Duration::from_secs(60), || {
+        qemu_pids(&n1.h).is_empty()
+    });
+    eprintln!("cut to VM stopped: {:?}", t0.elapsed());
+    // n2 declares n1 dead, and the task node_lost.
+    let t = front.wait_state(&a, |s| s == "failed", Duration::from_secs(120));
+    assert_eq!(t["reason"], "node_lost", "{t}");
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap()
+            .contains("n2 declared it dead"),
+        "{t}"
+    );
+    eprintln!("cut to node_lost: {:?}", t0.elapsed());
+    let before = front.task(&a);
+    assert_eq!(state_of(&node_states(front), "n1"), "dead");
+
+    // Healed: n1 finds it was declared dead, writes nothing for the task
+    // (its late end is refused by the fence), and rejoins.
+    drop(cut);
+    wait_until(
+        "n1's end of the task fenced",
+        Duration::from_secs(60),
+        || n1.log().contains("is no longer this node's"),
+    );
+    wait_until("n1 up again", Duration::from_secs(30), || {
+        state_of(&node_states(front), "n1") == "up"
+    });
+    assert_eq!(front.task(&a), before, "nothing stale written");
+    // And it takes work again.
+    let b = front.submit(json!({"command": ["echo", "b"], "egress": "none"}));
+    let t = front.wait_terminal(&b);
+    assert_eq!(
+        (t["state"].as_str(), t["node"].as_str()),
+        (Some("succeeded"), Some("n1")),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
+    let pg = Postgres::start();
+    let url = pg.url("drain");
+    let token = token();
+    let n1 = Node::start("n1", &url, 1, &token);
+    let n2 = Node::start("n2", &url, 1, &token);
+    let front = n1.s();
+    // x, short, on one node; y, longer, on the other.
+    let x = front.submit(json!({"command": ["sh", "-c", "echo x; sleep 2"], "egress": "none"}));
+    wait_output(front, &x, "x\n");
+    let y = front.submit(json!({"command": ["sh", "-c", "echo y; sleep 10"], "egress": "none"}));
+    wait_output(front, &y, "y\n");
+    let drained = front.task(&x)["node"].as_str().unwrap().to_string();
+    let other = front.task(&y)["node"].as_str().unwrap().to_string();
+    assert_ne!(drained, other);
+    // Drained through the CLI, against either node's API.
+    let out =
+        n2.h.cmd()
+            .args(["node", "drain", &drained])
+            .env("DOUGH_URL", &front.url)
+            .env("DOUGH_TOKEN", &token)
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("{drained} draining")),
+        "{}",
+        text(&out.stdout)
+    );
+    // z is queued while x still runs: x finishes on the drained node (which
+    // is then free long before y ends), yet z waits for the other node.
+    let z = front.submit(json!({"command": ["echo", "z"], "egress": "none"}));
+    let t = front.wait_terminal(&x);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let t = front.wait_terminal(&z);
+    assert_eq!(
+        (t["state"].as_str(), t["node"].as_str()),
+        (Some("succeeded"), Some(other.as_str())),
+        "{t}"
+    );
+    let t = front.wait_terminal(&y);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(state_of(&node_states(front), &drained), "draining");
+    // Draining again changes nothing; an unknown node is a clear error.
+    let (st, v) = front.call("POST", &format!("/v1/nodes/{drained}/drain"), None);
+    assert_eq!((st, v["state"].as_str()), (200, Some("draining")), "{v}");
+    let (st, v) = front.call("POST", "/v1/nodes/nope/drain", None);
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("node_not_found")),
+        "{v}"
+    );
+    // Taken back, it runs tasks again.
+    let (st, v) = front.call("DELETE", &format!("/v1/nodes/{drained}/drain"), None);
+    assert_eq!((st, v["state"].as_str()), (200, Some("up")), "{v}");
+    let w = front.submit(json!({"command": ["sh", "-c", "echo w; sleep 5"], "egress": "none"}));
+    wait_output(front, &w, "w\n");
+    let v = front.submit(json!({"command": ["echo", "v"], "egress": "none"}));
+    let tv = front.wait_terminal(&v);
+    let tw = front.wait_terminal(&w);
+    let mut used = [tv["node"].as_str().unwrap(), tw["node"].as_str().unwrap()];
+    used.sort();
+    assert_eq!(used, ["n1", "n2"], "{tv} {tw}");
+}
