@@ -93,6 +93,10 @@ pub struct ServiceConfig {
     pub pool_check_every: Duration,
     /// Pools refill with snapshot clones (see [`crate::snapshot`]).
     pub pool_clones: bool,
+    /// Tasks end at once, succeeded, without a VM (`dough serve
+    /// --dry-run`, for `dough bench cluster`: the claims, states and
+    /// store of real daemons, with no VM's cost).
+    pub dry_run: bool,
     /// This daemon's name among nodes (`--node-name`; the hostname).
     pub node_name: String,
     /// A node silent this long is declared dead by its peers; a node that
@@ -120,6 +124,7 @@ impl ServiceConfig {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".into()),
             node_timeout: Duration::from_secs(10),
+            dry_run: false,
         }
     }
 
@@ -620,14 +625,70 @@ impl Service {
             }
             None => req,
         };
-        validate(&req, &self.inner.cfg.limits)?;
-        // The image must be here now, not only when the task runs.
-        self.image_of(&req).map_err(SubmitError::Invalid)?;
+        if self.inner.store.is_shared() {
+            // In a cluster: what some node can run, not this one.
+            match validate(&req, &self.inner.cfg.limits) {
+                Err(SubmitError::Impossible(_)) => {}
+                r => r?,
+            }
+            self.fits_some_node(&req)?;
+        } else {
+            validate(&req, &self.inner.cfg.limits)?;
+            // The image must be here now, not only when the task runs.
+            self.image_of(&req).map_err(SubmitError::Invalid)?;
+        }
         let id = crate::new_id();
         let t = self.inner.store.insert(&id, &req)?;
         self.inner.usage.lock().unwrap().submitted_total += 1;
         self.inner.wake.notify_one();
         Ok(t)
+    }
+
+    /// In a cluster: some node on record (not dead) has the image `req`
+    /// boots (else 400) and could ever hold it (else 422); the task then
+    /// waits for room there.
+    fn fits_some_node(&self, req: &TaskRequest) -> Result<(), SubmitError> {
+        let image = req.image.as_deref().unwrap_or(dough_image::DEFAULT_IMAGE);
+        dough_image::valid_name(image).map_err(|e| SubmitError::Invalid(format!("image: {e}")))?;
+        let nodes: Vec<NodeRecord> = self
+            .inner
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.state != "dead" && n.capacity.vms > 0)
+            .collect();
+        let with_image: Vec<&NodeRecord> = nodes
+            .iter()
+            .filter(|n| n.capacity.images.iter().any(|i| i == image))
+            .collect();
+        if with_image.is_empty() {
+            let mut have: Vec<&str> = nodes
+                .iter()
+                .flat_map(|n| n.capacity.images.iter().map(String::as_str))
+                .collect();
+            have.sort();
+            have.dedup();
+            return Err(SubmitError::Invalid(format!(
+                "image: no node of the cluster has image {image:?}; they have: {}",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        }
+        if with_image.iter().any(|n| {
+            req.vcpus <= n.capacity.vcpus && req.memory_mib as u64 <= n.capacity.memory_mib
+        }) {
+            return Ok(());
+        }
+        let (v, m) = with_image.iter().fold((0, 0), |(v, m), n| {
+            (v.max(n.capacity.vcpus), m.max(n.capacity.memory_mib))
+        });
+        Err(SubmitError::Impossible(format!(
+            "no node of the cluster can ever run {} vCPUs with {} MiB of image {image:?} (the largest: {v} vCPUs, {m} MiB)",
+            req.vcpus, req.memory_mib
+        )))
     }
 
     /// The image `req` boots, loaded; the error says which images there are.
@@ -958,6 +1019,16 @@ impl Service {
     ) {
         let cfg = &self.inner.cfg;
         let r = &t.request;
+        if cfg.dry_run {
+            discard(warm).await;
+            for to in [State::Booting, State::Running, State::Finalizing] {
+                self.transition(&t.id, t.epoch, to, None, None, None);
+            }
+            drop(cancel);
+            let detail = "no VM: the daemon runs with --dry-run";
+            self.finish(&t, State::Succeeded, "dry_run", detail, Some(0), "ok");
+            return;
+        }
         let network = match egress_of(r) {
             Ok(e) => Some(e),
             Err(e) => {
@@ -1128,6 +1199,21 @@ impl Service {
                 let mut gate = cfg.gate.clone();
                 let pr = r.pull_request.clone().unwrap_or_default();
                 gate.allow_protected |= pr.allow_protected;
+                if self.inner.store.is_shared() {
+                    // No push or pull request from a node that lost the
+                    // claim: its lease lapsed, or a peer took the task over.
+                    let (me, id) = (self.clone(), t.id.clone());
+                    gate.claim = crate::repo::ClaimCheck::new(move || {
+                        if me.inner.last_beat.lock().unwrap().elapsed() > me.inner.cfg.lease() {
+                            return Err("this node's lease lapsed (no heartbeat written)".into());
+                        }
+                        match me.inner.store.get(&id) {
+                            Ok(t) if t.epoch == epoch && !t.state.is_terminal() => Ok(()),
+                            Ok(_) => Err("the task's claim was taken over".into()),
+                            Err(e) => Err(format!("the task's claim cannot be checked: {e}")),
+                        }
+                    });
+                }
                 let run = crate::repo::run(
                     &cfg.host,
                     spec,

@@ -353,3 +353,35 @@ fn guest_reports_decide_nothing_on_their_own() {
         "{e}"
     );
 }
+
+/// A node that lost the task's claim (declared dead by a peer of its
+/// cluster) pushes nothing: the check runs after the gate, before the push.
+#[test]
+fn nothing_is_pushed_once_the_claim_is_lost() {
+    let r = Repo::new();
+    r.commit("a.txt", "a", "Add a");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let before = r.remote_refs();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let lost = GateConfig {
+        claim: dough_core::repo::ClaimCheck::new({
+            let asked = asked.clone();
+            move || {
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err("the task's claim was taken over".into())
+            }
+        }),
+        ..GateConfig::default()
+    };
+    let err = r.finalize(&r.plan(), &b, &lost).unwrap_err();
+    assert_eq!(err.reason(), "node_lost", "{err}");
+    assert!(err.to_string().contains("taken over"), "{err}");
+    assert_eq!(r.remote_refs(), before, "nothing may be pushed");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // A check that holds lets it through.
+    let held = GateConfig {
+        claim: dough_core::repo::ClaimCheck::new(|| Ok(())),
+        ..GateConfig::default()
+    };
+    assert!(r.finalize(&r.plan(), &b, &held).unwrap().pushed);
+}

@@ -33,6 +33,10 @@ impl Node {
     /// Node `name` on store `store` holding up to `max_vms` VMs, with the
     /// cluster's API token.
     fn start(name: &str, store: &str, max_vms: u32, token: &str) -> Node {
+        Self::start_with(name, store, max_vms, token, &[])
+    }
+
+    fn start_with(name: &str, store: &str, max_vms: u32, token: &str, more: &[&str]) -> Node {
         let h = Harness::new();
         std::fs::write(h.state.path().join("api-token"), token).unwrap();
         let log = h.state.path().join("serve.log");
@@ -51,7 +55,9 @@ impl Node {
                 "2",
             ]
             .map(String::from)
-            .to_vec(),
+            .into_iter()
+            .chain(more.iter().map(|a| a.to_string()))
+            .collect(),
             log,
             h,
             server: None,
@@ -161,9 +167,45 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
     let token = token();
     let n1 = Node::start("n1", &url, 1, &token);
     let n2 = Node::start("n2", &url, 1, &token);
-    // Queue-only: it takes no task, and serves every one.
-    let n3 = Node::start("n3", &url, 0, &token);
+    // Queue-only: it takes no task, and serves every one; its own limits
+    // (256 MiB) are not what a task is checked against, the cluster's are.
+    let n3 = Node::start_with("n3", &url, 0, &token, &["--memory-limit", "256"]);
     let front = n3.s();
+    // What no node can ever run is refused; an image no node has too.
+    let (st, v) = front.call(
+        "POST",
+        "/v1/tasks",
+        Some(&json!({"command": ["true"], "vcpus": 64}).to_string()),
+    );
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (422, Some("impossible")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no node of the cluster"),
+        "{v}"
+    );
+    let (st, v) = front.call(
+        "POST",
+        "/v1/tasks",
+        Some(&json!({"command": ["true"], "image": "nope"}).to_string()),
+    );
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (400, Some("invalid")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("they have: default"),
+        "{v}"
+    );
     let ids: Vec<String> = (0..4)
         .map(|i| {
             front.submit(json!({

@@ -45,6 +45,34 @@ pub struct GateConfig {
     pub protected: Vec<String>,
     /// This task may change protected paths.
     pub allow_protected: bool,
+    /// Asked just before the push and again before the pull request.
+    pub claim: ClaimCheck,
+}
+
+/// Whether the task's claim is still this node's: a node of a cluster
+/// declared dead (its task settled `node_lost` by a peer) must not push
+/// or open a pull request. `Err`: why not. Without one, always `Ok`.
+#[derive(Clone, Default)]
+pub struct ClaimCheck(Option<std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>>);
+
+impl ClaimCheck {
+    pub fn new(f: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> ClaimCheck {
+        ClaimCheck(Some(std::sync::Arc::new(f)))
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        self.0.as_ref().map_or(Ok(()), |f| f())
+    }
+}
+
+impl std::fmt::Debug for ClaimCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ClaimCheck(..)"
+        } else {
+            "ClaimCheck(none)"
+        })
+    }
 }
 
 impl Default for GateConfig {
@@ -54,6 +82,7 @@ impl Default for GateConfig {
             max_commits: 500,
             protected: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
             allow_protected: false,
+            claim: ClaimCheck::default(),
         }
     }
 }

@@ -21,7 +21,7 @@ pub mod forge;
 pub mod gate;
 
 pub use forge::ForgeKind;
-pub use gate::{GateConfig, GateError};
+pub use gate::{ClaimCheck, GateConfig, GateError};
 
 /// Default limit on the bundle a task may send back.
 pub const DEFAULT_MAX_BUNDLE: u64 = 100 << 20;
@@ -139,6 +139,10 @@ pub enum RepoError {
     PullRequest(String),
     #[error("{0}")]
     Host(String),
+    /// This node no longer holds the task's claim: nothing more is
+    /// published (see [`gate::ClaimCheck`]).
+    #[error("not published: {0}")]
+    ClaimLost(String),
 }
 
 impl RepoError {
@@ -156,6 +160,7 @@ impl RepoError {
             RepoError::Push { .. } => "push_failed".into(),
             RepoError::PullRequest(_) => "pr_failed".into(),
             RepoError::Host(_) => "host_error".into(),
+            RepoError::ClaimLost(_) => "node_lost".into(),
         }
     }
 }
@@ -565,6 +570,7 @@ pub fn finalize(
     )?;
     fin.head = Some(checked.head.clone());
     fin.commits = checked.commits.clone();
+    gate.claim.check().map_err(RepoError::ClaimLost)?;
     gate::push(plan, &work_dir.join("gate.git"), cred).map_err(|message| RepoError::Push {
         branch: plan.branch.clone(),
         message,
@@ -581,6 +587,7 @@ pub fn finalize(
         return Ok(fin);
     };
     let body = forge::pr_body(plan, facts, &fin.commits);
+    gate.claim.check().map_err(RepoError::ClaimLost)?;
     let url = forge::open_pull_request(plan, token, &body).map_err(RepoError::PullRequest)?;
     fin.pr_url = Some(url);
     Ok(fin)

@@ -32,6 +32,10 @@ pub enum BenchCmd {
     /// Many short tasks through a daemon with a warm pool: all succeed, the
     /// daemon's RSS and descriptors first and last, then the leak audit.
     Soak(super::bench_faults::SoakArgs),
+    /// Nodes on one PostgreSQL store: submit and claim rates with 1, 3 and
+    /// 20 nodes, a node's death to its task settled, scheduler latency
+    /// against SQLite.
+    Cluster(super::bench_cluster::ClusterBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +75,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::Image(i) => return super::bench_image::run(cli, i).await,
         BenchCmd::Faults(f) => return super::bench_faults::run(f),
         BenchCmd::Soak(s) => return super::bench_faults::soak(s),
+        BenchCmd::Cluster(c) => return super::bench_cluster::run(c),
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {

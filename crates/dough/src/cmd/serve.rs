@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// cannot write its heartbeat for nearly as long stops its tasks.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..))]
     pub node_timeout: u64,
+    /// Tasks end at once without a VM (for `dough bench cluster`).
+    #[arg(long, hide = true)]
+    pub dry_run: bool,
 }
 
 /// The task store `--store` names.
@@ -247,6 +250,7 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     }
     cfg.pool_clones = !a.no_pool_clones;
     cfg.node_timeout = Duration::from_secs(a.node_timeout);
+    cfg.dry_run = a.dry_run;
     // Two live daemons under one name would take each other's tasks for
     // their own.
     let name = cfg.node_name.clone();
