@@ -885,7 +885,7 @@ impl Service {
         // capacity, or an image it lacks) is another node's to take: it is
         // passed over, and the queue looked further into.
         let shared = self.inner.store.is_shared();
-        let look = if shared { room * 4 + 16 } else { room };
+        let look = if shared { room + 16 } else { room };
         let mut started = 0;
         // The store's calls off the runtime's threads: a store that hangs
         // (a database cut off) must not stop the node's other work.
@@ -944,26 +944,15 @@ impl Service {
                     vm_id.clone(),
                 );
                 let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
-                tokio::task::spawn_blocking(move || -> Result<Option<TaskRecord>, StoreError> {
-                    let Some(t) = st.claim(&id, &node, &vm)? else {
-                        return Ok(None);
-                    };
-                    let recorded = (|| {
-                        st.add_resource(&id, "vm", &vm)?;
-                        st.add_resource(&id, "run_dir", &run_dir.display().to_string())?;
-                        st.add_resource(
-                            &id,
-                            "netns",
-                            &dough_net::netns_path(&vm).display().to_string(),
-                        )
-                    })();
-                    if let Err(e) = recorded {
-                        // Claimed, not recorded: back to the queue.
-                        let _ = st.clear_resources(&id, Some(t.epoch), "not started");
-                        let _ = st.requeue(&id);
-                        return Err(e);
-                    }
-                    Ok(Some(t))
+                tokio::task::spawn_blocking(move || {
+                    let run_dir = run_dir.display().to_string();
+                    let netns = dough_net::netns_path(&vm).display().to_string();
+                    st.claim(
+                        &id,
+                        &node,
+                        &vm,
+                        &[("vm", &vm), ("run_dir", &run_dir), ("netns", &netns)],
+                    )
                 })
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())))

@@ -234,7 +234,7 @@ pub fn a_task_is_claimed_once_among_racing_claimers(
                     let mut won = vec![];
                     for i in 0..20 {
                         let id = format!("t{i:02}");
-                        if let Some(t) = mine.claim(&id, &format!("n{r}"), "vm").unwrap() {
+                        if let Some(t) = mine.claim(&id, &format!("n{r}"), "vm", &[]).unwrap() {
                             assert_eq!(t.state, State::Provisioning);
                             assert_eq!(t.node, Some(format!("n{r}")));
                             won.push(id);
@@ -255,18 +255,33 @@ pub fn a_task_is_claimed_once_among_racing_claimers(
         assert_eq!((t.state, t.epoch), (State::Provisioning, 1), "{}", t.id);
         assert_eq!(t.transitions.len(), 2, "{}", t.id);
     }
-    assert!(s.claim("t00", "again", "vm").unwrap().is_none());
+    assert!(s.claim("t00", "again", "vm", &[]).unwrap().is_none());
     // Re-queued and claimed again: the epoch moves on.
     s.requeue("t00").unwrap();
-    assert_eq!(s.claim("t00", "n9", "vm2").unwrap().unwrap().epoch, 2);
-    assert!(s.claim("nope", "n", "vm").unwrap().is_none());
+    assert_eq!(s.claim("t00", "n9", "vm2", &[]).unwrap().unwrap().epoch, 2);
+    assert!(s.claim("nope", "n", "vm", &[]).unwrap().is_none());
 }
 
 /// Writes under a claim that moved on fail and change nothing.
 pub fn writes_under_an_old_claim_are_fenced(s: &dyn Store) {
     s.insert("t", &req()).unwrap();
-    let t = s.claim("t", "a", "vm").unwrap().unwrap();
+    let t = s
+        .claim("t", "a", "vm", &[("vm", "vm"), ("netns", "/run/netns/vm")])
+        .unwrap()
+        .unwrap();
     assert_eq!(t.epoch, 1);
+    // The claim put its resources on record, in order.
+    assert_eq!(
+        s.resources("t").unwrap(),
+        [
+            ("vm".into(), "vm".into()),
+            ("netns".into(), "/run/netns/vm".into())
+        ]
+    );
+    assert_eq!(
+        t.transitions.iter().map(|x| x.state).collect::<Vec<_>>(),
+        [State::Queued, State::Provisioning]
+    );
     let stale = Some(t.epoch + 1);
     assert!(matches!(
         s.transition("t", stale, State::Booting, None, None, None),
@@ -281,12 +296,11 @@ pub fn writes_under_an_old_claim_are_fenced(s: &dyn Store) {
         s.set_result("t", stale, &fin),
         Err(StoreError::Fenced { .. })
     ));
-    s.add_resource("t", "vm", "vm").unwrap();
     assert!(matches!(
         s.clear_resources("t", stale, "ok"),
         Err(StoreError::Fenced { .. })
     ));
-    assert_eq!(s.resources("t").unwrap().len(), 1);
+    assert_eq!(s.resources("t").unwrap().len(), 2);
     assert!(matches!(
         s.set_image_digest("t", stale, "sha256:x"),
         Err(StoreError::Fenced { .. })
@@ -296,9 +310,26 @@ pub fn writes_under_an_old_claim_are_fenced(s: &dyn Store) {
         (t.state, t.output_bytes, t.result.is_none()),
         (State::Provisioning, 0, true)
     );
-    // Under the current claim they go through.
-    s.transition("t", Some(1), State::Booting, None, None, None)
+    // Under the current claim they go through; the record returned has
+    // the whole history.
+    let t = s
+        .transition("t", Some(1), State::Booting, Some("why"), None, None)
         .unwrap();
+    assert_eq!(
+        t.transitions
+            .iter()
+            .map(|x| (x.state, x.reason.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (State::Queued, None),
+            (State::Provisioning, None),
+            (State::Booting, Some("why"))
+        ]
+    );
+    assert_eq!(
+        serde_json::to_value(&t).unwrap(),
+        serde_json::to_value(s.get("t").unwrap()).unwrap()
+    );
     assert!(s.append_output("t", Some(1), 1, b"x", 100).unwrap());
     s.set_result("t", Some(1), &fin).unwrap();
 }
@@ -324,16 +355,16 @@ pub fn a_silent_node_is_reaped_once_and_its_tasks_settled(s: &dyn Store) {
     for id in ["x", "y", "z", "w"] {
         s.insert(id, &req()).unwrap();
     }
-    s.claim("x", "b", "vm-x").unwrap().unwrap();
-    s.claim("y", "b", "vm-y").unwrap().unwrap();
+    s.claim("x", "b", "vm-x", &[]).unwrap().unwrap();
+    s.claim("y", "b", "vm-y", &[]).unwrap().unwrap();
     s.transition("y", Some(1), State::Booting, None, None, None)
         .unwrap();
-    s.claim("z", "b", "vm-z").unwrap().unwrap();
+    s.claim("z", "b", "vm-z", &[]).unwrap().unwrap();
     s.transition("z", Some(1), State::Booting, None, None, None)
         .unwrap();
     s.transition("z", Some(1), State::Running, None, None, None)
         .unwrap();
-    s.claim("w", "a", "vm-w").unwrap().unwrap();
+    s.claim("w", "a", "vm-w", &[]).unwrap().unwrap();
     // Cancels asked through another node reach the owner's list.
     s.request_cancel("w").unwrap();
     assert_eq!(s.cancel_requests("a").unwrap(), ["w"]);
@@ -423,9 +454,9 @@ pub fn a_silent_node_is_reaped_once_and_its_tasks_settled(s: &dyn Store) {
     // A drained or dead node claims nothing.
     s.insert("q", &req()).unwrap();
     s.drain_node("b", true).unwrap();
-    assert!(s.claim("q", "b", "vm").unwrap().is_none());
+    assert!(s.claim("q", "b", "vm", &[]).unwrap().is_none());
     s.drain_node("b", false).unwrap();
-    assert!(s.claim("q", "b", "vm").unwrap().is_some());
+    assert!(s.claim("q", "b", "vm", &[]).unwrap().is_some());
     // A drain ends with the incarnation (a restart comes back up).
     s.drain_node("b", true).unwrap();
     assert_eq!(

@@ -315,7 +315,9 @@ pub trait Store: Send + Sync {
     /// Newest first, at most `limit`, optionally only in `state`.
     fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<TaskRecord>>;
     /// The first `limit` queued tasks in run order (priority, then
-    /// submission).
+    /// submission). Their `transitions` may hold only the first (the
+    /// PostgreSQL store does not read them on this hot path; a claim's
+    /// answer has the whole history).
     fn queued(&self, limit: usize) -> Result<Vec<TaskRecord>>;
     /// Tasks neither queued nor terminal (a VM may exist for them).
     fn in_flight(&self) -> Result<Vec<TaskRecord>>;
@@ -354,10 +356,17 @@ pub trait Store: Send + Sync {
     /// `fence`, only while the claim is still that epoch.
     fn clear_resources(&self, id: &str, fence: Option<u64>, cleanup: &str) -> Result<()>;
     /// Take queued task `id` for `node` to run in VM `vm_id`: queued →
-    /// provisioning and the epoch one up, in one step only one node can
-    /// win. `None`: the task is no longer queued (another node took it,
-    /// or it was cancelled).
-    fn claim(&self, id: &str, node: &str, vm_id: &str) -> Result<Option<TaskRecord>>;
+    /// provisioning and the epoch one up, with the host `resources`
+    /// (kind, name) its VM will own on record, in one step only one node
+    /// can win. `None`: the task is no longer queued (another node took
+    /// it, or it was cancelled), or `node` is drained or dead.
+    fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        vm_id: &str,
+        resources: &[(&str, &str)],
+    ) -> Result<Option<TaskRecord>>;
     /// The VM the task runs in, and the node that runs it.
     fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()>;
     /// Record a repository task's result (before its final transition).

@@ -237,31 +237,63 @@ fn records<C: GenericClient>(
     }
     rows.iter()
         .map(|row| {
-            let id: String = row.get("id");
-            let state: String = row.get("state");
-            Ok(TaskRecord {
-                state: State::parse(&state).ok_or_else(|| corrupt(&state))?,
-                reason: row.get("reason"),
-                detail: row.get("detail"),
-                exit_code: row.get("exit_code"),
-                request: serde_json::from_str(row.get("request")).map_err(corrupt)?,
-                created_ms: row.get::<_, i64>("created_ms") as u64,
-                vm_id: row.get("vm_id"),
-                transitions: transitions.remove(&id).unwrap_or_default(),
-                output_bytes: row.get::<_, i64>("output_bytes") as u64,
-                output_truncated: row.get("output_truncated"),
-                cleanup: row.get("cleanup"),
-                result: row
-                    .get::<_, Option<&str>>("result")
-                    .map(|r| serde_json::from_str(r).map_err(corrupt))
-                    .transpose()?,
-                image_digest: row.get("image_digest"),
-                node: row.get("node"),
-                epoch: row.get::<_, i64>("epoch") as u64,
-                id,
-            })
+            let t = transitions
+                .remove(row.get::<_, &str>("id"))
+                .unwrap_or_default();
+            row_record(row, t)
         })
         .collect()
+}
+
+/// A task from a row of `tasks` and its transitions.
+fn row_record(row: &postgres::Row, transitions: Vec<Transition>) -> Result<TaskRecord> {
+    let state: String = row.get("state");
+    Ok(TaskRecord {
+        state: State::parse(&state).ok_or_else(|| corrupt(&state))?,
+        reason: row.get("reason"),
+        detail: row.get("detail"),
+        exit_code: row.get("exit_code"),
+        request: serde_json::from_str(row.get("request")).map_err(corrupt)?,
+        created_ms: row.get::<_, i64>("created_ms") as u64,
+        vm_id: row.get("vm_id"),
+        transitions,
+        output_bytes: row.get::<_, i64>("output_bytes") as u64,
+        output_truncated: row.get("output_truncated"),
+        cleanup: row.get("cleanup"),
+        result: row
+            .get::<_, Option<&str>>("result")
+            .map(|r| serde_json::from_str(r).map_err(corrupt))
+            .transpose()?,
+        image_digest: row.get("image_digest"),
+        node: row.get("node"),
+        epoch: row.get::<_, i64>("epoch") as u64,
+        id: row.get("id"),
+    })
+}
+
+/// The transitions of the task, before this statement, as JSON text
+/// (`trs`): one round trip gives a changed task and its history.
+const TRANSITIONS_JSON: &str =
+    "COALESCE((SELECT json_agg(json_build_array(t.state, t.at_ms, t.reason) ORDER BY t.seq)
+      FROM transitions t WHERE t.task_id = upd.id)::text, '[]') AS trs";
+
+/// A task changed by a statement that selected `upd.*` and
+/// [`TRANSITIONS_JSON`], with the transition it added.
+fn changed_record(row: &postgres::Row, added: Transition) -> Result<TaskRecord> {
+    let trs: Vec<(String, i64, Option<String>)> =
+        serde_json::from_str(row.get("trs")).map_err(corrupt)?;
+    let mut transitions = trs
+        .into_iter()
+        .map(|(s, at, reason)| {
+            Ok(Transition {
+                state: State::parse(&s).ok_or_else(|| corrupt(&s))?,
+                at_ms: at as u64,
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    transitions.push(added);
+    row_record(row, transitions)
 }
 
 fn get_one<C: GenericClient>(c: &mut C, id: &str) -> Result<TaskRecord> {
@@ -320,12 +352,26 @@ impl Store for PgStore {
 
     fn queued(&self, limit: usize) -> Result<Vec<TaskRecord>> {
         let limit = limit.min(i64::MAX as usize) as i64;
+        // Every node reads the queue every second: the rows only (a queued
+        // task's history is its one `queued` transition, not read).
         self.with(|c| {
-            records(
-                c,
+            c.query(
                 "SELECT * FROM tasks WHERE state = 'queued' ORDER BY priority DESC, seq ASC LIMIT $1",
                 &[&limit],
-            )
+            )?
+            .iter()
+            .map(|row| {
+                let created: i64 = row.get("created_ms");
+                row_record(
+                    row,
+                    vec![Transition {
+                        state: State::Queued,
+                        at_ms: created as u64,
+                        reason: None,
+                    }],
+                )
+            })
+            .collect()
         })
     }
 
@@ -348,35 +394,61 @@ impl Store for PgStore {
         detail: Option<&str>,
         exit_code: Option<i32>,
     ) -> Result<TaskRecord> {
+        // One statement (one round trip): the update, checked against the
+        // states it may come from and the fence, and its transition.
+        let from: Vec<&str> = State::ALL
+            .iter()
+            .filter(|s| s.can_go_to(to))
+            .map(|s| s.as_str())
+            .collect();
+        let at = now_ms() as i64;
+        let fence = fence.map(|f| f as i64);
         self.with(|c| {
-            let mut tx = c.transaction()?;
-            let row = tx
-                .query_opt(
-                    "SELECT state, epoch FROM tasks WHERE id = $1 FOR UPDATE",
-                    &[&id],
-                )?
-                .ok_or_else(|| StoreError::NotFound(id.into()))?;
-            let (from, epoch): (String, i64) = (row.get(0), row.get(1));
-            check_fence(id, fence, epoch)?;
-            let from = State::parse(&from).ok_or_else(|| corrupt(&from))?;
-            if !from.can_go_to(to) {
-                return Err(StoreError::BadTransition {
-                    id: id.into(),
-                    from,
-                    to,
-                });
+            let row = c.query_opt(
+                &format!(
+                    "WITH upd AS (
+                        UPDATE tasks SET state = $2, reason = COALESCE($3, reason),
+                            detail = COALESCE($4, detail), exit_code = COALESCE($5, exit_code)
+                        WHERE id = $1 AND state = ANY($6) AND ($7::bigint IS NULL OR epoch = $7)
+                        RETURNING *
+                    ), ins AS (
+                        INSERT INTO transitions (task_id, state, at_ms, reason)
+                        SELECT id, $2, $8, $3 FROM upd
+                    )
+                    SELECT upd.*, {TRANSITIONS_JSON} FROM upd"
+                ),
+                &[
+                    &id,
+                    &to.as_str(),
+                    &reason,
+                    &detail,
+                    &exit_code,
+                    &from,
+                    &fence,
+                    &at,
+                ],
+            )?;
+            if let Some(row) = row {
+                return changed_record(
+                    &row,
+                    Transition {
+                        state: to,
+                        at_ms: at as u64,
+                        reason: reason.map(String::from),
+                    },
+                );
             }
-            tx.execute(
-                "UPDATE tasks SET state = $2, reason = COALESCE($3, reason), detail = COALESCE($4, detail), exit_code = COALESCE($5, exit_code) WHERE id = $1",
-                &[&id, &to.as_str(), &reason, &detail, &exit_code],
-            )?;
-            tx.execute(
-                "INSERT INTO transitions (task_id, state, at_ms, reason) VALUES ($1, $2, $3, $4)",
-                &[&id, &to.as_str(), &(now_ms() as i64), &reason],
-            )?;
-            let t = get_one(&mut tx, id)?;
-            tx.commit()?;
-            Ok(t)
+            // Nothing changed: say why.
+            let row = c
+                .query_opt("SELECT state, epoch FROM tasks WHERE id = $1", &[&id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let (now, epoch): (String, i64) = (row.get(0), row.get(1));
+            check_fence(id, fence.map(|f| f as u64), epoch)?;
+            Err(StoreError::BadTransition {
+                id: id.into(),
+                from: State::parse(&now).ok_or_else(|| corrupt(&now))?,
+                to,
+            })
         })
     }
 
@@ -522,28 +594,54 @@ impl Store for PgStore {
         })
     }
 
-    fn claim(&self, id: &str, node: &str, vm_id: &str) -> Result<Option<TaskRecord>> {
+    fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        vm_id: &str,
+        resources: &[(&str, &str)],
+    ) -> Result<Option<TaskRecord>> {
+        let at = now_ms() as i64;
+        let kinds: Vec<&str> = resources.iter().map(|r| r.0).collect();
+        let names: Vec<&str> = resources.iter().map(|r| r.1).collect();
         self.with(|c| {
-            let mut tx = c.transaction()?;
-            // Read committed: a second claimer waits on the first's row
-            // lock, then finds the row no longer queued. Not by a node
-            // drained or declared dead.
-            let n = tx.execute(
-                "UPDATE tasks SET state = 'provisioning', node = $2, vm_id = $3, epoch = epoch + 1
-                 WHERE id = $1 AND state = 'queued' AND NOT EXISTS (
-                    SELECT 1 FROM nodes WHERE name = $2 AND state IN ('draining', 'dead'))",
-                &[&id, &node, &vm_id],
+            // One statement. A task another node is claiming right now
+            // (its row locked) is skipped, not waited for: that node gets
+            // it, this one moves on. Not by a node drained or declared dead.
+            let row = c.query_opt(
+                &format!(
+                    "WITH pick AS (
+                        SELECT id FROM tasks WHERE id = $1 AND state = 'queued'
+                        FOR UPDATE SKIP LOCKED
+                    ), upd AS (
+                        UPDATE tasks SET state = 'provisioning', node = $2, vm_id = $3, epoch = epoch + 1
+                        FROM pick WHERE tasks.id = pick.id AND NOT EXISTS (
+                            SELECT 1 FROM nodes WHERE name = $2 AND state IN ('draining', 'dead'))
+                        RETURNING tasks.*
+                    ), ins AS (
+                        INSERT INTO transitions (task_id, state, at_ms)
+                        SELECT id, 'provisioning', $4 FROM upd
+                    ), res AS (
+                        INSERT INTO resources (task_id, kind, name)
+                        SELECT upd.id, r.kind, r.name FROM upd,
+                            unnest($5::text[], $6::text[]) WITH ORDINALITY AS r(kind, name, n)
+                        ORDER BY r.n
+                    )
+                    SELECT upd.*, {TRANSITIONS_JSON} FROM upd"
+                ),
+                &[&id, &node, &vm_id, &at, &kinds, &names],
             )?;
-            if n == 0 {
-                return Ok(None);
-            }
-            tx.execute(
-                "INSERT INTO transitions (task_id, state, at_ms) VALUES ($1, 'provisioning', $2)",
-                &[&id, &(now_ms() as i64)],
-            )?;
-            let t = get_one(&mut tx, id)?;
-            tx.commit()?;
-            Ok(Some(t))
+            row.map(|row| {
+                changed_record(
+                    &row,
+                    Transition {
+                        state: State::Provisioning,
+                        at_ms: at as u64,
+                        reason: None,
+                    },
+                )
+            })
+            .transpose()
         })
     }
 

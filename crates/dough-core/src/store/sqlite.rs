@@ -423,7 +423,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn claim(&self, id: &str, node: &str, vm_id: &str) -> Result<Option<TaskRecord>> {
+    fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        vm_id: &str,
+        resources: &[(&str, &str)],
+    ) -> Result<Option<TaskRecord>> {
         {
             let mut db = self.conn();
             let tx = db.transaction()?;
@@ -442,6 +448,12 @@ impl Store for SqliteStore {
                 "INSERT INTO transitions (task_id, state, at_ms) VALUES (?1, 'provisioning', ?2)",
                 params![id, now_ms() as i64],
             )?;
+            for (kind, name) in resources {
+                tx.execute(
+                    "INSERT INTO resources (task_id, kind, name) VALUES (?1, ?2, ?3)",
+                    params![id, kind, name],
+                )?;
+            }
             tx.commit()?;
         }
         self.get(id).map(Some)
