@@ -8,7 +8,6 @@
 //! that a table of the test's own drops.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -142,24 +141,6 @@ fn wait_output(s: &Server, id: &str, what: &str) {
     }
 }
 
-/// Server-sent events of task `id` from byte 0, through `s`, until the
-/// stream ends: the `data:` lines.
-fn collect_events(s: &Server, id: &str) -> std::thread::JoinHandle<Vec<Value>> {
-    let r = s
-        .agent
-        .get(&format!("{}/v1/tasks/{id}/events?offset=0", s.url))
-        .set("Authorization", &format!("Bearer {}", s.token))
-        .call()
-        .unwrap();
-    std::thread::spawn(move || {
-        BufReader::new(r.into_reader())
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(l.strip_prefix("data: ")?).ok())
-            .collect()
-    })
-}
-
 #[test]
 fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() {
     let pg = Postgres::start();
@@ -216,7 +197,7 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
         })
         .collect();
     // Followed from the start through a node that does not run it.
-    let events = collect_events(front, &ids[0]);
+    let events = front.event_lines(&ids[0], "?offset=0");
     let mut used: Vec<(String, u64, u64)> = vec![];
     for (i, id) in ids.iter().enumerate() {
         let t = front.wait_terminal(id);
@@ -254,7 +235,12 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
             }
         }
     }
-    let ev = events.join().unwrap();
+    let ev: Vec<Value> = events
+        .join()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
     let seen: Vec<&str> = ev.iter().filter_map(|e| e["state"].as_str()).collect();
     assert_eq!(
         seen,

@@ -998,21 +998,6 @@ fn fuzzed_task_bodies_get_201_or_4xx_never_5xx() {
 }
 
 /// Reads a task's event stream on a thread; returns the event lines.
-fn collect_events(s: &Server, id: &str) -> std::thread::JoinHandle<Vec<String>> {
-    let r = s
-        .agent
-        .get(&format!("{}/v1/tasks/{id}/events", s.url))
-        .set("Authorization", &format!("Bearer {}", s.token))
-        .call()
-        .unwrap();
-    std::thread::spawn(move || {
-        BufReader::new(r.into_reader())
-            .lines()
-            .map_while(Result::ok)
-            .filter(|l| l.starts_with("data: "))
-            .collect()
-    })
-}
 
 #[test]
 fn cancel_timeout_and_a_frozen_vm_end_in_the_right_state() {
@@ -1031,7 +1016,7 @@ fn cancel_timeout_and_a_frozen_vm_end_in_the_right_state() {
     let x = s.submit(json!({"command": ["sh", "-c", "trap 'echo got TERM; exit 143' TERM; echo started; while :; do sleep 0.2; done"]}));
     let y = s.submit(json!({"command": ["sleep", "60"], "timeout_secs": 2}));
     let z = s.submit(json!({"command": ["sleep", "60"]}));
-    let events = collect_events(&s, &x);
+    let events = s.event_lines(&x, "");
     s.wait_state(&x, |st| st == "running", Duration::from_secs(60));
     wait_until("x's first output", Duration::from_secs(20), || {
         s.logs(&x).contains("started")

@@ -302,6 +302,16 @@ fn get_one<C: GenericClient>(c: &mut C, id: &str) -> Result<TaskRecord> {
         .ok_or_else(|| StoreError::NotFound(id.into()))
 }
 
+/// In `tx`, with the task's row locked: task `id` exists (else NotFound)
+/// and, with `fence`, its claim is still that epoch (else Fenced).
+fn fenced(tx: &mut postgres::Transaction<'_>, id: &str, fence: Option<u64>) -> Result<()> {
+    let epoch: i64 = tx
+        .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
+        .ok_or_else(|| StoreError::NotFound(id.into()))?
+        .get(0);
+    check_fence(id, fence, epoch)
+}
+
 /// Fails with NotFound when no row was changed.
 fn changed(n: u64, id: &str) -> Result<()> {
     if n == 0 {
@@ -579,11 +589,7 @@ impl Store for PgStore {
     fn clear_resources(&self, id: &str, fence: Option<u64>, cleanup: &str) -> Result<()> {
         self.with(|c| {
             let mut tx = c.transaction()?;
-            let epoch: i64 = tx
-                .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
-                .ok_or_else(|| StoreError::NotFound(id.into()))?
-                .get(0);
-            check_fence(id, fence, epoch)?;
+            fenced(&mut tx, id, fence)?;
             tx.execute("DELETE FROM resources WHERE task_id = $1", &[&id])?;
             tx.execute(
                 "UPDATE tasks SET cleanup = $2 WHERE id = $1",
@@ -664,11 +670,7 @@ impl Store for PgStore {
         let text = serde_json::to_string(result).map_err(corrupt)?;
         self.with(|c| {
             let mut tx = c.transaction()?;
-            let epoch: i64 = tx
-                .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
-                .ok_or_else(|| StoreError::NotFound(id.into()))?
-                .get(0);
-            check_fence(id, fence, epoch)?;
+            fenced(&mut tx, id, fence)?;
             tx.execute("UPDATE tasks SET result = $2 WHERE id = $1", &[&id, &text])?;
             tx.commit()?;
             Ok(())
@@ -678,11 +680,7 @@ impl Store for PgStore {
     fn set_image_digest(&self, id: &str, fence: Option<u64>, digest: &str) -> Result<()> {
         self.with(|c| {
             let mut tx = c.transaction()?;
-            let epoch: i64 = tx
-                .query_opt("SELECT epoch FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?
-                .ok_or_else(|| StoreError::NotFound(id.into()))?
-                .get(0);
-            check_fence(id, fence, epoch)?;
+            fenced(&mut tx, id, fence)?;
             tx.execute(
                 "UPDATE tasks SET image_digest = $2 WHERE id = $1",
                 &[&id, &digest],

@@ -54,6 +54,16 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 ";
 
+/// In `tx`: task `id` exists (else NotFound) and, with `fence`, its claim
+/// is still that epoch (else Fenced).
+fn fenced(tx: &rusqlite::Transaction<'_>, id: &str, fence: Option<u64>) -> Result<()> {
+    let epoch: i64 = tx
+        .query_row("SELECT epoch FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(id.into()))?;
+    check_fence(id, fence, epoch)
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let db = Connection::open(path)?;
@@ -62,42 +72,24 @@ impl SqliteStore {
         db.pragma_update(None, "foreign_keys", "ON")?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA)?;
-        // Stores made before repository tasks lack `result`.
-        let has_result: bool = db
-            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'result'")?
-            .exists([])?;
-        if !has_result {
-            db.execute_batch("ALTER TABLE tasks ADD COLUMN result TEXT")?;
-        }
-        // … and before named images, `image_digest`.
-        let has_image: bool = db
-            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'image_digest'")?
-            .exists([])?;
-        if !has_image {
-            db.execute_batch("ALTER TABLE tasks ADD COLUMN image_digest TEXT")?;
-        }
-        // … and before nodes, `node`.
-        let has_node: bool = db
-            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'node'")?
-            .exists([])?;
-        if !has_node {
-            db.execute_batch("ALTER TABLE tasks ADD COLUMN node TEXT")?;
-        }
-        // … and before claims, `epoch`.
-        let has_epoch: bool = db
-            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'epoch'")?
-            .exists([])?;
-        if !has_epoch {
-            db.execute_batch("ALTER TABLE tasks ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")?;
-        }
-        // … and before cancels across nodes, `cancel_requested`.
-        let has_cancel: bool = db
-            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'cancel_requested'")?
-            .exists([])?;
-        if !has_cancel {
-            db.execute_batch(
-                "ALTER TABLE tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
-            )?;
+        // Columns added since the first stores: before repository tasks
+        // (`result`), named images, nodes, claims, cancels across nodes.
+        for (column, ddl) in [
+            ("result", "result TEXT"),
+            ("image_digest", "image_digest TEXT"),
+            ("node", "node TEXT"),
+            ("epoch", "epoch INTEGER NOT NULL DEFAULT 0"),
+            (
+                "cancel_requested",
+                "cancel_requested INTEGER NOT NULL DEFAULT 0",
+            ),
+        ] {
+            let has: bool = db
+                .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = ?1")?
+                .exists([column])?;
+            if !has {
+                db.execute_batch(&format!("ALTER TABLE tasks ADD COLUMN {ddl}"))?;
+            }
         }
         Ok(SqliteStore { db: Mutex::new(db) })
     }
@@ -371,11 +363,7 @@ impl Store for SqliteStore {
     fn clear_resources(&self, id: &str, fence: Option<u64>, cleanup: &str) -> Result<()> {
         let mut db = self.conn();
         let tx = db.transaction()?;
-        let epoch: i64 = tx
-            .query_row("SELECT epoch FROM tasks WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        check_fence(id, fence, epoch)?;
+        fenced(&tx, id, fence)?;
         tx.execute("DELETE FROM resources WHERE task_id = ?1", [id])?;
         tx.execute(
             "UPDATE tasks SET cleanup = ?2 WHERE id = ?1",
@@ -394,11 +382,7 @@ impl Store for SqliteStore {
         let text = serde_json::to_string(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut db = self.conn();
         let tx = db.transaction()?;
-        let epoch: i64 = tx
-            .query_row("SELECT epoch FROM tasks WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        check_fence(id, fence, epoch)?;
+        fenced(&tx, id, fence)?;
         tx.execute(
             "UPDATE tasks SET result = ?2 WHERE id = ?1",
             params![id, text],
@@ -410,11 +394,7 @@ impl Store for SqliteStore {
     fn set_image_digest(&self, id: &str, fence: Option<u64>, digest: &str) -> Result<()> {
         let mut db = self.conn();
         let tx = db.transaction()?;
-        let epoch: i64 = tx
-            .query_row("SELECT epoch FROM tasks WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        check_fence(id, fence, epoch)?;
+        fenced(&tx, id, fence)?;
         tx.execute(
             "UPDATE tasks SET image_digest = ?2 WHERE id = ?1",
             params![id, digest],

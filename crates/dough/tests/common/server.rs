@@ -1,5 +1,6 @@
 //! `dough serve` started for a test: the real daemon binary on a free
 //! port of 127.0.0.1, called over real HTTP with its token.
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,24 @@ impl Server {
             Value::String(s) => s,
             v => v.to_string(),
         }
+    }
+
+    /// The server-sent events of task `id` (`query`: "" or "?offset=N"),
+    /// read on a thread until the stream ends: its `data: ` lines.
+    pub fn event_lines(&self, id: &str, query: &str) -> std::thread::JoinHandle<Vec<String>> {
+        let r = self
+            .agent
+            .get(&format!("{}/v1/tasks/{id}/events{query}", self.url))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .unwrap();
+        std::thread::spawn(move || {
+            BufReader::new(r.into_reader())
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| l.starts_with("data: "))
+                .collect()
+        })
     }
 
     pub fn stop(mut self) {
