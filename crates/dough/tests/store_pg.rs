@@ -10,7 +10,7 @@ use dough_core::store::{PgStore, Store};
 fn postgres_passes_the_store_checks() {
     let pg = Postgres::start();
     dough_core::store::checks::all(&|name: &str| -> Box<dyn Store> {
-        Box::new(PgStore::open(&pg.url(name), 4).unwrap())
+        Box::new(PgStore::open(&pg.url(name), 4, None).unwrap())
     });
 }
 
@@ -18,13 +18,13 @@ fn postgres_passes_the_store_checks() {
 fn the_schema_is_versioned_and_a_newer_one_is_refused() {
     let pg = Postgres::start();
     let url = pg.url("schema");
-    let s = PgStore::open(&url, 2).unwrap();
+    let s = PgStore::open(&url, 2, None).unwrap();
     let v = s.schema_version().unwrap();
     assert_eq!(v, dough_core::store::PG_SCHEMA_VERSION);
     assert!(v >= 1);
     drop(s);
     // Opening again migrates nothing (one row per version).
-    PgStore::open(&url, 2).unwrap();
+    PgStore::open(&url, 2, None).unwrap();
     assert_eq!(
         pg.psql("schema", "SELECT count(*) FROM dough_schema")
             .trim(),
@@ -39,7 +39,7 @@ fn the_schema_is_versioned_and_a_newer_one_is_refused() {
             v + 1
         ),
     );
-    let e = PgStore::open(&url, 2)
+    let e = PgStore::open(&url, 2, None)
         .err()
         .expect("a newer schema is refused");
     let m = e.to_string();
@@ -51,11 +51,11 @@ fn the_schema_is_versioned_and_a_newer_one_is_refused() {
 
 #[test]
 fn an_unreachable_or_malformed_store_is_a_clear_error() {
-    let e = PgStore::open("postgres://postgres@127.0.0.1:1/x", 1)
+    let e = PgStore::open("postgres://postgres@127.0.0.1:1/x", 1, None)
         .err()
         .expect("nothing listens on port 1");
     assert!(e.to_string().contains("postgres"), "{e}");
-    let e = PgStore::open("not a url at all", 1).err().unwrap();
+    let e = PgStore::open("not a url at all", 1, None).err().unwrap();
     assert!(
         e.to_string().contains("not a PostgreSQL connection string"),
         "{e}"
@@ -66,8 +66,8 @@ fn an_unreachable_or_malformed_store_is_a_clear_error() {
 fn a_node_name_is_held_by_one_live_process() {
     let pg = Postgres::start();
     let url = pg.url("names");
-    let a = PgStore::open(&url, 1).unwrap();
-    let b = PgStore::open(&url, 1).unwrap();
+    let a = PgStore::open(&url, 1, None).unwrap();
+    let b = PgStore::open(&url, 1, None).unwrap();
     assert!(a.hold_node_name("n1").unwrap());
     assert!(a.hold_node_name("n1").unwrap(), "held again by its holder");
     assert!(!b.hold_node_name("n1").unwrap());
@@ -77,4 +77,41 @@ fn a_node_name_is_held_by_one_live_process() {
     common::wait_until("the name freed", std::time::Duration::from_secs(10), || {
         b.hold_node_name("n1").unwrap()
     });
+}
+
+/// `sslmode=require`: the connection is TLS, the server's certificate
+/// verified against the CA given; a server the roots do not vouch for is
+/// refused.
+#[test]
+fn tls_to_the_database_is_verified() {
+    let pg = Postgres::start_tls();
+    let ca = pg.ca.clone().unwrap();
+    let url = format!("{}?sslmode=require", pg.url("tls"));
+    let s = PgStore::open(&url, 2, Some(&ca)).unwrap();
+    assert!(s.hold_node_name("tls-node").unwrap());
+    // The server sees the store's sessions encrypted, and none in clear.
+    let sessions = pg.psql(
+        "postgres",
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'dough'",
+    );
+    assert!(sessions.lines().any(|l| l == "t"), "{sessions}");
+    assert!(!sessions.lines().any(|l| l == "f"), "{sessions}");
+    drop(s);
+    // The system's roots do not know the test's CA.
+    let e = PgStore::open(&url, 1, None)
+        .err()
+        .expect("an unknown CA is refused");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    // A CA file with no certificate in it: a clear error before connecting.
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let e = PgStore::open(&url, 1, Some(empty.path())).err().unwrap();
+    assert!(e.to_string().contains("no certificate"), "{e}");
+    // Without sslmode=require the connection stays plain.
+    let plain = PgStore::open(&pg.url("tls"), 1, None).unwrap();
+    assert!(plain.hold_node_name("plain-node").unwrap());
+    let sessions = pg.psql(
+        "postgres",
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'dough'",
+    );
+    assert!(sessions.lines().any(|l| l == "f"), "{sessions}");
 }

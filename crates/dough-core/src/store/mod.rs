@@ -255,7 +255,7 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("store: {0}")]
     Db(#[from] rusqlite::Error),
-    #[error("store (postgres): {0}")]
+    #[error("store (postgres): {}", chain(.0))]
     Pg(#[from] postgres::Error),
     /// No connection to the database could be had in time.
     #[error("store (postgres): {0}")]
@@ -273,6 +273,22 @@ pub enum StoreError {
     Fenced { id: String, epoch: u64 },
     #[error("corrupt record: {0}")]
     Corrupt(String),
+}
+
+/// An error and its causes, `: `-joined (the driver's own message is
+/// often only the outermost, "error performing TLS handshake").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cause = c.source();
+    }
+    s
 }
 
 impl StoreError {

@@ -82,12 +82,90 @@ CREATE TABLE nodes (
 );
 ";
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+/// How connections are made: plain, or TLS verified by rustls
+/// (`sslmode=require`).
+#[derive(Clone)]
+enum Tls {
+    Plain,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+enum Pool {
+    Plain(r2d2::Pool<PostgresConnectionManager<NoTls>>),
+    Rustls(r2d2::Pool<PostgresConnectionManager<tokio_postgres_rustls::MakeRustlsConnect>>),
+}
+
+impl Tls {
+    /// TLS when the address asks for it (`sslmode=require`): the server's
+    /// certificate is verified against the certificates of `ca` (a PEM
+    /// file) when given, else the system's roots
+    /// (`/etc/ssl/certs/ca-certificates.crt`).
+    fn of(config: &postgres::Config, ca: Option<&std::path::Path>) -> Result<Tls> {
+        if config.get_ssl_mode() != postgres::config::SslMode::Require {
+            return Ok(Tls::Plain);
+        }
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let file = ca.unwrap_or(std::path::Path::new("/etc/ssl/certs/ca-certificates.crt"));
+        let bad = |e: String| {
+            StoreError::Schema(format!(
+                "the store's CA certificates ({}): {e}",
+                file.display()
+            ))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(file).map_err(|e| bad(e.to_string()))? {
+            roots
+                .add(c.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("no certificate in it".into()));
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            tls,
+        )))
+    }
+
+    fn connect(&self, config: &postgres::Config) -> Result<Client> {
+        Ok(match self {
+            Tls::Plain => config.connect(NoTls)?,
+            Tls::Rustls(t) => config.connect(t.clone())?,
+        })
+    }
+
+    fn pool(&self, config: &postgres::Config, connections: u32) -> Pool {
+        fn b<M: r2d2::ManageConnection>(connections: u32) -> r2d2::Builder<M> {
+            r2d2::Pool::builder()
+                .max_size(connections.max(1))
+                .min_idle(Some(0))
+                .connection_timeout(Duration::from_secs(10))
+                .error_handler(Box::new(r2d2::NopErrorHandler))
+        }
+        match self {
+            Tls::Plain => Pool::Plain(
+                b(connections)
+                    .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls)),
+            ),
+            Tls::Rustls(t) => Pool::Rustls(
+                b(connections)
+                    .build_unchecked(PostgresConnectionManager::new(config.clone(), t.clone())),
+            ),
+        }
+    }
+}
 
 pub struct PgStore {
     /// Taken only by `Drop`.
     pool: Option<Pool>,
     config: postgres::Config,
+    tls: Tls,
     /// The session that holds this node's name (an advisory lock, freed
     /// by the server when the process dies).
     name_lock: std::sync::Mutex<Option<Client>>,
@@ -104,9 +182,10 @@ impl Drop for PgStore {
 }
 
 impl PgStore {
-    /// Connect (a pool of up to `connections`), then bring the schema up
-    /// to [`SCHEMA_VERSION`].
-    pub fn open(url: &str, connections: u32) -> Result<PgStore> {
+    /// Connect (a pool of up to `connections`; TLS with `sslmode=require`,
+    /// the server verified against `ca` or the system's roots), then bring
+    /// the schema up to [`SCHEMA_VERSION`].
+    pub fn open(url: &str, connections: u32, ca: Option<&std::path::Path>) -> Result<PgStore> {
         let mut config: postgres::Config = url.parse().map_err(|e| {
             StoreError::Schema(format!(
                 "the store's address is not a PostgreSQL connection string: {e}"
@@ -127,20 +206,17 @@ impl PgStore {
         // One connection first, for the migration: a database that cannot
         // be reached is an error now, with its cause (the pool would retry
         // until its timeout).
+        let tls = Tls::of(&config, ca)?;
         std::thread::scope(|s| {
-            s.spawn(|| migrate(&mut config.connect(NoTls)?))
+            s.spawn(|| migrate(&mut tls.connect(&config)?))
                 .join()
                 .unwrap_or_else(|_| Err(StoreError::Corrupt("the store's thread panicked".into())))
         })?;
-        let pool = r2d2::Pool::builder()
-            .max_size(connections.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(10))
-            .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls));
+        let pool = tls.pool(&config, connections);
         Ok(PgStore {
             pool: Some(pool),
             config,
+            tls,
             name_lock: std::sync::Mutex::new(None),
         })
     }
@@ -159,9 +235,9 @@ impl PgStore {
     /// module's doc), and wait for it.
     fn with<R: Send>(&self, f: impl FnOnce(&mut Client) -> Result<R> + Send) -> Result<R> {
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let mut c = self.pool.as_ref().expect("taken only by drop").get()?;
-                f(&mut c)
+            s.spawn(|| match self.pool.as_ref().expect("taken only by drop") {
+                Pool::Plain(p) => f(&mut *p.get()?),
+                Pool::Rustls(p) => f(&mut *p.get()?),
             })
             .join()
             .unwrap_or_else(|_| Err(StoreError::Corrupt("the store's thread panicked".into())))
@@ -777,7 +853,7 @@ impl Store for PgStore {
         std::thread::scope(|s| {
             s.spawn(|| {
                 if slot.is_none() {
-                    *slot = Some(self.config.connect(NoTls)?);
+                    *slot = Some(self.tls.connect(&self.config)?);
                 }
                 let c = slot.as_mut().expect("just made");
                 Ok(c.query_one(

@@ -61,6 +61,11 @@ pub struct ServeArgs {
         default_value = "sqlite"
     )]
     pub store: String,
+    /// With `sslmode=require` in the store's address: the CA certificates
+    /// (PEM) that verify the database's certificate [default: the
+    /// system's].
+    #[arg(long, env = "DOUGH_STORE_CA", value_name = "FILE")]
+    pub store_ca: Option<std::path::PathBuf>,
     /// A node silent this long is declared dead by its peers (its booted
     /// tasks fail node_lost, the others are queued again); a node that
     /// cannot write its heartbeat for nearly as long stops its tasks.
@@ -84,7 +89,7 @@ fn open_store(
     }
     if s.starts_with("postgres://") || s.starts_with("postgresql://") {
         return Ok(Arc::new(
-            PgStore::open(s, 8).context("open the task store (--store)")?,
+            PgStore::open(s, 8, a.store_ca.as_deref()).context("open the task store (--store)")?,
         ));
     }
     anyhow::bail!("--store: give `sqlite` or a postgres://USER@HOST/DB address")

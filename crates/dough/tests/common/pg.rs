@@ -11,6 +11,8 @@ pub struct Postgres {
     pub port: u16,
     /// The address it listens on.
     pub host: String,
+    /// With TLS: the CA certificate (PEM) that signed the server's.
+    pub ca: Option<PathBuf>,
 }
 
 /// Debian's server binaries (`/usr/lib/postgresql/<major>/bin`), newest.
@@ -55,6 +57,17 @@ impl Postgres {
     /// A new cluster listening on each of `addrs` (addresses of this
     /// namespace); [`Postgres::url`] names the first.
     pub fn start_on(addrs: &[&str]) -> Postgres {
+        Self::start_with(addrs, false)
+    }
+
+    /// A new cluster on 127.0.0.1 that also speaks TLS, with a certificate
+    /// for 127.0.0.1 signed by a CA of the test's own (`ca`), made with
+    /// `openssl`.
+    pub fn start_tls() -> Postgres {
+        Self::start_with(&["127.0.0.1"], true)
+    }
+
+    fn start_with(addrs: &[&str], tls: bool) -> Postgres {
         let host = addrs[0];
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
@@ -79,6 +92,93 @@ impl Postgres {
             let l = std::net::TcpListener::bind((host, 0)).unwrap();
             l.local_addr().unwrap().port()
         };
+        let mut ssl = String::new();
+        let mut ca = None;
+        if tls {
+            let d = dir.path();
+            let ssl_ = |args: &[&str], what: &str| {
+                check(Command::new("openssl").current_dir(d).args(args), what)
+            };
+            let ec = [
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ];
+            ssl_(
+                &[
+                    &["req", "-x509"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        "ca.key",
+                        "-out",
+                        "ca.crt",
+                        "-subj",
+                        "/CN=dough-test-ca",
+                        "-days",
+                        "2",
+                    ],
+                ]
+                .concat(),
+                "make a CA",
+            );
+            ssl_(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        "server.key",
+                        "-out",
+                        "server.csr",
+                        "-subj",
+                        &format!("/CN={host}"),
+                    ],
+                ]
+                .concat(),
+                "make a server key",
+            );
+            std::fs::write(d.join("san.ext"), format!("subjectAltName=IP:{host}\n")).unwrap();
+            ssl_(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "server.csr",
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "server.crt",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "san.ext",
+                ],
+                "sign the server's certificate",
+            );
+            check(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(d.join("server.key"))
+                    .arg(d.join("server.crt")),
+                "chown the server's key",
+            );
+            std::fs::set_permissions(
+                d.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+            ssl = format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                d.display()
+            );
+            ca = Some(d.join("ca.crt"));
+        }
         check(
             as_postgres(&bin.join("pg_ctl"))
                 .arg("-D")
@@ -87,7 +187,7 @@ impl Postgres {
                 .arg(dir.path().join("log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses={} -c fsync=off -c max_connections=300",
+                    "-p {port} -k {} -c listen_addresses={} -c fsync=off -c max_connections=300{ssl}",
                     dir.path().display(),
                     addrs.join(",")
                 ))
@@ -99,6 +199,7 @@ impl Postgres {
             bin,
             port,
             host: host.into(),
+            ca,
         }
     }
 
