@@ -138,6 +138,10 @@ impl ServiceConfig {
     }
 }
 
+/// How long a task of a shape another node has a warm VM of is left to
+/// that node (see `admit`).
+const PREFER_WARM_MS: u64 = 3000;
+
 /// Broadcast to subscribers of a task.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -340,6 +344,23 @@ impl Service {
                 vms: u.running_vms,
                 vcpus: u.vcpus,
                 memory_mib: u.memory_mib,
+                idle: self
+                    .pools()
+                    .map(|p| p.status())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|p| p.idle > 0)
+                    .filter_map(|p| {
+                        Some(
+                            Shape {
+                                vcpus: p.vcpus,
+                                memory_mib: p.memory_mib,
+                                image: ImageName::of(Some(&p.image)).ok()?,
+                            }
+                            .to_string(),
+                        )
+                    })
+                    .collect(),
             },
         }
     }
@@ -889,10 +910,23 @@ impl Service {
         let mut started = 0;
         // The store's calls off the runtime's threads: a store that hangs
         // (a database cut off) must not stop the node's other work.
-        let st = self.inner.store.clone();
-        let queue = tokio::task::spawn_blocking(move || st.queued(look))
-            .await
-            .map_err(|e| StoreError::Corrupt(e.to_string()))??;
+        let (st, me) = (self.inner.store.clone(), self.inner.cfg.node_name.clone());
+        let (queue, peers_idle) = tokio::task::spawn_blocking(move || {
+            let queue = st.queued(look)?;
+            // Shapes another live node has a warm VM of.
+            let idle: std::collections::HashSet<String> = if shared && !queue.is_empty() {
+                st.nodes()?
+                    .into_iter()
+                    .filter(|n| n.name != me && n.state == "up")
+                    .flat_map(|n| n.usage.idle)
+                    .collect()
+            } else {
+                Default::default()
+            };
+            Ok::<_, StoreError>((queue, idle))
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(e.to_string()))??;
         for t in queue {
             if started == room {
                 break;
@@ -916,6 +950,24 @@ impl Service {
                         image,
                     })
                 });
+            // No warm VM of its shape here but one on another node: that
+            // node takes it (it starts without a boot) — unless it has not
+            // for PREFER_WARM_MS, then anyone may.
+            if warm.is_none() && !peers_idle.is_empty() {
+                let shape = ImageName::of(t.request.image.as_deref()).ok().map(|image| {
+                    Shape {
+                        vcpus: v,
+                        memory_mib: m as u32,
+                        image,
+                    }
+                    .to_string()
+                });
+                if shape.is_some_and(|s| peers_idle.contains(&s))
+                    && now_ms().saturating_sub(t.created_ms) < PREFER_WARM_MS
+                {
+                    continue;
+                }
+            }
             {
                 let (rv, rm, rn) = self.pools().map_or((0, 0, 0), |p| p.reserved());
                 let mut u = self.inner.usage.lock().unwrap();

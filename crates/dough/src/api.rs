@@ -742,6 +742,47 @@ async fn metrics(State(api): State<Api>) -> Response {
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
+    // The cluster: every node on record, its state, use and capacity (a
+    // single host lists itself).
+    let nodes = api.svc.store().nodes().unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "# HELP dough_node_up Nodes on record by state (1: the node is in it).\n# TYPE dough_node_up gauge"
+    );
+    for n in &nodes {
+        let _ = writeln!(
+            s,
+            "dough_node_up{{node=\"{}\",state=\"{}\"}} 1",
+            n.name, n.state
+        );
+    }
+    for (name, help, get) in [
+        (
+            "dough_node_vms_running",
+            "VMs running on each node (its last heartbeat).",
+            (|n: &dough_core::store::NodeRecord| n.usage.vms as u64) as fn(&_) -> u64,
+        ),
+        (
+            "dough_node_vms_capacity",
+            "VMs each node may run at once.",
+            |n| n.capacity.vms as u64,
+        ),
+        (
+            "dough_node_vcpus_allocated",
+            "vCPUs of running VMs on each node.",
+            |n| n.usage.vcpus as u64,
+        ),
+        (
+            "dough_node_heartbeat_ms",
+            "Each node's last heartbeat (ms since the epoch).",
+            |n| n.heartbeat_ms,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for n in &nodes {
+            let _ = writeln!(s, "{name}{{node=\"{}\"}} {}", n.name, get(n));
+        }
+    }
     let pools = api.svc.pools().map(|p| p.status()).unwrap_or_default();
     for (name, help, get) in [
         (

@@ -270,6 +270,23 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
             n.name
         );
     }
+    // Metrics per node, from any node: n2 holds one VM slot, n3 none.
+    let m = front
+        .agent
+        .get(&format!("{}/metrics", front.url))
+        .set("Authorization", &format!("Bearer {}", front.token))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for line in [
+        "dough_node_up{node=\"n1\",state=\"up\"} 1",
+        "dough_node_vms_capacity{node=\"n2\"} 1",
+        "dough_node_vms_capacity{node=\"n3\"} 0",
+        "dough_tasks{state=\"succeeded\"} 4",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} not in:\n{m}");
+    }
     // A second daemon under a live node's name is refused.
     let dup = Harness::new();
     let out = dup
@@ -544,4 +561,62 @@ fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
     let mut used = [tv["node"].as_str().unwrap(), tw["node"].as_str().unwrap()];
     used.sort();
     assert_eq!(used, ["n1", "n2"], "{tv} {tw}");
+}
+
+#[test]
+fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
+    let pg = Postgres::start();
+    let url = pg.url("warm");
+    let token = token();
+    // a keeps one warm VM of the default shape (cold boots: no template
+    // to make); b has none, and is the node the tasks are submitted to.
+    // a's memory holds its warm VM and one more of 512 MiB, not 768.
+    let a = Node::start_with(
+        "a",
+        &url,
+        2,
+        &token,
+        &[
+            "--pool-size",
+            "1",
+            "--no-pool-clones",
+            "--memory-limit",
+            "1024",
+        ],
+    );
+    let b = Node::start("b", &url, 1, &token);
+    let front = b.s();
+    wait_until("a's warm VM idle", Duration::from_secs(120), || {
+        a.s().call("GET", "/v1/pools", None).1["pools"][0]["idle"] == 1
+    });
+    wait_until("a's idle VM on record", Duration::from_secs(30), || {
+        let (_, v) = front.call("GET", "/v1/nodes", None);
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "a" && n["use"]["idle"] == json!(["1x512"]))
+    });
+    // Submitted to b, which could run it (it has room) but has no warm VM.
+    let id = front.submit(json!({"command": ["echo", "warm"], "egress": "none"}));
+    let t = front.wait_terminal(&id);
+    assert_eq!(
+        (t["state"].as_str(), t["node"].as_str()),
+        (Some("succeeded"), Some("a")),
+        "{t}"
+    );
+    assert_eq!(front.logs(&id), "warm\n");
+    assert_eq!(
+        a.s().call("GET", "/v1/pools", None).1["pools"][0]["claimed"],
+        1
+    );
+    // A shape nobody keeps warm (and a has no room for): b runs it.
+    let id =
+        front.submit(json!({"command": ["echo", "cold"], "memory_mib": 768, "egress": "none"}));
+    let t = front.wait_terminal(&id);
+    assert_eq!(
+        (t["state"].as_str(), t["node"].as_str()),
+        (Some("succeeded"), Some("b")),
+        "{t}"
+    );
 }

@@ -242,6 +242,10 @@ pub struct NodeUse {
     pub vms: u32,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Warm-pool shapes (`[IMAGE:]VCPUSxMIB`) with an idle VM now: a task
+    /// of that shape is left to this node for a moment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idle: Vec<String>,
 }
 
 #[doc(hidden)]
