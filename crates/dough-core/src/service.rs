@@ -12,7 +12,7 @@
 //! before the supervisor creates them.
 //!
 //! [`supervisor`]: crate::supervisor
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -407,20 +407,18 @@ impl Service {
     fn tick(&self, full: bool) {
         let st = &self.inner.store;
         let shared = st.is_shared();
-        match if shared {
-            st.cancel_requests(&self.inner.cfg.node_name)
-        } else {
-            Ok(vec![])
-        } {
-            Ok(ids) => {
-                for id in ids {
-                    if let Some(tx) = self.inner.cancels.lock().unwrap().remove(&id) {
-                        info!(task = %id, "cancel asked through another node");
-                        let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
+        if shared {
+            match st.cancel_requests(&self.inner.cfg.node_name) {
+                Ok(ids) => {
+                    for id in ids {
+                        if let Some(tx) = self.inner.cancels.lock().unwrap().remove(&id) {
+                            info!(task = %id, "cancel asked through another node");
+                            let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
+                        }
                     }
                 }
+                Err(e) => warn!(error = %e, "read cancel requests"),
             }
-            Err(e) => warn!(error = %e, "read cancel requests"),
         }
         if !full {
             return;
@@ -442,7 +440,7 @@ impl Service {
                     node = %self.inner.cfg.node_name,
                     "this node was declared dead by a peer; stopping its tasks and rejoining"
                 );
-                self.abandon_all("this node was declared dead by a peer");
+                self.abandon_all("this node was declared dead by a peer", false);
                 self.inner.started_ms.store(now_ms(), SeqCst);
             }
             Err(e) => warn!(error = %e, "node heartbeat"),
@@ -468,16 +466,12 @@ impl Service {
     }
 
     /// No heartbeat written for the lease: peers may declare this node
-    /// dead at any moment, so its tasks stop now. (Only on a shared store:
-    /// a single host's store that stalls has no peer to take over, and its
-    /// tasks wait for it.)
+    /// dead at any moment, so its tasks stop now. (Watched only on a
+    /// shared store: a single host's store that stalls has no peer to take
+    /// over, and its tasks wait for it.)
     fn check_lease(&self) {
-        if !self.inner.store.is_shared() {
-            return;
-        }
         let silent = self.inner.last_beat.lock().unwrap().elapsed();
-        let lease = self.inner.cfg.lease();
-        if silent > lease && !self.inner.cancels.lock().unwrap().is_empty() {
+        if silent > self.inner.cfg.lease() && !self.inner.cancels.lock().unwrap().is_empty() {
             warn!(
                 silent_ms = silent.as_millis() as u64,
                 "no heartbeat written for the lease; stopping this node's tasks"
@@ -487,32 +481,30 @@ impl Service {
                 self.inner.cfg.node_name,
                 silent.as_secs()
             );
-            let ids: Vec<String> = self.inner.cancels.lock().unwrap().keys().cloned().collect();
-            for id in ids {
-                self.abandon(&id, &why);
-                // At once, not when the runtime gets to it (it may be
-                // waiting on the store): the VM's processes are killed
-                // here; the runner tears the rest down.
-                if let Some(vm) = self.inner.vms.lock().unwrap().get(&id) {
-                    for pid in
-                        crate::rundir::processes_using(&self.inner.cfg.host.runs_dir().join(vm))
-                    {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-            }
+            // The VMs' processes killed here, at once, not when the
+            // runtime gets to it (it may be waiting on the store).
+            self.abandon_all(&why, true);
         }
     }
 
-    /// Stop every task of this node at once (SIGKILL), each to end
-    /// `node_lost` with `why` — if its claim is still this node's.
-    fn abandon_all(&self, why: &str) {
+    /// Stop every task of this node (SIGKILL), each to end `node_lost`
+    /// with `why` — if its claim is still this node's. With `kill_vms`,
+    /// their VMs' processes are killed from this thread too; the runners
+    /// tear the rest down.
+    fn abandon_all(&self, why: &str, kill_vms: bool) {
         let ids: Vec<String> = self.inner.cancels.lock().unwrap().keys().cloned().collect();
         for id in ids {
             self.abandon(&id, why);
+            let vm = self.inner.vms.lock().unwrap().get(&id).cloned();
+            if let Some(vm) = vm.filter(|_| kill_vms) {
+                for pid in crate::rundir::processes_using(&self.inner.cfg.host.runs_dir().join(vm))
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
         }
     }
 
@@ -910,20 +902,24 @@ impl Service {
         let mut started = 0;
         // The store's calls off the runtime's threads: a store that hangs
         // (a database cut off) must not stop the node's other work.
-        let (st, me) = (self.inner.store.clone(), self.inner.cfg.node_name.clone());
-        let (queue, peers_idle) = tokio::task::spawn_blocking(move || {
+        let svc = self.clone();
+        let (queue, peers_idle, images) = tokio::task::spawn_blocking(move || {
+            let st = &svc.inner.store;
             let queue = st.queued(look)?;
-            // Shapes another live node has a warm VM of.
-            let idle: std::collections::HashSet<String> = if shared && !queue.is_empty() {
-                st.nodes()?
+            let (mut idle, mut images) = (HashSet::new(), HashSet::new());
+            if shared && !queue.is_empty() {
+                // Shapes another live node has a warm VM of.
+                idle = st
+                    .nodes()?
                     .into_iter()
-                    .filter(|n| n.name != me && n.state == "up")
+                    .filter(|n| n.name != svc.inner.cfg.node_name && n.state == "up")
                     .flat_map(|n| n.usage.idle)
-                    .collect()
-            } else {
-                Default::default()
-            };
-            Ok::<_, StoreError>((queue, idle))
+                    .collect();
+                // The images this node can boot (their manifests read
+                // once a pass, not once a task).
+                images = svc.images().iter().map(|i| i.name()).collect();
+            }
+            Ok::<_, StoreError>((queue, idle, images))
         })
         .await
         .map_err(|e| StoreError::Corrupt(e.to_string()))??;
@@ -932,10 +928,12 @@ impl Service {
                 break;
             }
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
-            if shared
-                && (v > lim.vcpu_capacity()
-                    || m > lim.memory_mib
-                    || self.image_of(&t.request).is_err())
+            let image = t
+                .request
+                .image
+                .as_deref()
+                .unwrap_or(dough_image::DEFAULT_IMAGE);
+            if shared && (v > lim.vcpu_capacity() || m > lim.memory_mib || !images.contains(image))
             {
                 continue;
             }
@@ -1397,6 +1395,8 @@ impl Service {
     ) {
         self.inner.cancels.lock().unwrap().remove(&t.id);
         self.inner.vms.lock().unwrap().remove(&t.id);
+        // (Given up after its runner looked: nothing is left to stop.)
+        self.inner.abandoned.lock().unwrap().remove(&t.id);
         self.settle(&t.id, t.epoch, state, reason, detail, code, cleanup);
         {
             let mut u = self.inner.usage.lock().unwrap();
@@ -1431,6 +1431,7 @@ impl Service {
         code: Option<i32>,
         cleanup: &str,
     ) {
+        let task = id.to_string();
         let (id, reason, detail, cleanup) = (
             id.to_string(),
             reason.to_string(),
@@ -1443,7 +1444,8 @@ impl Service {
                 .store
                 .transition(&id, Some(epoch), state, Some(&reason), Some(&detail), code)
         };
-        let done = |s: &Service, r: Result<TaskRecord, StoreError>| -> bool {
+        let who = task.clone();
+        let done = move |s: &Service, r: Result<TaskRecord, StoreError>| -> bool {
             match r {
                 Ok(t) => {
                     s.publish_state(&t);
@@ -1451,7 +1453,7 @@ impl Service {
                 }
                 Err(e) if e.is_transient() => false,
                 Err(e) => {
-                    warn!(error = %e, "record a task's end");
+                    warn!(task = %who, error = %e, "record a task's end");
                     // Its end as the store has it (a peer's node_lost).
                     if let StoreError::Fenced { id, .. } = &e {
                         if let Ok(t) = s.inner.store.get(id) {
@@ -1465,7 +1467,7 @@ impl Service {
         if done(self, attempt(self)) {
             return;
         }
-        warn!("record a task's end: the store cannot be written; trying again every second");
+        warn!(task = %task, "record a task's end: the store cannot be written; trying again every second");
         let s = self.clone();
         tokio::task::spawn_local(async move {
             loop {
@@ -1475,7 +1477,7 @@ impl Service {
                     .await
                     .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())));
                 if done(&s, r) {
-                    info!("recorded a task's end");
+                    info!(task = %task, "recorded a task's end");
                     break;
                 }
             }
@@ -1691,12 +1693,12 @@ mod tests {
             .unwrap();
         store.insert("boot", &req()).unwrap();
         store
-            .transition("boot", None, State::Provisioning, None, None, None)
+            .claim("boot", "n", "0123456789ab", &[("vm", "0123456789ab")])
+            .unwrap()
             .unwrap();
         store
             .transition("boot", None, State::Booting, None, None, None)
             .unwrap();
-        store.add_resource("boot", "vm", "0123456789ab").unwrap();
         store.insert("wait", &req()).unwrap();
         let mut cfg = ServiceConfig::new(HostConfig::new(
             Some(d.path().to_path_buf()),

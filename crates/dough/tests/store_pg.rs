@@ -115,3 +115,33 @@ fn tls_to_the_database_is_verified() {
     );
     assert!(sessions.lines().any(|l| l == "f"), "{sessions}");
 }
+
+/// `dough serve` with a store it cannot use stops before it listens, and
+/// says why.
+#[test]
+fn dough_serve_refuses_a_store_it_cannot_use() {
+    let h = common::Harness::new();
+    for (store, says) in [
+        (
+            "mysql://db/x",
+            "--store: give `sqlite` or a postgres://USER@HOST/DB address",
+        ),
+        (
+            "postgres://postgres@127.0.0.1:1/x",
+            "open the task store (--store)",
+        ),
+    ] {
+        let out = h
+            .cmd()
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            .output()
+            .unwrap();
+        let err = common::text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{store}: {err}");
+        assert!(err.contains(says), "{store}: {err}");
+        assert!(
+            !h.state.path().join("api-url").exists(),
+            "{store}: it listened"
+        );
+    }
+}

@@ -30,9 +30,9 @@ pub fn a_task_walks_its_states_and_survives_reopening(open: &dyn Fn(&str) -> Box
         assert_eq!(t.state, State::Queued);
         assert_eq!((t.request.vcpus, t.request.memory_mib), (1, 512));
         assert_eq!(t.epoch, 0);
-        s.transition("t1", None, State::Provisioning, None, None, None)
+        s.claim("t1", "n", "abc", &[("vm", "abc")])
+            .unwrap()
             .unwrap();
-        s.add_resource("t1", "vm", "abc").unwrap();
         s.transition("t1", None, State::Booting, None, None, None)
             .unwrap();
         // Illegal moves are refused and change nothing.
@@ -164,7 +164,14 @@ pub fn queue_order_is_priority_then_submission(s: &dyn Store) {
 
 pub fn results_resources_and_nodes_are_kept(s: &dyn Store) {
     s.insert("t", &req()).unwrap();
-    s.set_vm("t", "vm1", "node-a").unwrap();
+    s.claim(
+        "t",
+        "node-a",
+        "vm1",
+        &[("vm", "vm1"), ("netns", "/run/netns/x")],
+    )
+    .unwrap()
+    .unwrap();
     s.set_image_digest("t", None, "sha256:ab").unwrap();
     let fin: crate::repo::Finalized = serde_json::from_value(serde_json::json!({
         "branch": "dough/t", "base": "main", "base_commit": "abc", "commits": [],
@@ -172,8 +179,6 @@ pub fn results_resources_and_nodes_are_kept(s: &dyn Store) {
     }))
     .unwrap();
     s.set_result("t", None, &fin).unwrap();
-    s.add_resource("t", "vm", "vm1").unwrap();
-    s.add_resource("t", "netns", "/run/netns/x").unwrap();
     assert_eq!(s.resources("t").unwrap().len(), 2);
     s.clear_resources("t", None, "ok").unwrap();
     assert!(s.resources("t").unwrap().is_empty());

@@ -369,8 +369,6 @@ pub trait Store: Send + Sync {
     /// chunks; the first cut to start at `from`): (stream, the offset of
     /// its first byte, bytes), in order. Empty: nothing stored there yet.
     fn output_from(&self, id: &str, from: u64, max: usize) -> Result<Vec<(u8, u64, Vec<u8>)>>;
-    /// Record a host resource of the task's VM before it is made.
-    fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()>;
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>>;
     /// The task's resources are gone (`cleanup`: how that went). With
     /// `fence`, only while the claim is still that epoch.
@@ -387,8 +385,6 @@ pub trait Store: Send + Sync {
         vm_id: &str,
         resources: &[(&str, &str)],
     ) -> Result<Option<TaskRecord>>;
-    /// The VM the task runs in, and the node that runs it.
-    fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()>;
     /// Record a repository task's result (before its final transition).
     /// With `fence`, only while the claim is still that epoch.
     fn set_result(

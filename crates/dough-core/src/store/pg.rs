@@ -640,16 +640,6 @@ impl Store for PgStore {
         })
     }
 
-    fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO resources (task_id, kind, name) VALUES ($1, $2, $3)",
-                &[&id, &kind, &name],
-            )?;
-            Ok(())
-        })
-    }
-
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>> {
         self.with(|c| {
             Ok(c.query(
@@ -724,16 +714,6 @@ impl Store for PgStore {
                 )
             })
             .transpose()
-        })
-    }
-
-    fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()> {
-        self.with(|c| {
-            let n = c.execute(
-                "UPDATE tasks SET vm_id = $2, node = $3 WHERE id = $1",
-                &[&id, &vm_id, &node],
-            )?;
-            changed(n, id)
         })
     }
 

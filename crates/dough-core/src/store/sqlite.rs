@@ -342,14 +342,6 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn add_resource(&self, id: &str, kind: &str, name: &str) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO resources (task_id, kind, name) VALUES (?1, ?2, ?3)",
-            params![id, kind, name],
-        )?;
-        Ok(())
-    }
-
     fn resources(&self, id: &str) -> Result<Vec<(String, String)>> {
         let db = self.conn();
         let mut st = db
@@ -437,14 +429,6 @@ impl Store for SqliteStore {
             tx.commit()?;
         }
         self.get(id).map(Some)
-    }
-
-    fn set_vm(&self, id: &str, vm_id: &str, node: &str) -> Result<()> {
-        self.conn().execute(
-            "UPDATE tasks SET vm_id = ?2, node = ?3 WHERE id = ?1",
-            params![id, vm_id, node],
-        )?;
-        Ok(())
     }
 
     fn node_beat(&self, node: &NodeRecord) -> Result<Option<String>> {
