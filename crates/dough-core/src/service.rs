@@ -25,7 +25,8 @@ use tracing::{info, warn};
 
 use crate::pool::{ImageName, PoolConfig, PoolSettings, Pools, Shape};
 use crate::store::{
-    now_ms, NodeCapacity, NodeRecord, NodeUse, State, Store, StoreError, TaskRecord, TaskRequest,
+    now_ms, Claim, NodeCapacity, NodeRecord, NodeUse, Notice, State, Store, StoreError, TaskRecord,
+    TaskRequest,
 };
 use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
@@ -315,6 +316,25 @@ impl Service {
                 })
                 .map_err(|e| StoreError::Corrupt(format!("start the lease thread: {e}")))?;
         }
+        // A task queued on any node wakes this one's scheduler; a cancel
+        // asked through another node reaches this one at once (both are
+        // polled too, every second, for notices lost while the store's
+        // line was down).
+        let weak = Arc::downgrade(&svc.inner);
+        svc.inner.store.listen(Box::new(move |notice| {
+            let Some(inner) = weak.upgrade() else {
+                return false;
+            };
+            let s = Service { inner };
+            match notice {
+                Some(Notice::Queued) => s.inner.wake.notify_one(),
+                Some(Notice::Cancel(node)) if node == s.inner.cfg.node_name => {
+                    s.take_cancel_requests()
+                }
+                _ => {}
+            }
+            !s.inner.stopping.load(SeqCst)
+        }))?;
         // Tasks queued before this start (or re-queued just now) may run.
         svc.inner.wake.notify_one();
         Ok((svc, rec))
@@ -377,15 +397,13 @@ impl Service {
     /// declared dead; cancels asked of this node by others.
     ///
     /// The store's calls run off the runtime's threads (listing the images
-    /// reads their manifests; a store cut off may hang), one heartbeat at
-    /// a time: the lease is checked every tick even while one hangs.
+    /// reads their manifests; a store cut off may hang), one round at a
+    /// time (the lease is watched from a thread of its own).
     async fn heartbeat_loop(self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut n = 0u64;
         loop {
             tick.tick().await;
-            n += 1;
             if self.inner.stopping.load(SeqCst) {
                 return;
             }
@@ -393,35 +411,37 @@ impl Service {
                 continue;
             }
             let s = self.clone();
-            let full = n % 4 == 1;
             tokio::task::spawn_blocking(move || {
-                s.tick(full);
+                s.tick();
                 s.inner.beating.store(false, SeqCst);
             });
         }
     }
 
+    /// Cancel the tasks of this node whose cancel was asked through
+    /// another node (blocking: the store is read).
+    fn take_cancel_requests(&self) {
+        match self.inner.store.cancel_requests(&self.inner.cfg.node_name) {
+            Ok(ids) => {
+                for id in ids {
+                    if let Some(tx) = self.inner.cancels.lock().unwrap().remove(&id) {
+                        info!(task = %id, "cancel asked through another node");
+                        let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "read cancel requests"),
+        }
+    }
+
     /// One round of [`Service::heartbeat_loop`], on a blocking thread:
-    /// cancels asked by peers (every 250 ms); with `full`, the heartbeat
-    /// and the reaping of dead peers (every second).
-    fn tick(&self, full: bool) {
+    /// the heartbeat, cancels asked by peers (they are told at once as
+    /// well: [`Store::listen`]), the reaping of dead peers.
+    fn tick(&self) {
         let st = &self.inner.store;
         let shared = st.is_shared();
         if shared {
-            match st.cancel_requests(&self.inner.cfg.node_name) {
-                Ok(ids) => {
-                    for id in ids {
-                        if let Some(tx) = self.inner.cancels.lock().unwrap().remove(&id) {
-                            info!(task = %id, "cancel asked through another node");
-                            let _ = tx.send(nix::sys::signal::Signal::SIGTERM as i32);
-                        }
-                    }
-                }
-                Err(e) => warn!(error = %e, "read cancel requests"),
-            }
-        }
-        if !full {
-            return;
+            self.take_cancel_requests();
         }
         match self.beat("up") {
             Ok(Some(state)) => {
@@ -899,7 +919,6 @@ impl Service {
         // passed over, and the queue looked further into.
         let shared = self.inner.store.is_shared();
         let look = if shared { room + 16 } else { room };
-        let mut started = 0;
         // The store's calls off the runtime's threads: a store that hangs
         // (a database cut off) must not stop the node's other work.
         let svc = self.clone();
@@ -923,8 +942,11 @@ impl Service {
         })
         .await
         .map_err(|e| StoreError::Corrupt(e.to_string()))??;
+        // The tasks this node asks for, in order, their room held, with
+        // the VM each will run in.
+        let mut asks: Vec<(TaskRecord, String, Option<crate::BootedVm>)> = vec![];
         for t in queue {
-            if started == room {
+            if asks.len() == room {
                 break;
             }
             let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
@@ -974,7 +996,8 @@ impl Service {
                         || u.vcpus + rv + v > lim.vcpu_capacity()
                         || u.memory_mib + rm + m > lim.memory_mib)
                 {
-                    return Ok(());
+                    // The head waits for room: nothing behind it overtakes.
+                    break;
                 }
                 u.running_vms += 1;
                 u.vcpus += v;
@@ -983,47 +1006,60 @@ impl Service {
             let vm_id = warm
                 .as_ref()
                 .map_or_else(crate::new_id, |vm| vm.vm_id().to_string());
-            // The claim: only one node takes a task (the store decides).
-            // Then intent before action: the resources named by the VM id
-            // are on record before anything exists.
-            let claimed = {
-                let (st, id, node, vm) = (
-                    self.inner.store.clone(),
-                    t.id.clone(),
-                    self.inner.cfg.node_name.clone(),
-                    vm_id.clone(),
-                );
-                let run_dir = self.inner.cfg.host.runs_dir().join(&vm_id);
-                tokio::task::spawn_blocking(move || {
-                    let run_dir = run_dir.display().to_string();
-                    let netns = dough_net::netns_path(&vm).display().to_string();
-                    st.claim(
-                        &id,
-                        &node,
-                        &vm,
-                        &[("vm", &vm), ("run_dir", &run_dir), ("netns", &netns)],
-                    )
-                })
+            asks.push((t, vm_id, warm));
+        }
+        if asks.is_empty() {
+            return Ok(());
+        }
+        // The claims, in one step: only one node takes a task (the store
+        // decides). Then intent before action: the resources named by the
+        // VM id are on record before anything exists.
+        let claims: Vec<Claim> = asks
+            .iter()
+            .map(|(t, vm, _)| {
+                let run_dir = self.inner.cfg.host.runs_dir().join(vm);
+                Claim {
+                    id: t.id.clone(),
+                    vm_id: vm.clone(),
+                    resources: vec![
+                        ("vm".into(), vm.clone()),
+                        ("run_dir".into(), run_dir.display().to_string()),
+                        (
+                            "netns".into(),
+                            dough_net::netns_path(vm).display().to_string(),
+                        ),
+                    ],
+                }
+            })
+            .collect();
+        let claimed = {
+            let (st, node) = (self.inner.store.clone(), self.inner.cfg.node_name.clone());
+            tokio::task::spawn_blocking(move || st.claim_many(&node, &claims))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())))
-            };
-            let t = match claimed {
-                Ok(Some(t)) => t,
-                claimed => {
-                    // Nothing was started: give the room back.
-                    let mut u = self.inner.usage.lock().unwrap();
-                    u.running_vms = u.running_vms.saturating_sub(1);
-                    u.vcpus = u.vcpus.saturating_sub(v);
-                    u.memory_mib = u.memory_mib.saturating_sub(m);
-                    drop(u);
-                    tokio::task::spawn_local(discard(warm));
-                    match claimed {
-                        // Another node took it, or it was cancelled, or
-                        // this node is drained: the next one.
-                        Ok(_) => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
+        };
+        let (mut won, failed) = match claimed {
+            Ok(won) => (
+                won.into_iter()
+                    .map(|t| (t.id.clone(), t))
+                    .collect::<HashMap<_, _>>(),
+                None,
+            ),
+            Err(e) => (HashMap::new(), Some(e)),
+        };
+        let (asked, mut lost) = (asks.len(), 0);
+        for (t, vm_id, warm) in asks {
+            let Some(t) = won.remove(&t.id) else {
+                // Another node took it, or it was cancelled, or this node
+                // is drained: nothing was started, the room is given back.
+                let mut u = self.inner.usage.lock().unwrap();
+                u.running_vms = u.running_vms.saturating_sub(1);
+                u.vcpus = u.vcpus.saturating_sub(t.request.vcpus);
+                u.memory_mib = u.memory_mib.saturating_sub(t.request.memory_mib as u64);
+                drop(u);
+                tokio::task::spawn_local(discard(warm));
+                lost += 1;
+                continue;
             };
             self.inner
                 .vms
@@ -1031,7 +1067,6 @@ impl Service {
                 .unwrap()
                 .insert(t.id.clone(), vm_id.clone());
             self.publish_state(&t);
-            started += 1;
             if let Some(freed) = self.inner.room_freed.lock().unwrap().take() {
                 let mut u = self.inner.usage.lock().unwrap();
                 if u.sched_latency_us.len() >= 10_000 {
@@ -1043,6 +1078,22 @@ impl Service {
             self.inner.cancels.lock().unwrap().insert(t.id.clone(), tx);
             let s = self.clone();
             tokio::task::spawn_local(async move { s.run(t, vm_id, warm, rx).await });
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if lost > 0 {
+            // Others took some: look again, further down the queue. When
+            // none was won (lost to peers racing for the same head, or
+            // this node drained and not yet told) after a pause, so a
+            // drained node does not spin.
+            let s = self.clone();
+            tokio::task::spawn_local(async move {
+                if lost == asked {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                s.inner.wake.notify_one();
+            });
         }
         Ok(())
     }

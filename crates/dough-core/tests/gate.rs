@@ -385,3 +385,97 @@ fn nothing_is_pushed_once_the_claim_is_lost() {
     };
     assert!(r.finalize(&r.plan(), &b, &held).unwrap().pushed);
 }
+
+/// A stand-in forge on 127.0.0.1 (no forge can run here): answers every
+/// request with a pull request's URL, and counts them.
+fn forge_double() -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = format!("http://{}/api/v1", l.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = asked.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut b = [0u8; 65536];
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+            let _ = s.read(&mut b);
+            let body = r#"{"html_url": "http://forge/o/r/pull/1"}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (api, asked)
+}
+
+/// The claim lost between the push and the pull request (the node was
+/// declared dead while pushing): the branch is pushed, but no pull
+/// request is opened — the forge is never asked. With the claim held to
+/// the end, it is.
+#[test]
+fn no_pull_request_is_opened_once_the_claim_is_lost() {
+    let r = Repo::new();
+    r.commit("a.txt", "a", "Add a");
+    let b = r.bundle(&["refs/heads/dough/t", &format!("^{}", r.base)]);
+    let (api, forge) = forge_double();
+    let mut plan = r.plan();
+    plan.url = format!("file://{}", r.remote.display());
+    plan.pr.api = Some(api);
+    let creds = Credentials {
+        forge_token: Some("forge-token".into()),
+        ..Credentials::default()
+    };
+    let len = std::fs::metadata(&b).unwrap().len();
+    let out = WorkOutput {
+        report: Some(Work::Bundle {
+            head: String::new(),
+            commits: 0,
+            bytes: len,
+        }),
+        bundle_bytes: len,
+        oversized: false,
+    };
+    let checks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let lost_after_push = GateConfig {
+        claim: dough_core::repo::ClaimCheck::new({
+            let checks = checks.clone();
+            move || match checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Ok(()),
+                _ => Err("the task's claim was taken over".into()),
+            }
+        }),
+        ..GateConfig::default()
+    };
+    let before = r.remote_refs();
+    let fin = |gate: &GateConfig| {
+        finalize(
+            &plan,
+            &out,
+            &b,
+            b.parent().unwrap(),
+            gate,
+            &creds,
+            &TaskFacts::default(),
+        )
+    };
+    let err = fin(&lost_after_push).unwrap_err();
+    assert_eq!(err.reason(), "node_lost", "{err}");
+    assert_ne!(r.remote_refs(), before, "pushed before the claim was lost");
+    assert_eq!(checks.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(
+        forge.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the forge was asked for a pull request"
+    );
+    // Held to the end: the pull request is opened, once.
+    let held = GateConfig {
+        claim: dough_core::repo::ClaimCheck::new(|| Ok(())),
+        ..GateConfig::default()
+    };
+    let f = fin(&held).unwrap();
+    assert_eq!(f.pr_url.as_deref(), Some("http://forge/o/r/pull/1"));
+    assert_eq!(forge.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -1,15 +1,12 @@
 //! Many `dough serve` nodes on one PostgreSQL store: real daemons, each
-//! with a state directory of its own, real VMs, a real PostgreSQL server
-//! (Debian's, a cluster of the test's own), real nftables for the cut.
-//!
-//! The nodes share this machine's network namespace (and its host-global
-//! slot pool, as any two daemons on one host do); a node is cut off from
-//! the database by reaching it through an address of its own (127.0.0.2)
-//! that a table of the test's own drops.
+//! in a network namespace of its own (linked to this one by a veth pair)
+//! with its own state directory and slot pool, real VMs, a real
+//! PostgreSQL server (Debian's, a cluster of the test's own) listening on
+//! this namespace's end of each link, real nftables for the cut (a table
+//! in the node's namespace).
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pg::Postgres;
@@ -20,30 +17,73 @@ use serde_json::{json, Value};
 /// `--node-timeout` of the tests' nodes (their lease: 4 s).
 const NODE_TIMEOUT: u64 = 6;
 
+/// The nodes' namespaces, made before the database (which listens on
+/// their links).
+fn nets(n: usize) -> Vec<LinkedNs> {
+    (0..n).map(|_| LinkedNs::new()).collect()
+}
+
+/// The database's addresses: loopback, and this end of each link.
+fn db_addrs(nets: &[LinkedNs]) -> Vec<&str> {
+    std::iter::once("127.0.0.1")
+        .chain(nets.iter().map(|n| n.outer.as_str()))
+        .collect()
+}
+
 struct Node {
+    server: Option<Server>,
     h: Harness,
     name: String,
     args: Vec<String>,
     log: PathBuf,
-    server: Option<Server>,
+    /// Its namespace, and the slot pool of its VMs.
+    net: (String, String),
+    pool: String,
+}
+
+impl Drop for Node {
+    /// The daemon goes before its namespace.
+    fn drop(&mut self) {
+        self.server.take();
+    }
 }
 
 impl Node {
-    /// Node `name` on store `store` holding up to `max_vms` VMs, with the
-    /// cluster's API token.
-    fn start(name: &str, store: &str, max_vms: u32, token: &str) -> Node {
-        Self::start_with(name, store, max_vms, token, &[])
+    /// Node `name` in namespace `net`, on database `db` of `pg` (reached
+    /// through its link), holding up to `max_vms` VMs, with the cluster's
+    /// API token.
+    fn start(
+        name: &str,
+        net: &LinkedNs,
+        pg: &Postgres,
+        db: &str,
+        max_vms: u32,
+        token: &str,
+    ) -> Node {
+        Self::start_with(name, net, pg, db, max_vms, token, &[])
     }
 
-    fn start_with(name: &str, store: &str, max_vms: u32, token: &str, more: &[&str]) -> Node {
+    fn start_with(
+        name: &str,
+        net: &LinkedNs,
+        pg: &Postgres,
+        db: &str,
+        max_vms: u32,
+        token: &str,
+        more: &[&str],
+    ) -> Node {
         let h = Harness::new();
         std::fs::write(h.state.path().join("api-token"), token).unwrap();
         let log = h.state.path().join("serve.log");
+        let store = pg.url_via(db, &net.outer);
+        let k: u32 = net.inner.rsplit('.').next().unwrap().parse().unwrap();
         let mut n = Node {
             name: name.into(),
+            net: (net.name.clone(), net.inner.clone()),
+            pool: format!("10.214.{}.0/24", k / 4),
             args: [
                 "--store",
-                store,
+                &store,
                 "--node-name",
                 name,
                 "--node-timeout",
@@ -67,7 +107,13 @@ impl Node {
 
     fn restart(&mut self) {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.server = Some(Server::start_logged(&self.h, &args, Some(&self.log)));
+        self.server = Some(Server::start_in(
+            &self.h,
+            Some((&self.net.0, &self.net.1)),
+            &[("DOUGH_SLOT_POOL", &self.pool)],
+            &args,
+            Some(&self.log),
+        ));
     }
 
     fn s(&self) -> &Server {
@@ -143,14 +189,23 @@ fn wait_output(s: &Server, id: &str, what: &str) {
 
 #[test]
 fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() {
-    let pg = Postgres::start();
+    let net = nets(3);
+    let pg = Postgres::start_on(&db_addrs(&net));
     let url = pg.url("spread");
     let token = token();
-    let n1 = Node::start("n1", &url, 1, &token);
-    let n2 = Node::start("n2", &url, 1, &token);
+    let n1 = Node::start("n1", &net[0], &pg, "spread", 1, &token);
+    let n2 = Node::start("n2", &net[1], &pg, "spread", 1, &token);
     // Queue-only: it takes no task, and serves every one; its own limits
     // (256 MiB) are not what a task is checked against, the cluster's are.
-    let n3 = Node::start_with("n3", &url, 0, &token, &["--memory-limit", "256"]);
+    let n3 = Node::start_with(
+        "n3",
+        &net[2],
+        &pg,
+        "spread",
+        0,
+        &token,
+        &["--memory-limit", "256"],
+    );
     let front = n3.s();
     // What no node can ever run is refused; an image no node has too.
     let (st, v) = front.call(
@@ -312,12 +367,12 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
 
 #[test]
 fn a_killed_node_is_declared_dead_its_task_ends_node_lost_and_cancels_cross_nodes() {
-    let pg = Postgres::start();
-    let url = pg.url("kill");
+    let net = nets(3);
+    let pg = Postgres::start_on(&db_addrs(&net));
     let token = token();
-    let mut n1 = Node::start("n1", &url, 1, &token);
-    let mut n2 = Node::start("n2", &url, 1, &token);
-    let n3 = Node::start("n3", &url, 0, &token);
+    let mut n1 = Node::start("n1", &net[0], &pg, "kill", 1, &token);
+    let mut n2 = Node::start("n2", &net[1], &pg, "kill", 1, &token);
+    let n3 = Node::start("n3", &net[2], &pg, "kill", 0, &token);
     let front = n3.s();
     let a = front.submit(
         json!({"command": ["sh", "-c", "echo a-started; exec sleep 600"], "egress": "none"}),
@@ -395,54 +450,44 @@ fn a_killed_node_is_declared_dead_its_task_ends_node_lost_and_cancels_cross_node
     assert_eq!(front.task(&a), before);
 }
 
-/// A table of the test's own that drops traffic to and from one address's
-/// port: the node that reaches the database there is cut off from it.
-struct Cut(String);
+/// A table of the test's own in a node's namespace that drops its
+/// traffic to and from the database (this end of its link, `port`): the
+/// node is cut off from it. Deleted on drop (the heal).
+struct Cut<'a>(&'a LinkedNs);
 
-impl Cut {
-    fn new(addr: &str, port: u16) -> Cut {
-        let name = format!("dough_test_cut_{}", std::process::id());
-        let script = format!(
-            "table inet {name} {{
+impl<'a> Cut<'a> {
+    fn new(net: &'a LinkedNs, port: u16) -> Cut<'a> {
+        let addr = &net.outer;
+        net.nft(&format!(
+            "table inet dough_test_cut {{
                 chain out {{
                     type filter hook output priority 0; policy accept;
                     ip daddr {addr} tcp dport {port} drop
+                }}
+                chain inp {{
+                    type filter hook input priority 0; policy accept;
                     ip saddr {addr} tcp sport {port} drop
                 }}
             }}"
-        );
-        let mut c = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        c.stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(c.wait().unwrap().success(), "nft: {script}");
-        Cut(name)
+        ));
+        Cut(net)
     }
 }
 
-impl Drop for Cut {
+impl Drop for Cut<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &self.0])
-            .status();
+        self.0.nft("delete table inet dough_test_cut");
     }
 }
 
 #[test]
 fn a_node_cut_off_from_the_database_stops_its_vms_and_writes_nothing_stale() {
-    let pg = Postgres::start_on(&["127.0.0.1", "127.0.0.2"]);
+    let net = nets(2);
+    let pg = Postgres::start_on(&db_addrs(&net));
     let token = token();
-    // n1 reaches the database through 127.0.0.2 (the address cut); n2,
-    // which holds no VM, through 127.0.0.1.
-    let n1 = Node::start("n1", &pg.url_via("cut", "127.0.0.2"), 1, &token);
-    let n2 = Node::start("n2", &pg.url_via("cut", "127.0.0.1"), 0, &token);
+    // n1 is cut off (a table in its namespace); n2 holds no VM.
+    let n1 = Node::start("n1", &net[0], &pg, "cut", 1, &token);
+    let n2 = Node::start("n2", &net[1], &pg, "cut", 0, &token);
     let front = n2.s();
     let a = front.submit(json!({
         // Silent after its first lines: only the lease can stop it (a
@@ -454,7 +499,7 @@ fn a_node_cut_off_from_the_database_stops_its_vms_and_writes_nothing_stale() {
     assert_eq!(front.task(&a)["node"], "n1");
     assert!(!qemu_pids(&n1.h).is_empty());
 
-    let cut = Cut::new("127.0.0.2", pg.port);
+    let cut = Cut::new(&net[0], pg.port);
     let t0 = Instant::now();
     // n1 cannot write its heartbeat: once its lease lapses it stops its VM.
     wait_until("n1's VM stopped", Duration::from_secs(60), || {
@@ -499,11 +544,11 @@ fn a_node_cut_off_from_the_database_stops_its_vms_and_writes_nothing_stale() {
 
 #[test]
 fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
-    let pg = Postgres::start();
-    let url = pg.url("drain");
+    let net = nets(2);
+    let pg = Postgres::start_on(&db_addrs(&net));
     let token = token();
-    let n1 = Node::start("n1", &url, 1, &token);
-    let n2 = Node::start("n2", &url, 1, &token);
+    let n1 = Node::start("n1", &net[0], &pg, "drain", 1, &token);
+    let n2 = Node::start("n2", &net[1], &pg, "drain", 1, &token);
     let front = n1.s();
     // x, short, on one node; y, longer, on the other.
     let x = front.submit(json!({"command": ["sh", "-c", "echo x; sleep 2"], "egress": "none"}));
@@ -565,15 +610,17 @@ fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
 
 #[test]
 fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
-    let pg = Postgres::start();
-    let url = pg.url("warm");
+    let net = nets(2);
+    let pg = Postgres::start_on(&db_addrs(&net));
     let token = token();
     // a keeps one warm VM of the default shape (cold boots: no template
     // to make); b has none, and is the node the tasks are submitted to.
     // a's memory holds its warm VM and one more of 512 MiB, not 768.
     let a = Node::start_with(
         "a",
-        &url,
+        &net[0],
+        &pg,
+        "warm",
         2,
         &token,
         &[
@@ -584,7 +631,7 @@ fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
             "1024",
         ],
     );
-    let b = Node::start("b", &url, 1, &token);
+    let b = Node::start("b", &net[1], &pg, "warm", 1, &token);
     let front = b.s();
     wait_until("a's warm VM idle", Duration::from_secs(120), || {
         a.s().call("GET", "/v1/pools", None).1["pools"][0]["idle"] == 1

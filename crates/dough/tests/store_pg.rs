@@ -4,7 +4,9 @@
 mod common;
 
 use common::pg::Postgres;
-use dough_core::store::{PgStore, Store};
+use std::time::Duration;
+
+use dough_core::store::{Notice, PgStore, Store};
 
 #[test]
 fn postgres_passes_the_store_checks() {
@@ -77,6 +79,54 @@ fn a_node_name_is_held_by_one_live_process() {
     common::wait_until("the name freed", std::time::Duration::from_secs(10), || {
         b.hold_node_name("n1").unwrap()
     });
+}
+
+/// Nodes are told, not left to poll (LISTEN/NOTIFY): a task queued or
+/// re-queued, a cancel asked (with the owner's name) — and a claim tells
+/// nothing. A listener whose connection is cut listens again.
+#[test]
+fn nodes_are_told_of_queued_tasks_and_cancels() {
+    let pg = Postgres::start();
+    let s = PgStore::open(&pg.url("notify"), 2, None).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    s.listen(Box::new(move |n| match n {
+        Some(n) => tx.send(n).is_ok(),
+        None => true,
+    }))
+    .unwrap();
+    let listener = || {
+        pg.psql(
+            "notify",
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+        .trim()
+        .to_string()
+    };
+    common::wait_until("listening", Duration::from_secs(20), || {
+        !listener().is_empty()
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(20)).expect("a notice");
+    let req = serde_json::from_str(r#"{"command": ["true"]}"#).unwrap();
+    s.insert("t1", &req).unwrap();
+    assert_eq!(next(), Notice::Queued);
+    // The claim tells nothing: the next notice is the cancel's.
+    s.claim("t1", "n1", "vm", &[]).unwrap().unwrap();
+    s.request_cancel("t1").unwrap();
+    assert_eq!(next(), Notice::Cancel("n1".into()));
+    s.requeue("t1").unwrap();
+    assert_eq!(next(), Notice::Queued);
+    // Its session ended by the server: it listens again, and is told.
+    let first = listener();
+    pg.psql(
+        "notify",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+    );
+    common::wait_until("listening again", Duration::from_secs(20), || {
+        let now = listener();
+        !now.is_empty() && now != first
+    });
+    s.insert("t2", &req).unwrap();
+    assert_eq!(next(), Notice::Queued);
 }
 
 /// `sslmode=require`: the connection is TLS, the server's certificate

@@ -19,6 +19,7 @@ pub fn all(open: &(dyn Fn(&str) -> Box<dyn Store> + Sync)) {
     queue_order_is_priority_then_submission(&*open("queue"));
     results_resources_and_nodes_are_kept(&*open("kept"));
     a_task_is_claimed_once_among_racing_claimers(open);
+    claims_in_a_batch_keep_order_and_resources(&*open("batch"));
     writes_under_an_old_claim_are_fenced(&*open("fence"));
     a_silent_node_is_reaped_once_and_its_tasks_settled(&*open("reap"));
 }
@@ -217,8 +218,9 @@ pub fn results_resources_and_nodes_are_kept(s: &dyn Store) {
     assert!(nodes[0].heartbeat_ms + 1000 >= before, "{nodes:?}");
 }
 
-/// Eight threads race to claim the same queued tasks: each is claimed
-/// exactly once, with epoch 1, and a claimed task is not claimed again.
+/// Eight threads race to claim the same queued tasks (half one by one,
+/// half all in one [`Store::claim_many`]): each is claimed exactly once,
+/// with epoch 1, and a claimed task is not claimed again.
 pub fn a_task_is_claimed_once_among_racing_claimers(
     open: &(dyn Fn(&str) -> Box<dyn Store> + Sync),
 ) {
@@ -237,13 +239,25 @@ pub fn a_task_is_claimed_once_among_racing_claimers(
                 sc.spawn(move || {
                     barrier.wait();
                     let mut won = vec![];
-                    for i in 0..20 {
-                        let id = format!("t{i:02}");
-                        if let Some(t) = mine.claim(&id, &format!("n{r}"), "vm", &[]).unwrap() {
-                            assert_eq!(t.state, State::Provisioning);
-                            assert_eq!(t.node, Some(format!("n{r}")));
-                            won.push(id);
-                        }
+                    let node = format!("n{r}");
+                    let ids = (0..20).map(|i| format!("t{i:02}"));
+                    let got: Vec<TaskRecord> = if r % 2 == 0 {
+                        ids.filter_map(|id| mine.claim(&id, &node, "vm", &[]).unwrap())
+                            .collect()
+                    } else {
+                        let claims: Vec<Claim> = ids
+                            .map(|id| Claim {
+                                id,
+                                vm_id: "vm".into(),
+                                resources: vec![],
+                            })
+                            .collect();
+                        mine.claim_many(&node, &claims).unwrap()
+                    };
+                    for t in got {
+                        assert_eq!(t.state, State::Provisioning);
+                        assert_eq!(t.node.as_deref(), Some(node.as_str()));
+                        won.push(t.id);
                     }
                     won
                 })
@@ -265,6 +279,53 @@ pub fn a_task_is_claimed_once_among_racing_claimers(
     s.requeue("t00").unwrap();
     assert_eq!(s.claim("t00", "n9", "vm2", &[]).unwrap().unwrap().epoch, 2);
     assert!(s.claim("nope", "n", "vm", &[]).unwrap().is_none());
+}
+
+/// [`Store::claim_many`]: the tasks still queued are won, in the order
+/// asked, each with its VM and resources on record; one another node has
+/// is passed over; a drained node wins none.
+pub fn claims_in_a_batch_keep_order_and_resources(s: &dyn Store) {
+    for id in ["a", "b", "c", "d"] {
+        s.insert(id, &req()).unwrap();
+    }
+    s.claim("b", "other", "vm-b", &[]).unwrap().unwrap();
+    let ask = |id: &str| Claim {
+        id: id.into(),
+        vm_id: format!("vm-{id}"),
+        resources: vec![
+            ("vm".into(), format!("vm-{id}")),
+            ("netns".into(), format!("/run/netns/{id}")),
+        ],
+    };
+    let won = s.claim_many("n", &[ask("c"), ask("b"), ask("a")]).unwrap();
+    assert_eq!(
+        won.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["c", "a"]
+    );
+    for t in &won {
+        assert_eq!((t.state, t.epoch), (State::Provisioning, 1), "{t:?}");
+        assert_eq!(t.node.as_deref(), Some("n"));
+        assert_eq!(t.vm_id.as_deref(), Some(format!("vm-{}", t.id).as_str()));
+        assert_eq!(
+            t.transitions.iter().map(|x| x.state).collect::<Vec<_>>(),
+            [State::Queued, State::Provisioning]
+        );
+        assert_eq!(
+            s.resources(&t.id).unwrap(),
+            [
+                ("vm".into(), format!("vm-{}", t.id)),
+                ("netns".into(), format!("/run/netns/{}", t.id))
+            ]
+        );
+    }
+    assert_eq!(s.get("b").unwrap().node.as_deref(), Some("other"));
+    assert!(s.resources("b").unwrap().is_empty());
+    // A drained node wins nothing; the task stays queued.
+    s.node_beat(&node("drained", "up", 1)).unwrap();
+    s.drain_node("drained", true).unwrap();
+    assert!(s.claim_many("drained", &[ask("d")]).unwrap().is_empty());
+    assert_eq!(s.get("d").unwrap().state, State::Queued);
+    assert!(s.claim_many("n", &[]).unwrap().is_empty());
 }
 
 /// Writes under a claim that moved on fail and change nothing.

@@ -328,6 +328,24 @@ pub struct Logs {
     pub truncated: bool,
 }
 
+/// One task a node asks for in [`Store::claim_many`]: to run in VM
+/// `vm_id`, which will own the host `resources` (kind, name).
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub id: String,
+    pub vm_id: String,
+    pub resources: Vec<(String, String)>,
+}
+
+/// What a shared store tells its nodes ([`Store::listen`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A task was queued (submitted, or re-queued from a dead node).
+    Queued,
+    /// A cancel was asked for a task that node `0` runs.
+    Cancel(String),
+}
+
 pub trait Store: Send + Sync {
     /// Record a new queued task.
     fn insert(&self, id: &str, req: &TaskRequest) -> Result<TaskRecord>;
@@ -385,6 +403,33 @@ pub trait Store: Send + Sync {
         vm_id: &str,
         resources: &[(&str, &str)],
     ) -> Result<Option<TaskRecord>>;
+    /// [`Store::claim`] of each of `claims` for `node`, in their order:
+    /// the tasks won (a task another node holds or took, or no longer
+    /// queued, is passed over). PostgreSQL takes them all in one
+    /// statement; the default claims them one by one.
+    fn claim_many(&self, node: &str, claims: &[Claim]) -> Result<Vec<TaskRecord>> {
+        let mut won = vec![];
+        for c in claims {
+            let res: Vec<(&str, &str)> = c
+                .resources
+                .iter()
+                .map(|(k, n)| (k.as_str(), n.as_str()))
+                .collect();
+            if let Some(t) = self.claim(&c.id, node, &c.vm_id, &res)? {
+                won.push(t);
+            }
+        }
+        Ok(won)
+    }
+    /// Tell `on` what happens in the store as it happens ([`Notice`]),
+    /// from a thread of the store's own, until `on` answers `false`
+    /// (`on(None)`, about every second, only asks that). Notices can be
+    /// missed while the line to the store is down: callers poll as well,
+    /// less often. A store no other process writes (SQLite) tells nothing.
+    fn listen(&self, on: Box<dyn FnMut(Option<Notice>) -> bool + Send>) -> Result<()> {
+        drop(on);
+        Ok(())
+    }
     /// Record a repository task's result (before its final transition).
     /// With `fence`, only while the claim is still that epoch.
     fn set_result(

@@ -18,7 +18,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use super::*;
 
 /// `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -80,6 +80,28 @@ CREATE TABLE nodes (
     heartbeat_ms BIGINT NOT NULL,
     record TEXT NOT NULL
 );
+";
+
+/// Nodes are told, not left to poll: a task queued (inserted, or
+/// re-queued) notifies `dough_queue`; a cancel asked for a task in flight
+/// notifies `dough_cancel` with the owner's name. Notifications are sent
+/// at commit, once per transaction and payload.
+const V2: &str = "
+CREATE FUNCTION dough_notify_queued() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('dough_queue', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER tasks_queued AFTER INSERT OR UPDATE OF state ON tasks
+    FOR EACH ROW WHEN (NEW.state = 'queued') EXECUTE FUNCTION dough_notify_queued();
+CREATE FUNCTION dough_notify_cancel() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('dough_cancel', NEW.node);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER tasks_cancel AFTER UPDATE OF cancel_requested ON tasks
+    FOR EACH ROW WHEN (NEW.cancel_requested AND NEW.node IS NOT NULL)
+    EXECUTE FUNCTION dough_notify_cancel();
 ";
 
 /// How connections are made: plain, or TLS verified by rustls
@@ -715,6 +737,123 @@ impl Store for PgStore {
             })
             .transpose()
         })
+    }
+
+    fn claim_many(&self, node: &str, claims: &[Claim]) -> Result<Vec<TaskRecord>> {
+        if claims.is_empty() {
+            return Ok(vec![]);
+        }
+        let at = now_ms() as i64;
+        let ids: Vec<&str> = claims.iter().map(|c| c.id.as_str()).collect();
+        let vms: Vec<&str> = claims.iter().map(|c| c.vm_id.as_str()).collect();
+        let (mut of, mut kinds, mut names) = (vec![], vec![], vec![]);
+        for c in claims {
+            for (k, n) in &c.resources {
+                of.push(c.id.as_str());
+                kinds.push(k.as_str());
+                names.push(n.as_str());
+            }
+        }
+        let mut won = self.with(|c| {
+            // [`Store::claim`]'s statement over a list: rows another node
+            // holds are skipped, not waited for.
+            c.query(
+                &format!(
+                    "WITH want AS (
+                        SELECT * FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS w(id, vm_id, n)
+                    ), pick AS (
+                        SELECT tasks.id, want.vm_id FROM tasks JOIN want ON tasks.id = want.id
+                        WHERE tasks.state = 'queued' AND NOT EXISTS (
+                            SELECT 1 FROM nodes WHERE name = $1 AND state IN ('draining', 'dead'))
+                        ORDER BY want.n
+                        FOR UPDATE OF tasks SKIP LOCKED
+                    ), upd AS (
+                        UPDATE tasks SET state = 'provisioning', node = $1, vm_id = pick.vm_id,
+                            epoch = epoch + 1
+                        FROM pick WHERE tasks.id = pick.id
+                        RETURNING tasks.*
+                    ), ins AS (
+                        INSERT INTO transitions (task_id, state, at_ms)
+                        SELECT id, 'provisioning', $4 FROM upd
+                    ), res AS (
+                        INSERT INTO resources (task_id, kind, name)
+                        SELECT upd.id, r.kind, r.name FROM upd
+                        JOIN unnest($5::text[], $6::text[], $7::text[]) WITH ORDINALITY
+                            AS r(task_id, kind, name, n) ON r.task_id = upd.id
+                        ORDER BY r.n
+                    )
+                    SELECT upd.*, {TRANSITIONS_JSON} FROM upd"
+                ),
+                &[&node, &ids, &vms, &at, &of, &kinds, &names],
+            )?
+            .iter()
+            .map(|row| {
+                changed_record(
+                    row,
+                    Transition {
+                        state: State::Provisioning,
+                        at_ms: at as u64,
+                        reason: None,
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>>>()
+        })?;
+        won.sort_by_key(|t| ids.iter().position(|i| *i == t.id));
+        Ok(won)
+    }
+
+    fn listen(&self, mut on: Box<dyn FnMut(Option<Notice>) -> bool + Send>) -> Result<()> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        // A connection of its own (a pooled one would be given back, and
+        // its LISTEN with it). Lost, it is made again every second; what
+        // was missed meanwhile is the caller's to look for (`on(None)`).
+        std::thread::Builder::new()
+            .name("dough-listen".into())
+            .spawn(move || loop {
+                let heard = (|| -> Result<bool> {
+                    let mut c = tls.connect(&config)?;
+                    c.batch_execute("LISTEN dough_queue; LISTEN dough_cancel")?;
+                    if !on(None) {
+                        return Ok(false);
+                    }
+                    loop {
+                        {
+                            let mut n = c.notifications();
+                            let mut it = n.timeout_iter(Duration::from_secs(1));
+                            while let Some(x) = it.next()? {
+                                let notice = match x.channel() {
+                                    "dough_cancel" => Notice::Cancel(x.payload().to_string()),
+                                    _ => Notice::Queued,
+                                };
+                                if !on(Some(notice)) {
+                                    return Ok(false);
+                                }
+                            }
+                        }
+                        if c.is_closed() {
+                            return Err(StoreError::Corrupt("the connection closed".into()));
+                        }
+                        if !on(None) {
+                            return Ok(false);
+                        }
+                    }
+                })();
+                match heard {
+                    Ok(false) => return,
+                    Ok(true) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the store's notifications: listening again in 1 s");
+                        std::thread::sleep(Duration::from_secs(1));
+                        if !on(None) {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt(format!("start the store's listener: {e}")))?;
+        Ok(())
     }
 
     fn set_result(

@@ -33,6 +33,9 @@ pub struct ClusterBenchArgs {
     /// Tasks through one node for the scheduler latency (samples: this - 1).
     #[arg(long, default_value_t = 300)]
     pub queue: u32,
+    /// Tasks each rate node holds at once (a big host's VMs).
+    #[arg(long, default_value_t = 64)]
+    pub room: u32,
 }
 
 /// A PostgreSQL server of the bench's own, stopped when dropped.
@@ -195,9 +198,22 @@ struct Rates {
 }
 
 /// Submit and claim rates with `n` dry-run nodes.
-fn rates(pg: &Pg, base: &Path, n: u32, tasks: u32, token: &str) -> anyhow::Result<Rates> {
+fn rates(
+    pg: &Pg,
+    base: &Path,
+    n: u32,
+    tasks: u32,
+    room: u32,
+    token: &str,
+) -> anyhow::Result<Rates> {
     let store = pg.db(&format!("rates{n}"))?;
     let ag = Daemon::agent();
+    // Room for `room` tasks of the default shape (1 vCPU, 512 MiB) each.
+    let (vms, overcommit, memory) = (
+        room.to_string(),
+        (f64::from(room) / host_cpus()).ceil().to_string(),
+        (u64::from(room) * 512).to_string(),
+    );
     let nodes: Vec<Daemon> = (0..n)
         .map(|i| {
             node(
@@ -205,7 +221,15 @@ fn rates(pg: &Pg, base: &Path, n: u32, tasks: u32, token: &str) -> anyhow::Resul
                 &store,
                 &format!("n{i}"),
                 token,
-                &["--dry-run", "--max-vms", "32"],
+                &[
+                    "--dry-run",
+                    "--max-vms",
+                    &vms,
+                    "--overcommit",
+                    &overcommit,
+                    "--memory-limit",
+                    &memory,
+                ],
             )
         })
         .collect::<anyhow::Result<_>>()?;
@@ -271,6 +295,10 @@ fn rates(pg: &Pg, base: &Path, n: u32, tasks: u32, token: &str) -> anyhow::Resul
             per_node.values().copied().max().unwrap_or(0),
         ),
     })
+}
+
+fn host_cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
 /// Scheduler latency p50 and p99 (ms) of one dry-run node with one slot
@@ -369,7 +397,7 @@ pub fn run(a: &ClusterBenchArgs) -> anyhow::Result<u8> {
         let mut rows = vec![];
         for &n in &a.nodes {
             eprintln!("dough bench cluster: {} tasks, {n} nodes", a.tasks);
-            rows.push(rates(&pg, &base, n.max(1), a.tasks, &token)?);
+            rows.push(rates(&pg, &base, n.max(1), a.tasks, a.room, &token)?);
         }
         eprintln!("dough bench cluster: scheduler latency, SQLite and PostgreSQL");
         let lite = sched(&base, None, a.queue, &token)?;
@@ -382,10 +410,12 @@ pub fn run(a: &ClusterBenchArgs) -> anyhow::Result<u8> {
         println!();
         println!("Rates: `--dry-run` nodes (real daemons; a claimed task walks its states");
         println!(
-            "and ends without a VM), {} tasks, 4 clients; every task checked to",
-            a.tasks
+            "and ends without a VM), each with room for {} tasks at once; {} tasks,",
+            a.room, a.tasks
         );
-        println!("have been claimed exactly once.");
+        println!("4 clients; every task checked to have been claimed exactly once. Claims");
+        println!("are placement (queued → provisioning): where the burst is bigger than the");
+        println!("cluster's room, they follow the ends.");
         println!();
         println!(
             "| nodes | submit | claims | claimed → ended | tasks per node (min–max) | target |"

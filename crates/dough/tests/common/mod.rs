@@ -189,3 +189,108 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `cmd` runs in the named network namespace `ns` (entered between fork
+/// and exec).
+pub fn enter_netns(cmd: &mut Command, ns: &str) {
+    use std::os::unix::process::CommandExt;
+    let f = std::fs::File::open(Path::new("/run/netns").join(ns)).unwrap();
+    // SAFETY: setns is a raw syscall on a descriptor opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A network namespace of the test's own, linked to this one by a veth
+/// pair: `outer` (this namespace's end) and `inner` (the namespace's
+/// `eth0`) a /30 apart. Deleted, with its link, on drop.
+pub struct LinkedNs {
+    pub name: String,
+    pub outer: String,
+    pub inner: String,
+}
+
+impl LinkedNs {
+    /// The `k`th namespace of this test process (addresses 10.252.P.4k+1
+    /// and +2, P from the process id).
+    pub fn new() -> LinkedNs {
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(k < 63, "too many namespaces for one /24");
+        let pid = std::process::id();
+        let name = format!("dt-ln{pid}-{k}");
+        let link = format!("dtl{}k{k}", pid % 1_000_000);
+        let p = pid % 250 + 1;
+        let (outer, inner) = (
+            format!("10.252.{p}.{}", 4 * u32::from(k) + 1),
+            format!("10.252.{p}.{}", 4 * u32::from(k) + 2),
+        );
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ns = LinkedNs { name, outer, inner };
+        let n = ns.name.as_str();
+        for args in [
+            vec!["netns", "add", n],
+            vec![
+                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", n,
+            ],
+            vec!["addr", "add", &format!("{}/30", ns.outer), "dev", &link],
+            vec!["link", "set", &link, "up"],
+            vec![
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/30", ns.inner),
+                "dev",
+                "eth0",
+            ],
+            vec!["-n", n, "link", "set", "eth0", "up"],
+            vec!["-n", n, "link", "set", "lo", "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ns
+    }
+
+    /// `nft -f -` of `script` in this namespace.
+    pub fn nft(&self, script: &str) {
+        use std::io::Write;
+        let mut c = Command::new("nft");
+        c.args(["-f", "-"]).stdin(Stdio::piped());
+        enter_netns(&mut c, &self.name);
+        let mut c = c.spawn().unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(
+            c.wait().unwrap().success(),
+            "nft in {}: {script}",
+            self.name
+        );
+    }
+}
+
+impl Drop for LinkedNs {
+    /// The veth pair goes with the namespace.
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

@@ -88,6 +88,15 @@ impl Postgres {
                 .arg(&data),
             "initdb",
         );
+        // Nodes in namespaces of their own (`LinkedNs`) come from 10.252/16.
+        {
+            use std::io::Write;
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .unwrap();
+            writeln!(hba, "host all all 10.252.0.0/16 trust").unwrap();
+        }
         let port = {
             let l = std::net::TcpListener::bind((host, 0)).unwrap();
             l.local_addr().unwrap().port()

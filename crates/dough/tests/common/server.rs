@@ -22,14 +22,35 @@ impl Server {
 
     /// As [`Server::start`], its stderr (its log) into `log`.
     pub fn start_logged(h: &Harness, args: &[&str], log: Option<&std::path::Path>) -> Server {
+        Self::start_in(h, None, &[], args, log)
+    }
+
+    /// As [`Server::start_logged`]; with `netns` (a named network
+    /// namespace, an address of it), the daemon runs in that namespace
+    /// and listens on that address. `envs`: more of its environment.
+    pub fn start_in(
+        h: &Harness,
+        netns: Option<(&str, &str)>,
+        envs: &[(&str, &str)],
+        args: &[&str],
+        log: Option<&std::path::Path>,
+    ) -> Server {
         let _ = std::fs::remove_file(h.state.path().join("api-url"));
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
             None => Stdio::null(),
         };
-        let child = h
-            .cmd()
-            .args(["serve", "--listen", "127.0.0.1:0"])
+        let mut cmd = h.cmd();
+        cmd.envs(envs.iter().copied());
+        let listen = match netns {
+            Some((ns, addr)) => {
+                super::enter_netns(&mut cmd, ns);
+                format!("{addr}:0")
+            }
+            None => "127.0.0.1:0".into(),
+        };
+        let child = cmd
+            .args(["serve", "--listen", &listen])
             .args(args)
             .stdout(Stdio::null())
             .stderr(stderr)
