@@ -1,10 +1,13 @@
 //! Many `dough serve` nodes on one PostgreSQL store: real daemons, each
-//! in a network namespace of its own (linked to this one by a veth pair)
-//! with its own state directory and slot pool, real VMs, a real
-//! PostgreSQL server (Debian's, a cluster of the test's own) listening on
-//! this namespace's end of each link, real nftables for the cut (a table
-//! in the node's namespace).
+//! in a network namespace of its own with its own state directory and slot
+//! pool, linked to a hub namespace where a real PostgreSQL server (Debian's,
+//! a cluster of the test's own) runs; real VMs; real nftables for the cut
+//! (a table in the node's namespace). Nothing of this machine's own network
+//! is touched: the test calls each node's API inside its namespace.
 mod common;
+mod gitserver;
+#[path = "../../dough-net/tests/world/mod.rs"]
+mod world;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,10 +20,12 @@ use serde_json::{json, Value};
 /// `--node-timeout` of the tests' nodes (their lease: 4 s).
 const NODE_TIMEOUT: u64 = 6;
 
-/// The nodes' namespaces, made before the database (which listens on
-/// their links).
-fn nets(n: usize) -> Vec<LinkedNs> {
-    (0..n).map(|_| LinkedNs::new()).collect()
+/// The hub and the nodes' namespaces, made before the database (which
+/// listens on the hub's end of their links).
+fn nets(n: usize) -> (Hub, Vec<LinkedNs>) {
+    let hub = Hub::new();
+    let nets = (0..n).map(|_| LinkedNs::new(&hub)).collect();
+    (hub, nets)
 }
 
 /// The database's addresses: loopback, and this end of each link.
@@ -37,8 +42,10 @@ struct Node {
     args: Vec<String>,
     log: PathBuf,
     /// Its namespace, and the slot pool of its VMs.
-    net: (String, String),
+    netns: String,
     pool: String,
+    /// More of its environment (credentials).
+    envs: Vec<(String, String)>,
 }
 
 impl Drop for Node {
@@ -72,14 +79,30 @@ impl Node {
         token: &str,
         more: &[&str],
     ) -> Node {
+        let mut n = Self::new(name, net, pg, db, max_vms, token, more);
+        n.restart();
+        n
+    }
+
+    /// As [`Node::start_with`], not started yet.
+    fn new(
+        name: &str,
+        net: &LinkedNs,
+        pg: &Postgres,
+        db: &str,
+        max_vms: u32,
+        token: &str,
+        more: &[&str],
+    ) -> Node {
         let h = Harness::new();
         std::fs::write(h.state.path().join("api-token"), token).unwrap();
         let log = h.state.path().join("serve.log");
         let store = pg.url_via(db, &net.outer);
         let k: u32 = net.inner.rsplit('.').next().unwrap().parse().unwrap();
-        let mut n = Node {
+        Node {
             name: name.into(),
-            net: (net.name.clone(), net.inner.clone()),
+            envs: vec![],
+            netns: net.name.clone(),
             pool: format!("10.214.{}.0/24", k / 4),
             args: [
                 "--store",
@@ -100,17 +123,17 @@ impl Node {
             log,
             h,
             server: None,
-        };
-        n.restart();
-        n
+        }
     }
 
     fn restart(&mut self) {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut envs = vec![("DOUGH_SLOT_POOL", self.pool.as_str())];
+        envs.extend(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.server = Some(Server::start_in(
             &self.h,
-            Some((&self.net.0, &self.net.1)),
-            &[("DOUGH_SLOT_POOL", &self.pool)],
+            Some(&self.netns),
+            &envs,
             &args,
             Some(&self.log),
         ));
@@ -189,9 +212,8 @@ fn wait_output(s: &Server, id: &str, what: &str) {
 
 #[test]
 fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() {
-    let net = nets(3);
-    let pg = Postgres::start_on(&db_addrs(&net));
-    let url = pg.url("spread");
+    let (hub, net) = nets(3);
+    let pg = Postgres::start_in(&hub, &db_addrs(&net));
     let token = token();
     let n1 = Node::start("n1", &net[0], &pg, "spread", 1, &token);
     let n2 = Node::start("n2", &net[1], &pg, "spread", 1, &token);
@@ -296,18 +318,21 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
         .iter()
         .map(|l| serde_json::from_str(l.strip_prefix("data: ").unwrap()).unwrap())
         .collect();
+    // From the state it had when the stream began (it may have been
+    // claimed already: nodes are told of a task at once), every
+    // transition after, in order, to the end (at least 3 s after).
     let seen: Vec<&str> = ev.iter().filter_map(|e| e["state"].as_str()).collect();
-    assert_eq!(
-        seen,
-        [
-            "queued",
-            "provisioning",
-            "booting",
-            "running",
-            "finalizing",
-            "succeeded"
-        ],
-        "{ev:?}"
+    let all = [
+        "queued",
+        "provisioning",
+        "booting",
+        "running",
+        "finalizing",
+        "succeeded",
+    ];
+    assert!(
+        all.ends_with(&seen) && seen.len() >= 2,
+        "{seen:?} is not how the task went on: {ev:?}"
     );
     let out: String = ev
         .iter()
@@ -326,14 +351,7 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
         );
     }
     // Metrics per node, from any node: n2 holds one VM slot, n3 none.
-    let m = front
-        .agent
-        .get(&format!("{}/metrics", front.url))
-        .set("Authorization", &format!("Bearer {}", front.token))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let m = front.text("/metrics");
     for line in [
         "dough_node_up{node=\"n1\",state=\"up\"} 1",
         "dough_node_vms_capacity{node=\"n2\"} 1",
@@ -342,16 +360,18 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
     ] {
         assert!(m.lines().any(|l| l == line), "{line} not in:\n{m}");
     }
-    // A second daemon under a live node's name is refused.
+    // A second daemon under a live node's name is refused (started next
+    // to n3, in its namespace).
     let dup = Harness::new();
-    let out = dup
-        .cmd()
+    let mut c = dup.cmd();
+    enter_netns(&mut c, &net[2].name);
+    let out = c
         .args([
             "serve",
             "--listen",
             "127.0.0.1:0",
             "--store",
-            &url,
+            &pg.url_via("spread", &net[2].outer),
             "--node-name",
             "n1",
         ])
@@ -367,8 +387,8 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
 
 #[test]
 fn a_killed_node_is_declared_dead_its_task_ends_node_lost_and_cancels_cross_nodes() {
-    let net = nets(3);
-    let pg = Postgres::start_on(&db_addrs(&net));
+    let (hub, net) = nets(3);
+    let pg = Postgres::start_in(&hub, &db_addrs(&net));
     let token = token();
     let mut n1 = Node::start("n1", &net[0], &pg, "kill", 1, &token);
     let mut n2 = Node::start("n2", &net[1], &pg, "kill", 1, &token);
@@ -482,8 +502,8 @@ impl Drop for Cut<'_> {
 
 #[test]
 fn a_node_cut_off_from_the_database_stops_its_vms_and_writes_nothing_stale() {
-    let net = nets(2);
-    let pg = Postgres::start_on(&db_addrs(&net));
+    let (hub, net) = nets(2);
+    let pg = Postgres::start_in(&hub, &db_addrs(&net));
     let token = token();
     // n1 is cut off (a table in its namespace); n2 holds no VM.
     let n1 = Node::start("n1", &net[0], &pg, "cut", 1, &token);
@@ -544,8 +564,8 @@ fn a_node_cut_off_from_the_database_stops_its_vms_and_writes_nothing_stale() {
 
 #[test]
 fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
-    let net = nets(2);
-    let pg = Postgres::start_on(&db_addrs(&net));
+    let (hub, net) = nets(2);
+    let pg = Postgres::start_in(&hub, &db_addrs(&net));
     let token = token();
     let n1 = Node::start("n1", &net[0], &pg, "drain", 1, &token);
     let n2 = Node::start("n2", &net[1], &pg, "drain", 1, &token);
@@ -558,14 +578,16 @@ fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
     let drained = front.task(&x)["node"].as_str().unwrap().to_string();
     let other = front.task(&y)["node"].as_str().unwrap().to_string();
     assert_ne!(drained, other);
-    // Drained through the CLI, against either node's API.
-    let out =
-        n2.h.cmd()
-            .args(["node", "drain", &drained])
-            .env("DOUGH_URL", &front.url)
-            .env("DOUGH_TOKEN", &token)
-            .output()
-            .unwrap();
+    // Drained through the CLI, against either node's API (from the
+    // namespace it listens in).
+    let mut cli = n2.h.cmd();
+    enter_netns(&mut cli, &net[0].name);
+    let out = cli
+        .args(["node", "drain", &drained])
+        .env("DOUGH_URL", &front.url)
+        .env("DOUGH_TOKEN", &token)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains(&format!("{drained} draining")),
@@ -610,8 +632,8 @@ fn a_drained_node_finishes_its_tasks_and_takes_no_new_ones() {
 
 #[test]
 fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
-    let net = nets(2);
-    let pg = Postgres::start_on(&db_addrs(&net));
+    let (hub, net) = nets(2);
+    let pg = Postgres::start_in(&hub, &db_addrs(&net));
     let token = token();
     // a keeps one warm VM of the default shape (cold boots: no template
     // to make); b has none, and is the node the tasks are submitted to.
@@ -666,4 +688,123 @@ fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
         (Some("succeeded"), Some("b")),
         "{t}"
     );
+}
+
+/// No pull request twice, end to end: a repository task (real VM, a real
+/// git smart-HTTP server and a forge stand-in on a "public" address of the
+/// hub) whose node is cut off from the database while it pushes (the
+/// server's hook holds the push). The peer declares the node dead and the
+/// task `node_lost`; once the push is let through, the node finds its claim
+/// lost before the pull request and opens none; the task never runs again.
+/// A second task, on a node that stays, opens exactly one.
+#[test]
+fn a_node_cut_off_while_pushing_opens_no_pull_request_and_the_task_runs_once() {
+    use gitserver::{ForgeDouble, GitServer, GIT_USER};
+    let (hub, net) = nets(2);
+    let git_addr = "198.51.100.20";
+    hub.add_addr(git_addr);
+    let git_token = format!("git-token-{}", std::process::id());
+    let git = GitServer::start(&hub.name, 8000, &git_token);
+    let forge = ForgeDouble::start(&hub.name, format!("{git_addr}:8080").parse().unwrap());
+    git.make_repo("r", &[("README.md", "# r\n")]);
+    // The push waits in the server's hook until the test lets it through.
+    let (held, release) = (git.dir.path().join("held"), git.dir.path().join("release"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let hook = git.repo_path("r").join("hooks/pre-receive");
+        std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\ncat >/dev/null\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.1; done\n",
+                held.display(),
+                release.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let pg = Postgres::start_in(&hub, &db_addrs(&net));
+    let token = token();
+    let creds = [
+        ("DOUGH_GIT_USER", GIT_USER.to_string()),
+        ("DOUGH_GIT_TOKEN", git_token.clone()),
+        ("DOUGH_FORGE_TOKEN", "forge-token".to_string()),
+        ("DOUGH_DNS", format!("{git_addr}:53")),
+    ];
+    let with_creds = |mut n: Node| {
+        n.envs = creds
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        n.restart();
+        n
+    };
+    let n1 = with_creds(Node::new("n1", &net[0], &pg, "pr", 1, &token, &[]));
+    let n2 = with_creds(Node::new("n2", &net[1], &pg, "pr", 0, &token, &[]));
+    let front = n2.s();
+    let task = |file: &str| {
+        json!({
+            "command": ["sh", "-c", format!("echo work > {file}")],
+            "repo": {"url": format!("http://{git_addr}:8000/git/r.git")},
+            "pull_request": {"forge": "gitea", "api": format!("http://{git_addr}:8080/api/v1")},
+        })
+    };
+    let a = front.submit(task("a.txt"));
+    wait_until(
+        "a's push held by the server",
+        Duration::from_secs(120),
+        || held.exists(),
+    );
+    assert_eq!(front.task(&a)["node"], "n1");
+
+    // Cut off while pushing: declared dead, the task node_lost.
+    let cut = Cut::new(&net[0], pg.port);
+    let t = front.wait_state(&a, |s| s == "failed", Duration::from_secs(120));
+    assert_eq!(t["reason"], "node_lost", "{t}");
+    // The push goes through now; then the claim check before the pull
+    // request finds the claim lost.
+    std::fs::write(&release, "").unwrap();
+    wait_until("a's branch pushed", Duration::from_secs(60), || {
+        git.branches("r")
+            .iter()
+            .any(|(b, _)| *b == format!("dough/{a}"))
+    });
+    let before = front.task(&a);
+    drop(cut);
+    wait_until(
+        "n1's end of the task fenced",
+        Duration::from_secs(60),
+        || n1.log().contains("is no longer this node's"),
+    );
+    assert!(
+        forge.taken().is_empty(),
+        "a pull request was opened: {:?}",
+        forge.taken()
+    );
+    assert_eq!(front.task(&a), before, "nothing stale written");
+    assert_eq!(
+        states(&before),
+        [
+            "queued",
+            "provisioning",
+            "booting",
+            "running",
+            "finalizing",
+            "failed"
+        ],
+        "ran once: {before}"
+    );
+
+    // Healed, n1 rejoins; a task that ends there opens exactly one.
+    wait_until("n1 up again", Duration::from_secs(30), || {
+        state_of(&node_states(front), "n1") == "up"
+    });
+    let b = front.submit(task("b.txt"));
+    let t = front.wait_terminal(&b);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let prs = forge.taken();
+    assert_eq!(prs.len(), 1, "{prs:?}");
+    assert_eq!(prs[0].body["head"], format!("dough/{b}"), "{prs:?}");
+    assert!(t["result"]["pr_url"].as_str().is_some(), "{t}");
 }

@@ -207,9 +207,78 @@ pub fn enter_netns(cmd: &mut Command, ns: &str) {
     }
 }
 
-/// A network namespace of the test's own, linked to this one by a veth
-/// pair: `outer` (this namespace's end) and `inner` (the namespace's
-/// `eth0`) a /30 apart. Deleted, with its link, on drop.
+/// Run `f` on a thread inside the named network namespace `ns` (None:
+/// here, on this thread).
+pub fn within_netns<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> T {
+    let Some(ns) = ns else { return f() };
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace of the test's own that the others link to (where
+/// a test's database and servers run; nothing of this machine's own
+/// network is touched). Deleted on drop.
+pub struct Hub {
+    pub name: String,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("dt-hub{}-{k}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Hub { name }
+    }
+
+    /// Give the hub address `addr` (on its loopback).
+    pub fn add_addr(&self, addr: &str) {
+        ip(&[
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ]);
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A network namespace of the test's own, linked to a [`Hub`] by a veth
+/// pair: `outer` (the hub's end) and `inner` (the namespace's `eth0`) a /30
+/// apart; its default route leads to the hub. Deleted, with its link, on
+/// drop.
 pub struct LinkedNs {
     pub name: String,
     pub outer: String,
@@ -217,55 +286,52 @@ pub struct LinkedNs {
 }
 
 impl LinkedNs {
-    /// The `k`th namespace of this test process (addresses 10.252.P.4k+1
-    /// and +2, P from the process id).
-    pub fn new() -> LinkedNs {
+    /// The `k`th namespace of this test process (addresses 10.252.0.4k+1
+    /// and +2: each hub is a network of its own).
+    pub fn new(hub: &Hub) -> LinkedNs {
         static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         assert!(k < 63, "too many namespaces for one /24");
-        let pid = std::process::id();
-        let name = format!("dt-ln{pid}-{k}");
-        let link = format!("dtl{}k{k}", pid % 1_000_000);
-        let p = pid % 250 + 1;
+        let name = format!("dt-ln{}-{k}", std::process::id());
+        let link = format!("l{k}");
         let (outer, inner) = (
-            format!("10.252.{p}.{}", 4 * u32::from(k) + 1),
-            format!("10.252.{p}.{}", 4 * u32::from(k) + 2),
+            format!("10.252.0.{}", 4 * u32::from(k) + 1),
+            format!("10.252.0.{}", 4 * u32::from(k) + 2),
         );
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
             .status();
         let ns = LinkedNs { name, outer, inner };
-        let n = ns.name.as_str();
-        for args in [
-            vec!["netns", "add", n],
-            vec![
-                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", n,
-            ],
-            vec!["addr", "add", &format!("{}/30", ns.outer), "dev", &link],
-            vec!["link", "set", &link, "up"],
-            vec![
-                "-n",
-                n,
-                "addr",
-                "add",
-                &format!("{}/30", ns.inner),
-                "dev",
-                "eth0",
-            ],
-            vec!["-n", n, "link", "set", "eth0", "up"],
-            vec!["-n", n, "link", "set", "lo", "up"],
-        ] {
-            let out = Command::new("ip").args(&args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let (n, h) = (ns.name.as_str(), hub.name.as_str());
+        ip(&["netns", "add", n]);
+        ip(&[
+            "-n", h, "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", n,
+        ]);
+        ip(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{}/30", ns.outer),
+            "dev",
+            &link,
+        ]);
+        ip(&["-n", h, "link", "set", &link, "up"]);
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/30", ns.inner),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", n, "link", "set", "eth0", "up"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "route", "add", "default", "via", &ns.outer]);
         ns
     }
-
     /// `nft -f -` of `script` in this namespace.
     pub fn nft(&self, script: &str) {
         use std::io::Write;

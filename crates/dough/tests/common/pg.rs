@@ -13,6 +13,8 @@ pub struct Postgres {
     pub host: String,
     /// With TLS: the CA certificate (PEM) that signed the server's.
     pub ca: Option<PathBuf>,
+    /// The network namespace it runs in (None: this one).
+    netns: Option<String>,
 }
 
 /// Debian's server binaries (`/usr/lib/postgresql/<major>/bin`), newest.
@@ -57,17 +59,23 @@ impl Postgres {
     /// A new cluster listening on each of `addrs` (addresses of this
     /// namespace); [`Postgres::url`] names the first.
     pub fn start_on(addrs: &[&str]) -> Postgres {
-        Self::start_with(addrs, false)
+        Self::start_with(None, addrs, false)
+    }
+
+    /// A new cluster in namespace `hub`, listening on each of `addrs`
+    /// (addresses of the hub).
+    pub fn start_in(hub: &super::Hub, addrs: &[&str]) -> Postgres {
+        Self::start_with(Some(&hub.name), addrs, false)
     }
 
     /// A new cluster on 127.0.0.1 that also speaks TLS, with a certificate
     /// for 127.0.0.1 signed by a CA of the test's own (`ca`), made with
     /// `openssl`.
     pub fn start_tls() -> Postgres {
-        Self::start_with(&["127.0.0.1"], true)
+        Self::start_with(None, &["127.0.0.1"], true)
     }
 
-    fn start_with(addrs: &[&str], tls: bool) -> Postgres {
+    fn start_with(netns: Option<&str>, addrs: &[&str], tls: bool) -> Postgres {
         let host = addrs[0];
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
@@ -97,10 +105,10 @@ impl Postgres {
                 .unwrap();
             writeln!(hba, "host all all 10.252.0.0/16 trust").unwrap();
         }
-        let port = {
+        let port = super::within_netns(netns, || {
             let l = std::net::TcpListener::bind((host, 0)).unwrap();
             l.local_addr().unwrap().port()
-        };
+        });
         let mut ssl = String::new();
         let mut ca = None;
         if tls {
@@ -188,8 +196,12 @@ impl Postgres {
             );
             ca = Some(d.join("ca.crt"));
         }
+        let mut start = as_postgres(&bin.join("pg_ctl"));
+        if let Some(ns) = netns {
+            super::enter_netns(&mut start, ns);
+        }
         check(
-            as_postgres(&bin.join("pg_ctl"))
+            start
                 .arg("-D")
                 .arg(&data)
                 .arg("-l")
@@ -209,6 +221,7 @@ impl Postgres {
             port,
             host: host.into(),
             ca,
+            netns: netns.map(String::from),
         }
     }
 
@@ -231,7 +244,11 @@ impl Postgres {
 
     /// Run `sql` in database `db`; its rows, unaligned.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new("psql")
+        let mut psql = Command::new("psql");
+        if let Some(ns) = &self.netns {
+            super::enter_netns(&mut psql, ns);
+        }
+        let out = psql
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.host)
             .args([

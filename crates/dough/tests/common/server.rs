@@ -13,6 +13,8 @@ pub struct Server {
     pub url: String,
     pub token: String,
     pub agent: ureq::Agent,
+    /// The network namespace it runs (and is called) in; None: this one.
+    pub netns: Option<String>,
 }
 
 impl Server {
@@ -26,11 +28,11 @@ impl Server {
     }
 
     /// As [`Server::start_logged`]; with `netns` (a named network
-    /// namespace, an address of it), the daemon runs in that namespace
-    /// and listens on that address. `envs`: more of its environment.
+    /// namespace), the daemon runs in that namespace, and is called there.
+    /// `envs`: more of its environment.
     pub fn start_in(
         h: &Harness,
-        netns: Option<(&str, &str)>,
+        netns: Option<&str>,
         envs: &[(&str, &str)],
         args: &[&str],
         log: Option<&std::path::Path>,
@@ -42,15 +44,11 @@ impl Server {
         };
         let mut cmd = h.cmd();
         cmd.envs(envs.iter().copied());
-        let listen = match netns {
-            Some((ns, addr)) => {
-                super::enter_netns(&mut cmd, ns);
-                format!("{addr}:0")
-            }
-            None => "127.0.0.1:0".into(),
-        };
+        if let Some(ns) = netns {
+            super::enter_netns(&mut cmd, ns);
+        }
         let child = cmd
-            .args(["serve", "--listen", &listen])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -73,7 +71,21 @@ impl Server {
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(30))
                 .build(),
+            netns: netns.map(String::from),
         }
+    }
+
+    /// The body of GET `path` (with the token), as text.
+    pub fn text(&self, path: &str) -> String {
+        super::within_netns(self.netns.as_deref(), || {
+            self.agent
+                .get(&format!("{}{path}", self.url))
+                .set("Authorization", &format!("Bearer {}", self.token))
+                .call()
+                .unwrap()
+                .into_string()
+                .unwrap()
+        })
     }
 
     /// (status, JSON body) of a request with the right token.
@@ -92,10 +104,10 @@ impl Server {
         if let Some(t) = token {
             r = r.set("Authorization", &format!("Bearer {t}"));
         }
-        let res = match body {
+        let res = super::within_netns(self.netns.as_deref(), || match body {
             Some(b) => r.set("Content-Type", "application/json").send_string(b),
             None => r.call(),
-        };
+        });
         let resp = match res {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
@@ -149,12 +161,13 @@ impl Server {
     /// The server-sent events of task `id` (`query`: "" or "?offset=N"),
     /// read on a thread until the stream ends: its `data: ` lines.
     pub fn event_lines(&self, id: &str, query: &str) -> std::thread::JoinHandle<Vec<String>> {
-        let r = self
-            .agent
-            .get(&format!("{}/v1/tasks/{id}/events{query}", self.url))
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .unwrap();
+        let r = super::within_netns(self.netns.as_deref(), || {
+            self.agent
+                .get(&format!("{}/v1/tasks/{id}/events{query}", self.url))
+                .set("Authorization", &format!("Bearer {}", self.token))
+                .call()
+                .unwrap()
+        });
         std::thread::spawn(move || {
             BufReader::new(r.into_reader())
                 .lines()
