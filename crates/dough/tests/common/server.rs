@@ -104,15 +104,17 @@ impl Server {
         if let Some(t) = token {
             r = r.set("Authorization", &format!("Bearer {t}"));
         }
-        let res = super::within_netns(self.netns.as_deref(), || match body {
-            Some(b) => r.set("Content-Type", "application/json").send_string(b),
-            None => r.call(),
+        let resp = super::within_netns(self.netns.as_deref(), || {
+            let res = match body {
+                Some(b) => r.set("Content-Type", "application/json").send_string(b),
+                None => r.call(),
+            };
+            match res {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("{method} {path}: {e}"),
+            }
         });
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
         let status = resp.status();
         let text = resp.into_string().unwrap();
         (
