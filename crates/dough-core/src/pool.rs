@@ -236,7 +236,7 @@ impl Pool {
 }
 
 /// Tear `vms` down in the background.
-fn discard_later(vms: Vec<BootedVm>) {
+pub(crate) fn discard_later(vms: Vec<BootedVm>) {
     for vm in vms {
         tokio::task::spawn_local(async move {
             vm.discard().await;
@@ -314,20 +314,29 @@ impl Pools {
     /// An idle VM of this shape, if one is ready; the pool refills behind
     /// it. A VM found lost is discarded (and replaced) and the next tried.
     pub fn claim(&self, shape: Shape) -> Option<BootedVm> {
+        let (got, lost) = self.take(shape);
+        discard_later(lost);
+        got
+    }
+
+    /// As [`Pools::claim`], from any thread: the VMs found lost on the way
+    /// are the caller's to discard ([`discard_later`], on the runtime).
+    pub fn take(&self, shape: Shape) -> (Option<BootedVm>, Vec<BootedVm>) {
         if self.inner.stopping.load(Ordering::SeqCst) {
-            return None;
+            return (None, vec![]);
         }
         let (got, lost) = {
             let mut pools = self.lock();
-            let pool = pools.iter_mut().find(|p| p.cfg.shape == shape)?;
+            let Some(pool) = pools.iter_mut().find(|p| p.cfg.shape == shape) else {
+                return (None, vec![]);
+            };
             let lost = pool.sweep(self.inner.settings.heartbeat_timeout);
             let got = pool.idle.pop_front();
             pool.claimed += got.is_some() as u64;
             (got, lost)
         };
-        discard_later(lost);
         self.inner.wake.notify_one();
-        got
+        (got, lost)
     }
 
     /// vCPUs, memory (MiB) and VMs held by idle and booting pooled VMs.

@@ -225,6 +225,8 @@ struct Inner {
     beating: std::sync::atomic::AtomicBool,
     /// Drained (`dough node drain`): takes no new task.
     draining: std::sync::atomic::AtomicBool,
+    /// Drains and resumes told by the store ([`Notice::Node`]) so far.
+    drain_told: std::sync::atomic::AtomicU64,
     /// The VM of each task running here.
     vms: Mutex<HashMap<String, String>>,
 }
@@ -266,6 +268,7 @@ impl Service {
                 last_beat: Mutex::new(Instant::now()),
                 beating: false.into(),
                 draining: false.into(),
+                drain_told: 0.into(),
                 vms: Mutex::new(HashMap::new()),
             }),
         };
@@ -330,6 +333,16 @@ impl Service {
                 Some(Notice::Queued) => s.inner.wake.notify_one(),
                 Some(Notice::Cancel(node)) if node == s.inner.cfg.node_name => {
                     s.take_cancel_requests()
+                }
+                Some(Notice::Node(node, state)) if node == s.inner.cfg.node_name => {
+                    // Drained or taken back: at once (a heartbeat that read
+                    // the state before this does not have the last word).
+                    s.inner.drain_told.fetch_add(1, SeqCst);
+                    let draining = state == "draining";
+                    if s.inner.draining.swap(draining, SeqCst) != draining {
+                        info!(draining, "this node's drain changed");
+                    }
+                    s.inner.wake.notify_one();
                 }
                 _ => {}
             }
@@ -418,6 +431,38 @@ impl Service {
         }
     }
 
+    /// Write this node's heartbeat, and take what the store answers: its
+    /// drain, or that it was declared dead (blocking: the store is
+    /// written; from the heartbeat round, one at a time).
+    fn beat_now(&self) {
+        let told = self.inner.drain_told.load(SeqCst);
+        match self.beat("up") {
+            Ok(Some(state)) => {
+                *self.inner.last_beat.lock().unwrap() = Instant::now();
+                let draining = state == "draining";
+                // (A drain told meanwhile is newer than what this read.)
+                if self.inner.drain_told.load(SeqCst) == told
+                    && self.inner.draining.swap(draining, SeqCst) != draining
+                {
+                    info!(draining, "this node's drain changed");
+                }
+            }
+            Ok(None) => {
+                // Declared dead while alive (cut off from the store, or
+                // stalled): its tasks are settled by the peer already.
+                // Stop them, writing nothing, and come back as a new
+                // incarnation.
+                warn!(
+                    node = %self.inner.cfg.node_name,
+                    "this node was declared dead by a peer; stopping its tasks and rejoining"
+                );
+                self.abandon_all("this node was declared dead by a peer", false);
+                self.inner.started_ms.store(now_ms(), SeqCst);
+            }
+            Err(e) => warn!(error = %e, "node heartbeat"),
+        }
+    }
+
     /// Cancel the tasks of this node whose cancel was asked through
     /// another node (blocking: the store is read).
     fn take_cancel_requests(&self) {
@@ -443,28 +488,7 @@ impl Service {
         if shared {
             self.take_cancel_requests();
         }
-        match self.beat("up") {
-            Ok(Some(state)) => {
-                *self.inner.last_beat.lock().unwrap() = Instant::now();
-                let draining = state == "draining";
-                if self.inner.draining.swap(draining, SeqCst) != draining {
-                    info!(draining, "this node's drain changed");
-                }
-            }
-            Ok(None) => {
-                // Declared dead while alive (cut off from the store, or
-                // stalled): its tasks are settled by the peer already.
-                // Stop them, writing nothing, and come back as a new
-                // incarnation.
-                warn!(
-                    node = %self.inner.cfg.node_name,
-                    "this node was declared dead by a peer; stopping its tasks and rejoining"
-                );
-                self.abandon_all("this node was declared dead by a peer", false);
-                self.inner.started_ms.store(now_ms(), SeqCst);
-            }
-            Err(e) => warn!(error = %e, "node heartbeat"),
-        }
+        self.beat_now();
         if !shared {
             return;
         }
@@ -920,124 +944,30 @@ impl Service {
         let shared = self.inner.store.is_shared();
         let look = if shared { room + 16 } else { room };
         // The store's calls off the runtime's threads: a store that hangs
-        // (a database cut off) must not stop the node's other work.
+        // (a database cut off) must not stop the node's other work. The
+        // head of the queue (the tasks no other node is claiming right
+        // now) is read and claimed in one step: `pick` chooses, in order,
+        // holding room for each (and a warm VM where one fits).
+        type Ask = (TaskRecord, String, Option<crate::BootedVm>);
         let svc = self.clone();
-        let (queue, peers_idle, images) = tokio::task::spawn_blocking(move || {
-            let st = &svc.inner.store;
-            let queue = st.queued(look)?;
-            let (mut idle, mut images) = (HashSet::new(), HashSet::new());
-            if shared && !queue.is_empty() {
-                // Shapes another live node has a warm VM of.
-                idle = st
-                    .nodes()?
-                    .into_iter()
-                    .filter(|n| n.name != svc.inner.cfg.node_name && n.state == "up")
-                    .flat_map(|n| n.usage.idle)
-                    .collect();
-                // The images this node can boot (their manifests read
-                // once a pass, not once a task).
-                images = svc.images().iter().map(|i| i.name()).collect();
-            }
-            Ok::<_, StoreError>((queue, idle, images))
+        let picked = tokio::task::spawn_blocking(move || {
+            let st = svc.inner.store.clone();
+            let mut asks: Vec<Ask> = vec![];
+            let mut lost_vms = vec![];
+            let won = st.claim_next(&svc.inner.cfg.node_name, look, &mut |queue| {
+                let (asks_, lost_) = svc.pick(queue, room, shared);
+                asks = asks_;
+                lost_vms = lost_;
+                asks.iter().map(|(t, vm, _)| svc.claim_of(t, vm)).collect()
+            });
+            (won, asks, lost_vms)
         })
-        .await
-        .map_err(|e| StoreError::Corrupt(e.to_string()))??;
-        // The tasks this node asks for, in order, their room held, with
-        // the VM each will run in.
-        let mut asks: Vec<(TaskRecord, String, Option<crate::BootedVm>)> = vec![];
-        for t in queue {
-            if asks.len() == room {
-                break;
-            }
-            let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
-            let image = t
-                .request
-                .image
-                .as_deref()
-                .unwrap_or(dough_image::DEFAULT_IMAGE);
-            if shared && (v > lim.vcpu_capacity() || m > lim.memory_mib || !images.contains(image))
-            {
-                continue;
-            }
-            // A warm VM of the task's shape (image, vCPUs, memory): its
-            // room is already counted.
-            let warm = ImageName::of(t.request.image.as_deref())
-                .ok()
-                .and_then(|image| {
-                    self.pools()?.claim(Shape {
-                        vcpus: v,
-                        memory_mib: m as u32,
-                        image,
-                    })
-                });
-            // No warm VM of its shape here but one on another node: that
-            // node takes it (it starts without a boot) — unless it has not
-            // for PREFER_WARM_MS, then anyone may.
-            if warm.is_none() && !peers_idle.is_empty() {
-                let shape = ImageName::of(t.request.image.as_deref()).ok().map(|image| {
-                    Shape {
-                        vcpus: v,
-                        memory_mib: m as u32,
-                        image,
-                    }
-                    .to_string()
-                });
-                if shape.is_some_and(|s| peers_idle.contains(&s))
-                    && now_ms().saturating_sub(t.created_ms) < PREFER_WARM_MS
-                {
-                    continue;
-                }
-            }
-            {
-                let (rv, rm, rn) = self.pools().map_or((0, 0, 0), |p| p.reserved());
-                let mut u = self.inner.usage.lock().unwrap();
-                if warm.is_none()
-                    && (u.running_vms + rn >= lim.max_vms
-                        || u.vcpus + rv + v > lim.vcpu_capacity()
-                        || u.memory_mib + rm + m > lim.memory_mib)
-                {
-                    // The head waits for room: nothing behind it overtakes.
-                    break;
-                }
-                u.running_vms += 1;
-                u.vcpus += v;
-                u.memory_mib += m;
-            }
-            let vm_id = warm
-                .as_ref()
-                .map_or_else(crate::new_id, |vm| vm.vm_id().to_string());
-            asks.push((t, vm_id, warm));
-        }
-        if asks.is_empty() {
-            return Ok(());
-        }
-        // The claims, in one step: only one node takes a task (the store
-        // decides). Then intent before action: the resources named by the
-        // VM id are on record before anything exists.
-        let claims: Vec<Claim> = asks
-            .iter()
-            .map(|(t, vm, _)| {
-                let run_dir = self.inner.cfg.host.runs_dir().join(vm);
-                Claim {
-                    id: t.id.clone(),
-                    vm_id: vm.clone(),
-                    resources: vec![
-                        ("vm".into(), vm.clone()),
-                        ("run_dir".into(), run_dir.display().to_string()),
-                        (
-                            "netns".into(),
-                            dough_net::netns_path(vm).display().to_string(),
-                        ),
-                    ],
-                }
-            })
-            .collect();
-        let claimed = {
-            let (st, node) = (self.inner.store.clone(), self.inner.cfg.node_name.clone());
-            tokio::task::spawn_blocking(move || st.claim_many(&node, &claims))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Corrupt(e.to_string())))
+        .await;
+        let (claimed, asks, lost_vms) = match picked {
+            Ok(p) => p,
+            Err(e) => return Err(StoreError::Corrupt(e.to_string())),
         };
+        crate::pool::discard_later(lost_vms);
         let (mut won, failed) = match claimed {
             Ok(won) => (
                 won.into_iter()
@@ -1098,6 +1028,124 @@ impl Service {
         Ok(())
     }
 
+    /// What this node takes of `queue` (the head, in run order): each task
+    /// it can hold now, its room held (by a warm VM of its shape when it
+    /// has one), with the VM it will run in; at most `room`. The head
+    /// waits for room: nothing behind it overtakes. In a cluster (`shared`)
+    /// a task this node can never run (bigger than its capacity, or an
+    /// image it lacks) is passed over for another node, and so is one that
+    /// fits another node's idle warm VM, for [`PREFER_WARM_MS`]. Also: warm
+    /// VMs the pools found lost meanwhile, to discard. (Blocking: a peer's
+    /// record may be read; runs on the store's thread, not the runtime's.)
+    #[allow(clippy::type_complexity)]
+    fn pick(
+        &self,
+        queue: &[TaskRecord],
+        room: usize,
+        shared: bool,
+    ) -> (
+        Vec<(TaskRecord, String, Option<crate::BootedVm>)>,
+        Vec<crate::BootedVm>,
+    ) {
+        let lim = self.inner.cfg.limits;
+        let (mut peers_idle, mut images) = (HashSet::new(), HashSet::new());
+        if shared && !queue.is_empty() {
+            // Shapes another live node has a warm VM of.
+            match self.inner.store.nodes() {
+                Ok(nodes) => {
+                    peers_idle = nodes
+                        .into_iter()
+                        .filter(|n| n.name != self.inner.cfg.node_name && n.state == "up")
+                        .flat_map(|n| n.usage.idle)
+                        .collect()
+                }
+                Err(e) => warn!(error = %e, "read the nodes"),
+            }
+            // The images this node can boot (their manifests read once a
+            // pass, not once a task).
+            images = self.images().iter().map(|i| i.name()).collect();
+        }
+        let (mut asks, mut lost) = (vec![], vec![]);
+        for t in queue {
+            if asks.len() == room {
+                break;
+            }
+            let (v, m) = (t.request.vcpus, t.request.memory_mib as u64);
+            let image = t
+                .request
+                .image
+                .as_deref()
+                .unwrap_or(dough_image::DEFAULT_IMAGE);
+            if shared && (v > lim.vcpu_capacity() || m > lim.memory_mib || !images.contains(image))
+            {
+                continue;
+            }
+            // A warm VM of the task's shape (image, vCPUs, memory): its
+            // room is already counted.
+            let shape = ImageName::of(t.request.image.as_deref())
+                .ok()
+                .map(|image| Shape {
+                    vcpus: v,
+                    memory_mib: m as u32,
+                    image,
+                });
+            let warm = match (self.pools(), &shape) {
+                (Some(p), Some(shape)) => {
+                    let (got, gone) = p.take(shape.clone());
+                    lost.extend(gone);
+                    got
+                }
+                _ => None,
+            };
+            // No warm VM of its shape here but one on another node: that
+            // node takes it (it starts without a boot) — unless it has not
+            // for PREFER_WARM_MS, then anyone may.
+            if warm.is_none()
+                && shape.is_some_and(|s| peers_idle.contains(&s.to_string()))
+                && now_ms().saturating_sub(t.created_ms) < PREFER_WARM_MS
+            {
+                continue;
+            }
+            {
+                let (rv, rm, rn) = self.pools().map_or((0, 0, 0), |p| p.reserved());
+                let mut u = self.inner.usage.lock().unwrap();
+                if warm.is_none()
+                    && (u.running_vms + rn >= lim.max_vms
+                        || u.vcpus + rv + v > lim.vcpu_capacity()
+                        || u.memory_mib + rm + m > lim.memory_mib)
+                {
+                    break;
+                }
+                u.running_vms += 1;
+                u.vcpus += v;
+                u.memory_mib += m;
+            }
+            let vm_id = warm
+                .as_ref()
+                .map_or_else(crate::new_id, |vm| vm.vm_id().to_string());
+            asks.push((t.clone(), vm_id, warm));
+        }
+        (asks, lost)
+    }
+
+    /// The claim of task `t` for VM `vm`: intent before action, the
+    /// resources named by the VM id on record before anything exists.
+    fn claim_of(&self, t: &TaskRecord, vm: &str) -> Claim {
+        let run_dir = self.inner.cfg.host.runs_dir().join(vm);
+        Claim {
+            id: t.id.clone(),
+            vm_id: vm.to_string(),
+            resources: vec![
+                ("vm".into(), vm.to_string()),
+                ("run_dir".into(), run_dir.display().to_string()),
+                (
+                    "netns".into(),
+                    dough_net::netns_path(vm).display().to_string(),
+                ),
+            ],
+        }
+    }
+
     /// Run one admitted task: in `warm` (a VM claimed from a pool) when
     /// given, else in a VM booted for it.
     async fn run(
@@ -1111,8 +1159,15 @@ impl Service {
         let r = &t.request;
         if cfg.dry_run {
             discard(warm).await;
+            // Each state written off the runtime's thread, awaited: as a
+            // runner awaits its VM between states, so the node's other
+            // work (admission) goes on meanwhile.
             for to in [State::Booting, State::Running, State::Finalizing] {
-                self.transition(&t.id, t.epoch, to, None, None, None);
+                let (s, id, epoch) = (self.clone(), t.id.clone(), t.epoch);
+                let _ = tokio::task::spawn_blocking(move || {
+                    s.transition(&id, epoch, to, None, None, None)
+                })
+                .await;
             }
             drop(cancel);
             let detail = "no VM: the daemon runs with --dry-run";

@@ -82,8 +82,9 @@ fn a_node_name_is_held_by_one_live_process() {
 }
 
 /// Nodes are told, not left to poll (LISTEN/NOTIFY): a task queued or
-/// re-queued, a cancel asked (with the owner's name) — and a claim tells
-/// nothing. A listener whose connection is cut listens again.
+/// re-queued, a cancel asked (with the owner's name), a node drained or
+/// taken back — and a claim tells nothing. A listener whose connection is
+/// cut listens again.
 #[test]
 fn nodes_are_told_of_queued_tasks_and_cancels() {
     let pg = Postgres::start();
@@ -115,6 +116,18 @@ fn nodes_are_told_of_queued_tasks_and_cancels() {
     assert_eq!(next(), Notice::Cancel("n1".into()));
     s.requeue("t1").unwrap();
     assert_eq!(next(), Notice::Queued);
+    // A node drained or taken back is told (its heartbeat alone would
+    // take up to a second); asking again changes nothing and tells
+    // nothing: the next notice is the taking back.
+    s.node_beat(&dough_core::store::checks::node("n1", "up", 1))
+        .unwrap();
+    s.drain_node("n1", true).unwrap();
+    assert_eq!(next(), Notice::Node("n1".into(), "draining".into()));
+    s.drain_node("n1", true).unwrap();
+    s.drain_node("n1", false).unwrap();
+    assert_eq!(next(), Notice::Node("n1".into(), "up".into()));
+    s.insert("t3", &req).unwrap();
+    assert_eq!(next(), Notice::Queued);
     // Its session ended by the server: it listens again, and is told.
     let first = listener();
     pg.psql(
@@ -127,6 +140,67 @@ fn nodes_are_told_of_queued_tasks_and_cancels() {
     });
     s.insert("t2", &req).unwrap();
     assert_eq!(next(), Notice::Queued);
+}
+
+/// Two nodes looking at the queue at once see different tasks: the head
+/// one node is picking from stays locked until its claim is done, and the
+/// other is shown the tasks after it (so nodes do not race for the same
+/// head and lose).
+#[test]
+fn nodes_looking_at_once_see_different_tasks() {
+    let pg = Postgres::start();
+    let url = pg.url("look");
+    let (a, b) = (
+        PgStore::open(&url, 2, None).unwrap(),
+        PgStore::open(&url, 2, None).unwrap(),
+    );
+    let req = serde_json::from_str(r#"{"command": ["true"]}"#).unwrap();
+    for i in 0..10 {
+        a.insert(&format!("t{i}"), &req).unwrap();
+    }
+    let ask = |t: &dough_core::store::TaskRecord| dough_core::store::Claim {
+        id: t.id.clone(),
+        vm_id: "vm".into(),
+        resources: vec![],
+    };
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let a_ = &a;
+    std::thread::scope(|sc| {
+        let first = sc.spawn(move || {
+            a_.claim_next("na", 4, &mut move |q| {
+                seen_tx
+                    .send(q.iter().map(|t| t.id.clone()).collect::<Vec<_>>())
+                    .unwrap();
+                go_rx.recv().unwrap();
+                q.iter().map(ask).collect()
+            })
+            .unwrap()
+        });
+        // a is picking (its head locked): b is shown what comes after.
+        let a_saw = seen_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(a_saw, ["t0", "t1", "t2", "t3"]);
+        let mut b_saw = vec![];
+        let b_won = b
+            .claim_next("nb", 4, &mut |q| {
+                b_saw = q.iter().map(|t| t.id.clone()).collect();
+                q.iter().map(ask).collect()
+            })
+            .unwrap();
+        assert_eq!(b_saw, ["t4", "t5", "t6", "t7"]);
+        assert_eq!(b_won.len(), 4);
+        go_tx.send(()).unwrap();
+        let a_won = first.join().unwrap();
+        assert_eq!(
+            a_won.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["t0", "t1", "t2", "t3"]
+        );
+    });
+    for i in 0..8 {
+        let t = a.get(&format!("t{i}")).unwrap();
+        assert_eq!(t.epoch, 1, "{t:?}");
+        assert_eq!(t.node.as_deref(), Some(if i < 4 { "na" } else { "nb" }));
+    }
 }
 
 /// `sslmode=require`: the connection is TLS, the server's certificate

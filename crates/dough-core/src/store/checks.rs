@@ -20,6 +20,7 @@ pub fn all(open: &(dyn Fn(&str) -> Box<dyn Store> + Sync)) {
     results_resources_and_nodes_are_kept(&*open("kept"));
     a_task_is_claimed_once_among_racing_claimers(open);
     claims_in_a_batch_keep_order_and_resources(&*open("batch"));
+    claim_next_offers_the_head_in_run_order(&*open("next"));
     writes_under_an_old_claim_are_fenced(&*open("fence"));
     a_silent_node_is_reaped_once_and_its_tasks_settled(&*open("reap"));
 }
@@ -328,6 +329,48 @@ pub fn claims_in_a_batch_keep_order_and_resources(s: &dyn Store) {
     assert!(s.claim_many("n", &[]).unwrap().is_empty());
 }
 
+/// [`Store::claim_next`]: `pick` is shown the queue's head in run order
+/// (priority, then submission), at most `look` of it; what it answers is
+/// claimed, and nothing else.
+pub fn claim_next_offers_the_head_in_run_order(s: &dyn Store) {
+    let urgent: TaskRequest =
+        serde_json::from_str(r#"{"command": ["true"], "priority": 5}"#).unwrap();
+    s.insert("a", &req()).unwrap();
+    s.insert("b", &urgent).unwrap();
+    s.insert("c", &req()).unwrap();
+    let ask = |t: &TaskRecord| Claim {
+        id: t.id.clone(),
+        vm_id: format!("vm-{}", t.id),
+        resources: vec![("vm".into(), format!("vm-{}", t.id))],
+    };
+    let mut seen = vec![];
+    let won = s
+        .claim_next("n", 2, &mut |q| {
+            seen = q.iter().map(|t| t.id.clone()).collect();
+            q.iter().take(1).map(ask).collect()
+        })
+        .unwrap();
+    assert_eq!(seen, ["b", "a"]);
+    assert_eq!(won.len(), 1);
+    assert_eq!((won[0].id.as_str(), won[0].epoch), ("b", 1));
+    assert_eq!(s.resources("b").unwrap(), [("vm".into(), "vm-b".into())]);
+    assert_eq!(s.get("a").unwrap().state, State::Queued);
+    let won = s
+        .claim_next("n", 10, &mut |q| q.iter().map(ask).collect())
+        .unwrap();
+    assert_eq!(
+        won.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+    assert!(s
+        .claim_next("n", 10, &mut |q| {
+            assert!(q.is_empty(), "{q:?}");
+            vec![]
+        })
+        .unwrap()
+        .is_empty());
+}
+
 /// Writes under a claim that moved on fail and change nothing.
 pub fn writes_under_an_old_claim_are_fenced(s: &dyn Store) {
     s.insert("t", &req()).unwrap();
@@ -400,7 +443,7 @@ pub fn writes_under_an_old_claim_are_fenced(s: &dyn Store) {
     s.set_result("t", Some(1), &fin).unwrap();
 }
 
-fn node(name: &str, state: &str, started_ms: u64) -> NodeRecord {
+pub fn node(name: &str, state: &str, started_ms: u64) -> NodeRecord {
     NodeRecord {
         name: name.into(),
         state: state.into(),

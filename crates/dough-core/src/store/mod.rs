@@ -344,6 +344,9 @@ pub enum Notice {
     Queued,
     /// A cancel was asked for a task that node `0` runs.
     Cancel(String),
+    /// Node `0` was drained or taken back by another: its state is now
+    /// `1` (`draining`, `up`).
+    Node(String, String),
 }
 
 pub trait Store: Send + Sync {
@@ -420,6 +423,22 @@ pub trait Store: Send + Sync {
             }
         }
         Ok(won)
+    }
+    /// Claim from the head of the queue for `node`: the first `look`
+    /// queued tasks (in run order) that no other node is claiming at this
+    /// moment go to `pick`, which answers the claims it makes of them, in
+    /// order; those still queued are claimed ([`Store::claim_many`]), in
+    /// one step on PostgreSQL (the rows looked at stay locked until the
+    /// claim is done, so nodes looking at once see different tasks).
+    fn claim_next(
+        &self,
+        node: &str,
+        look: usize,
+        pick: &mut (dyn FnMut(&[TaskRecord]) -> Vec<Claim> + Send),
+    ) -> Result<Vec<TaskRecord>> {
+        let queue = self.queued(look)?;
+        let claims = pick(&queue);
+        self.claim_many(node, &claims)
     }
     /// Tell `on` what happens in the store as it happens ([`Notice`]),
     /// from a thread of the store's own, until `on` answers `false`
