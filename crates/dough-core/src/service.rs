@@ -1091,7 +1091,7 @@ impl Service {
                 });
             let warm = match (self.pools(), &shape) {
                 (Some(p), Some(shape)) => {
-                    let (got, gone) = p.take(shape.clone());
+                    let (got, gone) = p.take(*shape);
                     lost.extend(gone);
                     got
                 }
