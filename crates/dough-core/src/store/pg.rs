@@ -893,7 +893,7 @@ impl Store for PgStore {
         pick: &mut (dyn FnMut(&[TaskRecord]) -> Vec<Claim> + Send),
     ) -> Result<Vec<TaskRecord>> {
         let look = look.min(i64::MAX as usize) as i64;
-        self.with(|c| {
+        let (won, left) = self.with(|c| {
             let mut tx = c.transaction()?;
             // The head, less what other nodes are claiming now; locked
             // until this claim is done, so they look past it meanwhile.
@@ -909,8 +909,15 @@ impl Store for PgStore {
             let claims = pick(&queue);
             let won = claim_rows(&mut tx, node, &claims)?;
             tx.commit()?;
-            Ok(won)
-        })
+            Ok((won, queue.len() > claims.len()))
+        })?;
+        // Tasks other nodes skipped while this one held them, and it left:
+        // they are told to look again. (Only when it took some: nodes
+        // that pass a task over do not wake each other for ever.)
+        if left && !won.is_empty() {
+            self.notifier.queued();
+        }
+        Ok(won)
     }
 
     fn listen(&self, mut on: Box<dyn FnMut(Option<Notice>) -> bool + Send>) -> Result<()> {
