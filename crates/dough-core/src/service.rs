@@ -1012,7 +1012,12 @@ impl Service {
         if let Some(e) = failed {
             return Err(e);
         }
-        if lost > 0 {
+        if asked > lost && asked < room {
+            // It took some and has room left: the head it was shown may
+            // have been short (tasks other nodes held at that moment, and
+            // have left since), so it looks again until a look takes none.
+            self.inner.wake.notify_one();
+        } else if lost > 0 {
             // Others took some: look again, further down the queue. When
             // none was won (lost to peers racing for the same head, or
             // this node drained and not yet told) after a pause, so a

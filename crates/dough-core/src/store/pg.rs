@@ -99,22 +99,34 @@ CREATE TRIGGER tasks_cancel AFTER UPDATE OF cancel_requested ON tasks
 /// How often, at most, a node tells the others that tasks were queued.
 const NOTIFY_EVERY: Duration = Duration::from_millis(20);
 
-/// Tells the nodes that tasks were queued (`NOTIFY dough_queue`), from a
-/// thread and a connection of its own, at most once per [`NOTIFY_EVERY`].
-/// Not from the transaction that queues them: a NOTIFY takes a
-/// database-wide lock at its transaction's commit, so every submission
-/// would wait for the others' disk flushes in turn (measured: submits fell
-/// from about 500/s to under 100/s with a trigger on each insert).
+/// What [`Notifier`] has to tell.
+#[derive(Default)]
+struct Pending {
+    /// Something was queued since the last `NOTIFY dough_queue`.
+    queued: bool,
+    /// `dough_node` payloads ("name state").
+    nodes: Vec<String>,
+    closed: bool,
+}
+
+/// Tells the nodes what changed (`NOTIFY dough_queue`, at most once per
+/// [`NOTIFY_EVERY`]; `dough_node`), from a thread and a connection of its
+/// own, not from the transactions that make the changes: a NOTIFY takes a
+/// database-wide lock at commit and holds it through the commit's disk
+/// flush, so every submission would wait on the others' flushes in turn
+/// (measured: submits fell from about 390/s to 87–250/s with a trigger on
+/// each insert). Its own session commits without waiting for the flush
+/// (`synchronous_commit = off`): a notice lost in a database crash is
+/// made up for by the nodes' polling.
 struct Notifier {
-    /// (something was queued since the last NOTIFY, the store is closed)
-    state: std::sync::Mutex<(bool, bool)>,
+    pending: std::sync::Mutex<Pending>,
     cv: std::sync::Condvar,
 }
 
 impl Notifier {
     fn start(config: postgres::Config, tls: Tls) -> Result<std::sync::Arc<Notifier>> {
         let n = std::sync::Arc::new(Notifier {
-            state: std::sync::Mutex::new((false, false)),
+            pending: std::sync::Mutex::new(Pending::default()),
             cv: std::sync::Condvar::new(),
         });
         let me = n.clone();
@@ -123,30 +135,41 @@ impl Notifier {
             .spawn(move || {
                 let mut conn: Option<Client> = None;
                 loop {
-                    {
-                        let mut st = me.state.lock().unwrap();
-                        while !st.0 && !st.1 {
-                            st = me.cv.wait(st).unwrap();
+                    let (queued, nodes) = {
+                        let mut p = me.pending.lock().unwrap();
+                        while !p.queued && p.nodes.is_empty() && !p.closed {
+                            p = me.cv.wait(p).unwrap();
                         }
-                        if st.1 {
+                        if p.closed {
                             return;
                         }
-                        st.0 = false;
-                    }
+                        (std::mem::take(&mut p.queued), std::mem::take(&mut p.nodes))
+                    };
                     let told = (|| -> Result<()> {
                         if conn.is_none() {
-                            conn = Some(tls.connect(&config)?);
+                            let mut c = tls.connect(&config)?;
+                            c.batch_execute("SET synchronous_commit TO off")?;
+                            conn = Some(c);
                         }
-                        conn.as_mut()
-                            .expect("connected")
-                            .batch_execute("NOTIFY dough_queue")?;
+                        let c = conn.as_mut().expect("connected");
+                        let mut tx = c.transaction()?;
+                        if queued {
+                            tx.batch_execute("NOTIFY dough_queue")?;
+                        }
+                        for n in &nodes {
+                            tx.execute("SELECT pg_notify('dough_node', $1)", &[n])?;
+                        }
+                        tx.commit()?;
                         Ok(())
                     })();
                     if let Err(e) = told {
-                        // Told later (peers also look every second).
-                        tracing::debug!(error = %e, "notify the nodes of queued tasks");
+                        // Told later (nodes also look every second).
+                        tracing::debug!(error = %e, "notify the nodes");
                         conn = None;
-                        me.state.lock().unwrap().0 = true;
+                        let mut p = me.pending.lock().unwrap();
+                        p.queued |= queued;
+                        p.nodes.extend(nodes);
+                        drop(p);
                         std::thread::sleep(Duration::from_secs(1));
                     }
                     std::thread::sleep(NOTIFY_EVERY);
@@ -158,12 +181,18 @@ impl Notifier {
 
     /// Tasks were queued: tell the nodes soon.
     fn queued(&self) {
-        self.state.lock().unwrap().0 = true;
+        self.pending.lock().unwrap().queued = true;
+        self.cv.notify_one();
+    }
+
+    /// Node `name` is now in `state`: tell it.
+    fn node(&self, name: &str, state: &str) {
+        self.pending.lock().unwrap().nodes.push(format!("{name} {state}"));
         self.cv.notify_one();
     }
 
     fn close(&self) {
-        self.state.lock().unwrap().1 = true;
+        self.pending.lock().unwrap().closed = true;
         self.cv.notify_one();
     }
 }
@@ -1073,10 +1102,7 @@ impl Store for PgStore {
             )?;
             if n > 0 {
                 // The node hears of it at once, not at its next heartbeat.
-                c.execute(
-                    "SELECT pg_notify('dough_node', $1)",
-                    &[&format!("{name} {to}")],
-                )?;
+                self.notifier.node(name, to);
             }
             let row = c.query_opt(
                 "SELECT record, state, heartbeat_ms FROM nodes WHERE name = $1",

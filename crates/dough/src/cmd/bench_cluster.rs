@@ -275,6 +275,7 @@ fn rates(
     // heartbeat, up to a second after the resume).
     let (mut first, mut last, mut end) = (u64::MAX, 0u64, 0u64);
     let mut claims = vec![];
+    let mut node_first = std::collections::BTreeMap::<String, (u64, u64)>::new();
     for t in &list {
         for x in t["transitions"].as_array().into_iter().flatten() {
             let at = x["at_ms"].as_u64().unwrap_or(0);
@@ -283,6 +284,11 @@ fn rates(
                     first = first.min(at);
                     last = last.max(at);
                     claims.push(at);
+                    let e = node_first
+                        .entry(t["node"].as_str().unwrap_or("?").to_string())
+                        .or_insert((u64::MAX, 0u64));
+                    e.0 = e.0.min(at);
+                    e.1 = e.1.max(at);
                 }
                 Some("succeeded") => end = end.max(at),
                 _ => {}
@@ -308,6 +314,11 @@ fn rates(
             at(0.9),
             at(1.0)
         );
+    }
+    if std::env::var_os("DOUGH_BENCH_NODES").is_some() {
+        for (name, (a, b)) in &node_first {
+            eprintln!("  {name}: first claim +{} ms, last +{} ms", a - first, b - first);
+        }
     }
     if list.len() != tasks as usize {
         bail!("{} tasks listed, {tasks} submitted", list.len());
