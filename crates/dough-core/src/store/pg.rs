@@ -187,7 +187,11 @@ impl Notifier {
 
     /// Node `name` is now in `state`: tell it.
     fn node(&self, name: &str, state: &str) {
-        self.pending.lock().unwrap().nodes.push(format!("{name} {state}"));
+        self.pending
+            .lock()
+            .unwrap()
+            .nodes
+            .push(format!("{name} {state}"));
         self.cv.notify_one();
     }
 
@@ -475,9 +479,18 @@ const TRANSITIONS_JSON: &str =
 /// A task changed by a statement that selected `upd.*` and
 /// [`TRANSITIONS_JSON`], with the transition it added.
 fn changed_record(row: &postgres::Row, added: Transition) -> Result<TaskRecord> {
+    let mut t = whole_record(row)?;
+    t.transitions.push(added);
+    Ok(t)
+}
+
+/// A task from a row that selected `upd.*` and [`TRANSITIONS_JSON`]: its
+/// state and history read in one statement (one snapshot), so the two
+/// agree even while the task moves on.
+fn whole_record(row: &postgres::Row) -> Result<TaskRecord> {
     let trs: Vec<(String, i64, Option<String>)> =
         serde_json::from_str(row.get("trs")).map_err(corrupt)?;
-    let mut transitions = trs
+    let transitions = trs
         .into_iter()
         .map(|(s, at, reason)| {
             Ok(Transition {
@@ -487,14 +500,19 @@ fn changed_record(row: &postgres::Row, added: Transition) -> Result<TaskRecord> 
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    transitions.push(added);
     row_record(row, transitions)
 }
 
 fn get_one<C: GenericClient>(c: &mut C, id: &str) -> Result<TaskRecord> {
-    records(c, "SELECT * FROM tasks WHERE id = $1", &[&id])?
-        .pop()
-        .ok_or_else(|| StoreError::NotFound(id.into()))
+    // One statement: a task followed while it runs (events on a cluster)
+    // must not show a state older than its last transition.
+    let row = c
+        .query_opt(
+            &format!("SELECT upd.*, {TRANSITIONS_JSON} FROM tasks upd WHERE upd.id = $1"),
+            &[&id],
+        )?
+        .ok_or_else(|| StoreError::NotFound(id.into()))?;
+    whole_record(&row)
 }
 
 /// In `tx`, with the task's row locked: task `id` exists (else NotFound)

@@ -317,7 +317,11 @@ fn rates(
     }
     if std::env::var_os("DOUGH_BENCH_NODES").is_some() {
         for (name, (a, b)) in &node_first {
-            eprintln!("  {name}: first claim +{} ms, last +{} ms", a - first, b - first);
+            eprintln!(
+                "  {name}: first claim +{} ms, last +{} ms",
+                a - first,
+                b - first
+            );
         }
     }
     if list.len() != tasks as usize {
