@@ -112,6 +112,18 @@ impl Repo {
         bundle: &Path,
         gate: &GateConfig,
     ) -> Result<dough_core::repo::Finalized, dough_core::repo::RepoError> {
+        self.finalize_with(plan, bundle, gate, &Credentials::default())
+    }
+
+    /// As [`Repo::finalize`], with `creds` (a forge token: then the pull
+    /// request too).
+    fn finalize_with(
+        &self,
+        plan: &Plan,
+        bundle: &Path,
+        gate: &GateConfig,
+        creds: &Credentials,
+    ) -> Result<dough_core::repo::Finalized, dough_core::repo::RepoError> {
         let len = std::fs::metadata(bundle).unwrap().len();
         let out = WorkOutput {
             report: Some(Work::Bundle {
@@ -128,7 +140,7 @@ impl Repo {
             bundle,
             bundle.parent().unwrap(),
             gate,
-            &Credentials::default(),
+            creds,
             &TaskFacts::default(),
         )
     }
@@ -428,16 +440,6 @@ fn no_pull_request_is_opened_once_the_claim_is_lost() {
         forge_token: Some("forge-token".into()),
         ..Credentials::default()
     };
-    let len = std::fs::metadata(&b).unwrap().len();
-    let out = WorkOutput {
-        report: Some(Work::Bundle {
-            head: String::new(),
-            commits: 0,
-            bytes: len,
-        }),
-        bundle_bytes: len,
-        oversized: false,
-    };
     let checks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let lost_after_push = GateConfig {
         claim: dough_core::repo::ClaimCheck::new({
@@ -450,17 +452,7 @@ fn no_pull_request_is_opened_once_the_claim_is_lost() {
         ..GateConfig::default()
     };
     let before = r.remote_refs();
-    let fin = |gate: &GateConfig| {
-        finalize(
-            &plan,
-            &out,
-            &b,
-            b.parent().unwrap(),
-            gate,
-            &creds,
-            &TaskFacts::default(),
-        )
-    };
+    let fin = |gate: &GateConfig| r.finalize_with(&plan, &b, gate, &creds);
     let err = fin(&lost_after_push).unwrap_err();
     assert_eq!(err.reason(), "node_lost", "{err}");
     assert_ne!(r.remote_refs(), before, "pushed before the claim was lost");

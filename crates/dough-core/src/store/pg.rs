@@ -525,8 +525,10 @@ fn fenced(tx: &mut postgres::Transaction<'_>, id: &str, fence: Option<u64>) -> R
     check_fence(id, fence, epoch)
 }
 
-/// [`Store::claim_many`] on `c`: one statement (rows another node holds
-/// are skipped, not waited for); the tasks won, in the order asked.
+/// [`Store::claim_many`] on `c` (and [`Store::claim`], a list of one): one
+/// statement, refused for a node drained or declared dead (rows another
+/// node holds are skipped, not waited for); the tasks won, in the order
+/// asked.
 fn claim_rows<C: GenericClient>(
     c: &mut C,
     node: &str,
@@ -547,8 +549,6 @@ fn claim_rows<C: GenericClient>(
         }
     }
     let mut won = {
-        // [`Store::claim`]'s statement over a list: rows another node
-        // holds are skipped, not waited for.
         c.query(
             &format!(
                 "WITH want AS (
@@ -885,48 +885,15 @@ impl Store for PgStore {
         vm_id: &str,
         resources: &[(&str, &str)],
     ) -> Result<Option<TaskRecord>> {
-        let at = now_ms() as i64;
-        let kinds: Vec<&str> = resources.iter().map(|r| r.0).collect();
-        let names: Vec<&str> = resources.iter().map(|r| r.1).collect();
-        self.with(|c| {
-            // One statement. A task another node is claiming right now
-            // (its row locked) is skipped, not waited for: that node gets
-            // it, this one moves on. Not by a node drained or declared dead.
-            let row = c.query_opt(
-                &format!(
-                    "WITH pick AS (
-                        SELECT id FROM tasks WHERE id = $1 AND state = 'queued'
-                        FOR UPDATE SKIP LOCKED
-                    ), upd AS (
-                        UPDATE tasks SET state = 'provisioning', node = $2, vm_id = $3, epoch = epoch + 1
-                        FROM pick WHERE tasks.id = pick.id AND NOT EXISTS (
-                            SELECT 1 FROM nodes WHERE name = $2 AND state IN ('draining', 'dead'))
-                        RETURNING tasks.*
-                    ), ins AS (
-                        INSERT INTO transitions (task_id, state, at_ms)
-                        SELECT id, 'provisioning', $4 FROM upd
-                    ), res AS (
-                        INSERT INTO resources (task_id, kind, name)
-                        SELECT upd.id, r.kind, r.name FROM upd,
-                            unnest($5::text[], $6::text[]) WITH ORDINALITY AS r(kind, name, n)
-                        ORDER BY r.n
-                    )
-                    SELECT upd.*, {TRANSITIONS_JSON} FROM upd"
-                ),
-                &[&id, &node, &vm_id, &at, &kinds, &names],
-            )?;
-            row.map(|row| {
-                changed_record(
-                    &row,
-                    Transition {
-                        state: State::Provisioning,
-                        at_ms: at as u64,
-                        reason: None,
-                    },
-                )
-            })
-            .transpose()
-        })
+        let claim = Claim {
+            id: id.into(),
+            vm_id: vm_id.into(),
+            resources: resources
+                .iter()
+                .map(|(k, n)| (k.to_string(), n.to_string()))
+                .collect(),
+        };
+        Ok(self.with(|c| claim_rows(c, node, &[claim]))?.pop())
     }
 
     fn claim_many(&self, node: &str, claims: &[Claim]) -> Result<Vec<TaskRecord>> {
