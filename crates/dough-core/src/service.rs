@@ -320,9 +320,9 @@ impl Service {
                 .map_err(|e| StoreError::Corrupt(format!("start the lease thread: {e}")))?;
         }
         // A task queued on any node wakes this one's scheduler; a cancel
-        // asked through another node reaches this one at once (both are
-        // polled too, every second, for notices lost while the store's
-        // line was down).
+        // asked through another node, and this node's drain or resume,
+        // reach it at once (the heartbeat round reads all three every
+        // second too, for notices lost while the store's line was down).
         let weak = Arc::downgrade(&svc.inner);
         svc.inner.store.listen(Box::new(move |notice| {
             let Some(inner) = weak.upgrade() else {
@@ -1012,16 +1012,16 @@ impl Service {
         if let Some(e) = failed {
             return Err(e);
         }
-        if asked > lost && asked < room {
+        if shared && asked > lost && asked < room {
             // It took some and has room left: the head it was shown may
             // have been short (tasks other nodes held at that moment, and
             // have left since), so it looks again until a look takes none.
             self.inner.wake.notify_one();
         } else if lost > 0 {
-            // Others took some: look again, further down the queue. When
-            // none was won (lost to peers racing for the same head, or
-            // this node drained and not yet told) after a pause, so a
-            // drained node does not spin.
+            // Some were not won (cancelled meanwhile, or this node drained
+            // or declared dead): look again, further down the queue; when
+            // none was won, after a pause, so a drained node does not
+            // spin.
             let s = self.clone();
             tokio::task::spawn_local(async move {
                 if lost == asked {
@@ -1106,6 +1106,7 @@ impl Service {
             // node takes it (it starts without a boot) — unless it has not
             // for PREFER_WARM_MS, then anyone may.
             if warm.is_none()
+                && !peers_idle.is_empty()
                 && shape.is_some_and(|s| peers_idle.contains(&s.to_string()))
                 && now_ms().saturating_sub(t.created_ms) < PREFER_WARM_MS
             {

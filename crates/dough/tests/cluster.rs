@@ -67,24 +67,10 @@ impl Node {
         max_vms: u32,
         token: &str,
     ) -> Node {
-        Self::start_with(name, net, pg, db, max_vms, token, &[])
+        Self::new(name, net, pg, db, max_vms, token, &[]).started()
     }
 
-    fn start_with(
-        name: &str,
-        net: &LinkedNs,
-        pg: &Postgres,
-        db: &str,
-        max_vms: u32,
-        token: &str,
-        more: &[&str],
-    ) -> Node {
-        let mut n = Self::new(name, net, pg, db, max_vms, token, more);
-        n.restart();
-        n
-    }
-
-    /// As [`Node::start_with`], not started yet.
+    /// As [`Node::start`], with `more` arguments, not started yet.
     fn new(
         name: &str,
         net: &LinkedNs,
@@ -98,12 +84,11 @@ impl Node {
         std::fs::write(h.state.path().join("api-token"), token).unwrap();
         let log = h.state.path().join("serve.log");
         let store = pg.url_via(db, &net.outer);
-        let k: u32 = net.inner.rsplit('.').next().unwrap().parse().unwrap();
         Node {
             name: name.into(),
             envs: vec![],
             netns: net.name.clone(),
-            pool: format!("10.214.{}.0/24", k / 4),
+            pool: format!("10.214.{}.0/24", net.k),
             args: [
                 "--store",
                 &store,
@@ -124,6 +109,11 @@ impl Node {
             h,
             server: None,
         }
+    }
+
+    fn started(mut self) -> Node {
+        self.restart();
+        self
     }
 
     fn restart(&mut self) {
@@ -219,7 +209,7 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
     let n2 = Node::start("n2", &net[1], &pg, "spread", 1, &token);
     // Queue-only: it takes no task, and serves every one; its own limits
     // (256 MiB) are not what a task is checked against, the cluster's are.
-    let n3 = Node::start_with(
+    let n3 = Node::new(
         "n3",
         &net[2],
         &pg,
@@ -227,7 +217,8 @@ fn tasks_spread_over_the_nodes_within_their_capacity_and_any_node_serves_them() 
         0,
         &token,
         &["--memory-limit", "256"],
-    );
+    )
+    .started();
     let front = n3.s();
     // What no node can ever run is refused; an image no node has too.
     let (st, v) = front.call(
@@ -638,7 +629,7 @@ fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
     // a keeps one warm VM of the default shape (cold boots: no template
     // to make); b has none, and is the node the tasks are submitted to.
     // a's memory holds its warm VM and one more of 512 MiB, not 768.
-    let a = Node::start_with(
+    let a = Node::new(
         "a",
         &net[0],
         &pg,
@@ -652,7 +643,8 @@ fn a_task_that_fits_a_warm_vm_goes_to_the_node_that_has_it() {
             "--memory-limit",
             "1024",
         ],
-    );
+    )
+    .started();
     let b = Node::start("b", &net[1], &pg, "warm", 1, &token);
     let front = b.s();
     wait_until("a's warm VM idle", Duration::from_secs(120), || {
@@ -737,8 +729,7 @@ fn a_node_cut_off_while_pushing_opens_no_pull_request_and_the_task_runs_once() {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        n.restart();
-        n
+        n.started()
     };
     let n1 = with_creds(Node::new("n1", &net[0], &pg, "pr", 1, &token, &[]));
     let n2 = with_creds(Node::new("n2", &net[1], &pg, "pr", 0, &token, &[]));

@@ -938,47 +938,43 @@ impl Store for PgStore {
         use postgres::fallible_iterator::FallibleIterator;
         let (config, tls) = (self.config.clone(), self.tls.clone());
         // A connection of its own (a pooled one would be given back, and
-        // its LISTEN with it). Lost, it is made again every second; what
-        // was missed meanwhile is the caller's to look for (`on(None)`).
+        // its LISTEN with it). Lost, it is made again every second.
         std::thread::Builder::new()
             .name("dough-listen".into())
             .spawn(move || loop {
-                let heard = (|| -> Result<bool> {
+                // Ok: `on` said to stop; Err: the line was lost.
+                let heard = (|| -> Result<()> {
                     let mut c = tls.connect(&config)?;
                     c.batch_execute("LISTEN dough_queue; LISTEN dough_cancel; LISTEN dough_node")?;
-                    if !on(None) {
-                        return Ok(false);
-                    }
                     loop {
-                        {
-                            let mut n = c.notifications();
-                            let mut it = n.timeout_iter(Duration::from_secs(1));
-                            while let Some(x) = it.next()? {
-                                let notice = match x.channel() {
-                                    "dough_cancel" => Notice::Cancel(x.payload().to_string()),
-                                    "dough_node" => {
-                                        let (name, state) =
-                                            x.payload().rsplit_once(' ').unwrap_or((x.payload(), ""));
-                                        Notice::Node(name.to_string(), state.to_string())
-                                    }
-                                    _ => Notice::Queued,
-                                };
-                                if !on(Some(notice)) {
-                                    return Ok(false);
+                        if !on(None) {
+                            return Ok(());
+                        }
+                        let mut n = c.notifications();
+                        let mut it = n.timeout_iter(Duration::from_secs(1));
+                        while let Some(x) = it.next()? {
+                            let notice = match x.channel() {
+                                "dough_cancel" => Notice::Cancel(x.payload().to_string()),
+                                "dough_node" => {
+                                    let (name, state) =
+                                        x.payload().rsplit_once(' ').unwrap_or((x.payload(), ""));
+                                    Notice::Node(name.to_string(), state.to_string())
                                 }
+                                _ => Notice::Queued,
+                            };
+                            if !on(Some(notice)) {
+                                return Ok(());
                             }
                         }
+                        drop(it);
+                        drop(n);
                         if c.is_closed() {
                             return Err(StoreError::Corrupt("the connection closed".into()));
-                        }
-                        if !on(None) {
-                            return Ok(false);
                         }
                     }
                 })();
                 match heard {
-                    Ok(false) => return,
-                    Ok(true) => {}
+                    Ok(()) => return,
                     Err(e) => {
                         tracing::debug!(error = %e, "the store's notifications: listening again in 1 s");
                         std::thread::sleep(Duration::from_secs(1));

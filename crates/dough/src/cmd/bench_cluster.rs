@@ -271,8 +271,7 @@ fn rates(
     let list = call(&nodes[0], &ag, "GET", &format!("/v1/tasks?limit={tasks}"))?;
     let list = list["tasks"].as_array().cloned().unwrap_or_default();
     let mut per_node = std::collections::BTreeMap::<String, u64>::new();
-    // The claims' own times (a node sees its drain end on its next
-    // heartbeat, up to a second after the resume).
+    // The claims' own times (from the store's records, not the clients').
     let (mut first, mut last, mut end) = (u64::MAX, 0u64, 0u64);
     let mut claims = vec![];
     let mut node_first = std::collections::BTreeMap::<String, (u64, u64)>::new();

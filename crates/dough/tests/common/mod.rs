@@ -232,6 +232,21 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// A new named network namespace `name` (one a killed run left is
+/// replaced), its loopback up.
+fn netns_add(name: &str) {
+    netns_del(name);
+    ip(&["netns", "add", name]);
+    ip(&["-n", name, "link", "set", "lo", "up"]);
+}
+
+fn netns_del(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// A network namespace of the test's own that the others link to (where
 /// a test's database and servers run; nothing of this machine's own
 /// network is touched). Deleted on drop.
@@ -244,12 +259,7 @@ impl Hub {
         static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("dt-hub{}-{k}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        netns_add(&name);
         Hub { name }
     }
 
@@ -269,9 +279,7 @@ impl Hub {
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        netns_del(&self.name);
     }
 }
 
@@ -283,6 +291,8 @@ pub struct LinkedNs {
     pub name: String,
     pub outer: String,
     pub inner: String,
+    /// Its number among this process's linked namespaces.
+    pub k: u8,
 }
 
 impl LinkedNs {
@@ -298,13 +308,14 @@ impl LinkedNs {
             format!("10.252.0.{}", 4 * u32::from(k) + 1),
             format!("10.252.0.{}", 4 * u32::from(k) + 2),
         );
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let ns = LinkedNs { name, outer, inner };
+        let ns = LinkedNs {
+            name,
+            outer,
+            inner,
+            k,
+        };
         let (n, h) = (ns.name.as_str(), hub.name.as_str());
-        ip(&["netns", "add", n]);
+        netns_add(n);
         ip(&[
             "-n", h, "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", n,
         ]);
@@ -328,7 +339,6 @@ impl LinkedNs {
             "eth0",
         ]);
         ip(&["-n", n, "link", "set", "eth0", "up"]);
-        ip(&["-n", n, "link", "set", "lo", "up"]);
         ip(&["-n", n, "route", "add", "default", "via", &ns.outer]);
         ns
     }
@@ -355,8 +365,6 @@ impl LinkedNs {
 impl Drop for LinkedNs {
     /// The veth pair goes with the namespace.
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        netns_del(&self.name);
     }
 }
