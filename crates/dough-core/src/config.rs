@@ -30,6 +30,9 @@ pub struct HostConfig {
     /// CPU vulnerability mitigations inside the guest (on by default;
     /// `--guest-mitigations off` trades them for a faster boot).
     pub guest_mitigations: bool,
+    /// Keep a per-task egress record (`DOUGH_EGRESS_RECORD=0` turns it
+    /// off; see `dough_net::record`).
+    pub record_egress: bool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dough";
@@ -50,10 +53,12 @@ impl HostConfig {
             host_nat: true,
             kernel: dough_image::KernelChoice::Auto,
             guest_mitigations: true,
+            record_egress: true,
         }
     }
 
-    /// Apply `DOUGH_SLOT_POOL`, `DOUGH_DNS` and `DOUGH_HOST_NAT`.
+    /// Apply `DOUGH_SLOT_POOL`, `DOUGH_DNS`, `DOUGH_HOST_NAT` and
+    /// `DOUGH_EGRESS_RECORD`.
     pub fn with_net_env(mut self) -> Result<Self, String> {
         if let Ok(p) = std::env::var("DOUGH_SLOT_POOL") {
             self.slot_pool = p.parse().map_err(|e| format!("DOUGH_SLOT_POOL: {e}"))?;
@@ -70,6 +75,9 @@ impl HostConfig {
         if let Ok(v) = std::env::var("DOUGH_HOST_NAT") {
             self.host_nat = !matches!(v.as_str(), "0" | "off" | "no" | "false");
         }
+        if let Ok(v) = std::env::var("DOUGH_EGRESS_RECORD") {
+            self.record_egress = !matches!(v.as_str(), "0" | "off" | "no" | "false");
+        }
         Ok(self)
     }
 
@@ -85,6 +93,7 @@ impl HostConfig {
             host_nat: self.host_nat,
             run_root: PathBuf::from(dough_net::RUN_ROOT),
             tag: self.state_dir.display().to_string(),
+            record_egress: self.record_egress,
         })
     }
 

@@ -15,8 +15,10 @@ use tracing::{debug, warn};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::ct::Sources;
 use crate::nft::Nft;
 use crate::policy::{Cidr, Egress, VM_TABLE};
+use crate::record::{now_ms, Recorder};
 
 /// The VM's egress policy as it is now, and the nftables context (in the
 /// VM's namespace) that enforces it. Shared by the forwarder and
@@ -24,6 +26,8 @@ use crate::policy::{Cidr, Egress, VM_TABLE};
 pub struct Policy {
     pub egress: Egress,
     pub nft: Nft,
+    /// The egress record being taken (None: recording is off).
+    pub record: Option<Recorder>,
 }
 
 pub(crate) fn lock(p: &Mutex<Policy>) -> MutexGuard<'_, Policy> {
@@ -122,18 +126,32 @@ struct Pending {
     guest: SocketAddr,
     id: [u8; 2],
     name: String,
+    qtype: u16,
     sent: Instant,
 }
 
 /// Serve until `stop` becomes readable. `down` is the socket on the gateway
 /// inside the VM's namespace, `up` an unbound socket in the host's.
+/// `sources`: the kernel's events for the egress record, read here too;
+/// at the end what is left of them goes into the record.
 pub(crate) fn serve(
     down: UdpSocket,
     up: UdpSocket,
     upstream: SocketAddr,
     policy: Arc<Mutex<Policy>>,
     stop: OwnedFd,
+    mut sources: Option<Sources>,
 ) {
+    // Kernel events into the record (when it is on).
+    let take = |sources: &mut Sources, fd: i32, policy: &Mutex<Policy>| {
+        let mut p = lock(policy);
+        if let Some(r) = p.record.as_mut() {
+            let r = std::cell::RefCell::new(r);
+            sources.drain(fd, &mut |s| r.borrow_mut().flow(s), &mut || {
+                r.borrow_mut().lost()
+            });
+        }
+    };
     let mut pending: HashMap<u16, Pending> = HashMap::new();
     let mut next_id: u16 = rand_u16();
     let mut buf = vec![0u8; 4096];
@@ -159,8 +177,18 @@ pub(crate) fn serve(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: sources.as_ref().map_or(-1, |s| s.ct.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sources.as_ref().map_or(-1, |s| s.log.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, 1000) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -169,16 +197,51 @@ pub(crate) fn serve(
             return;
         }
         if fds[2].revents != 0 {
+            if let Some(src) = sources.as_mut() {
+                let mut p = lock(&policy);
+                if let Some(r) = p.record.as_mut() {
+                    let r = std::cell::RefCell::new(r);
+                    if let Err(e) = src.finish(&mut |s| r.borrow_mut().flow(s), &mut || {
+                        r.borrow_mut().lost()
+                    }) {
+                        warn!(error = %e, "egress record: cannot read the flows still tracked");
+                        r.borrow_mut().lost();
+                    }
+                }
+            }
             return;
         }
-        pending.retain(|_, p| p.sent.elapsed() < UPSTREAM_TIMEOUT);
+        if let Some(src) = sources.as_mut() {
+            for i in [3, 4] {
+                if fds[i].revents & libc::POLLIN != 0 {
+                    take(src, fds[i].fd, &policy);
+                }
+            }
+        }
+        pending.retain(|_, p| {
+            let live = p.sent.elapsed() < UPSTREAM_TIMEOUT;
+            if !live {
+                // Asked, never answered: recorded without answers.
+                if let Some(r) = lock(&policy).record.as_mut() {
+                    r.dns(&p.name, p.qtype, true, &[], now_ms());
+                }
+            }
+            live
+        });
         if fds[0].revents & libc::POLLIN != 0 {
             if let Ok((len, guest)) = down.recv_from(&mut buf) {
                 let q = &buf[..len];
                 match question(q) {
                     None => {}
-                    Some((name, _qtype, end)) => {
-                        let allowed = lock(&policy).egress.allows_name(&name);
+                    Some((name, qtype, end)) => {
+                        let mut pol = lock(&policy);
+                        let allowed = pol.egress.allows_name(&name);
+                        if !allowed {
+                            if let Some(r) = pol.record.as_mut() {
+                                r.dns(&name, qtype, false, &[], now_ms());
+                            }
+                        }
+                        drop(pol);
                         if !allowed {
                             debug!(%name, "dns: refused (not on the allowlist)");
                             let _ = down.send_to(&reply_with(q, end, 5), guest);
@@ -193,6 +256,7 @@ pub(crate) fn serve(
                                         guest,
                                         id: [q[0], q[1]],
                                         name,
+                                        qtype,
                                         sent: Instant::now(),
                                     },
                                 );
@@ -219,7 +283,15 @@ pub(crate) fn serve(
                     continue;
                 }
                 let mut pol = lock(&policy);
-                let Policy { egress, nft, .. } = &mut *pol;
+                let Policy {
+                    egress,
+                    nft,
+                    record,
+                } = &mut *pol;
+                if let Some(r) = record.as_mut() {
+                    let addrs: Vec<Ipv4Addr> = answers_a(resp).into_iter().map(|a| a.0).collect();
+                    r.dns(&p.name, p.qtype, true, &addrs, now_ms());
+                }
                 if let Egress::Allow { .. } = egress {
                     let elems: Vec<String> = answers_a(resp)
                         .into_iter()

@@ -13,9 +13,11 @@
 //! all on one thread, with netlink (`rtnl`), the TUN ioctl (`tun`) and one
 //! nftables batch (`nft`); [`VmNet::teardown`] removes it; [`gc`] removes
 //! what a crashed owner left.
+pub mod ct;
 pub mod dns;
 pub mod nft;
 pub mod policy;
+pub mod record;
 pub mod rtnl;
 pub mod tun;
 
@@ -29,6 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use policy::{Cidr, Egress};
+pub use record::{EgressRecord, EgressSummary};
 
 /// The gateway as the guest sees it (tap0 in the VM's namespace).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
@@ -118,6 +121,9 @@ pub struct NetConfig {
     pub run_root: PathBuf,
     /// Written into each slot lease: which Dough made it (its state dir).
     pub tag: String,
+    /// Keep an egress record per VM ([`record`]); off: no log rules, no
+    /// conntrack accounting, no listening sockets.
+    pub record_egress: bool,
 }
 
 pub const DEFAULT_POOL: &str = "10.213.0.0/16";
@@ -134,6 +140,7 @@ impl NetConfig {
             host_nat: true,
             run_root: PathBuf::from(RUN_ROOT),
             tag: String::new(),
+            record_egress: true,
         })
     }
 
@@ -401,6 +408,9 @@ pub struct VmNet {
     /// What the VM's ruleset is built from besides the policy.
     host_addrs: Vec<Ipv4Addr>,
     pool: Cidr,
+    record: bool,
+    /// The egress record as teardown left it.
+    ended: Option<EgressRecord>,
 }
 
 struct Built {
@@ -455,6 +465,8 @@ impl VmNet {
             policy: None,
             host_addrs: host_addrs.clone(),
             pool: cfg.pool,
+            record: cfg.record_egress,
+            ended: None,
         };
         let (stop_r, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
@@ -469,10 +481,10 @@ impl VmNet {
             .stack_size(256 << 10)
             .spawn(
                 move || match build(&cfg2, host, &host_addrs, &id, slot, &eg, tap) {
-                    Ok((built, (down, up))) => {
+                    Ok((built, (down, up, sources))) => {
                         let policy = built.policy.clone();
                         let _ = tx.send(Ok(built));
-                        dns::serve(down, up, cfg2.dns_upstream, policy, stop_r);
+                        dns::serve(down, up, cfg2.dns_upstream, policy, stop_r, sources);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -503,7 +515,8 @@ impl VmNet {
     /// transaction (the old table and every address the forwarder had
     /// allowed go; there is no moment with neither ruleset) and the
     /// forwarder's name policy with it. A pooled VM boots with `none` and
-    /// gets its task's policy here, at claim.
+    /// gets its task's policy here, at claim; its egress record starts
+    /// over with it.
     pub fn set_egress(&self, egress: &Egress) -> Result<(), NetError> {
         let Some(policy) = &self.policy else {
             return Err(NetError::Config("the network is not set up".into()));
@@ -512,11 +525,34 @@ impl VmNet {
         let batch = format!(
             "add table inet {t}\ndelete table inet {t}\n{rules}",
             t = policy::VM_TABLE,
-            rules = policy::vm_ruleset(egress, self.slot_addr, &self.host_addrs, self.pool)
+            rules = policy::vm_ruleset(
+                egress,
+                self.slot_addr,
+                &self.host_addrs,
+                self.pool,
+                self.record
+            )
         );
         p.nft.run(&batch)?;
         p.egress = egress.clone();
+        if let Some(r) = p.record.as_mut() {
+            r.reset(egress.name(), record::now_ms());
+        }
         Ok(())
+    }
+
+    /// The egress record so far (None: recording is off, or the network is
+    /// gone). After [`VmNet::teardown_recorded`] it is complete.
+    pub fn egress_record(&self) -> Option<EgressRecord> {
+        let p = self.policy.as_ref()?;
+        dns::lock(p).record.as_ref().map(|r| r.snapshot())
+    }
+
+    /// [`VmNet::teardown`], and the finished egress record: the flows the
+    /// kernel still tracked are read in before the namespace goes.
+    pub fn teardown_recorded(mut self) -> (Vec<String>, Option<EgressRecord>) {
+        let errors = self.teardown_inner();
+        (errors, self.ended.take())
     }
 
     /// Remove the namespace (and with it tap0 and the VM's rules), the host
@@ -530,10 +566,16 @@ impl VmNet {
         // The forwarder's sockets, its nft context and the tap hold the
         // namespace.
         drop(self.tap.take());
-        drop(self.policy.take());
+        let policy = self.policy.take();
         drop(self.stop.take());
         if let Some(th) = self.dns.take() {
             let _ = th.join();
+        }
+        // The forwarder has read what was left of the kernel's events.
+        if let Some(p) = policy {
+            if let Some(r) = dns::lock(&p).record.as_mut() {
+                self.ended = Some(r.finish(record::now_ms()));
+            }
         }
         // Unmounting drops the last reference: the kernel then destroys the
         // namespace with tap0, both veth ends and the VM's rules, in the
@@ -575,8 +617,8 @@ fn remove_netns(path: &Path) -> Result<(), String> {
 }
 
 /// The forwarder's sockets: on the gateway, and upstream in the host's
-/// namespace.
-type DnsParts = (UdpSocket, UdpSocket);
+/// namespace; and the kernel's sources of the egress record.
+type DnsParts = (UdpSocket, UdpSocket, Option<ct::Sources>);
 
 /// Runs on the VM's network thread: starts in the host namespace, ends in
 /// the VM's.
@@ -651,13 +693,29 @@ fn build(
         .map_err(io("default route"))?;
 
     let mut nft = nft::Nft::new()?;
-    nft.run(&policy::vm_ruleset(egress, ns_end, host_addrs, cfg.pool))?;
+    nft.run(&policy::vm_ruleset(
+        egress,
+        ns_end,
+        host_addrs,
+        cfg.pool,
+        cfg.record_egress,
+    ))?;
+    // After the ruleset (which brings conntrack into the namespace), before
+    // the guest's first packet.
+    let sources = if cfg.record_egress {
+        Some(ct::Sources::open(GUEST, GATEWAY).map_err(io("egress record (conntrack, nflog)"))?)
+    } else {
+        None
+    };
 
     let down = UdpSocket::bind(SocketAddr::new(GATEWAY.into(), 53))
         .map_err(io("dns listener on the gateway"))?;
     let policy = Arc::new(Mutex::new(dns::Policy {
         egress: egress.clone(),
         nft,
+        record: cfg
+            .record_egress
+            .then(|| record::Recorder::new(egress.name(), record::now_ms())),
     }));
     Ok((
         Built {
@@ -665,7 +723,7 @@ fn build(
             tap,
             policy,
         },
-        (down, up),
+        (down, up, sources),
     ))
 }
 
@@ -790,6 +848,7 @@ mod tests {
             host_nat: true,
             run_root: root.to_path_buf(),
             tag: "unit".into(),
+            record_egress: false,
         }
     }
 

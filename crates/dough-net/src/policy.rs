@@ -174,12 +174,34 @@ pub const HOST_TABLE: &str = "dough";
 /// Host-side veth names start with this (and nothing else of the host's may).
 pub const VETH_PREFIX: &str = "dh";
 
-/// The VM namespace's ruleset, as one nft batch.
+/// The NFLOG group blocked packets are logged to when the egress record is
+/// on (groups are per namespace: every VM has its own group 1).
+pub const LOG_GROUP: u16 = 1;
+
+/// The names of the rules that block (an NFLOG prefix each, so the record
+/// says which rule refused a packet): the deny set (reserved ranges, the
+/// slot pool, the host's addresses), a private range, the allowlist's end,
+/// `--egress none`, IPv6, and traffic to the gateway itself.
+pub const RULES: &[&str] = &["deny4", "private4", "allowlist", "none", "ipv6", "gateway"];
+
+/// `log … ` naming `rule` when recording, else nothing: the log statement
+/// runs only for packets a rule already refuses.
+fn log(record: bool, rule: &str) -> String {
+    if record {
+        format!("log prefix \"{rule}\" group {LOG_GROUP} ")
+    } else {
+        String::new()
+    }
+}
+
+/// The VM namespace's ruleset, as one nft batch. `record`: blocked packets
+/// are also logged (NFLOG, [`LOG_GROUP`]) for the egress record.
 pub fn vm_ruleset(
     egress: &Egress,
     slot_addr: Ipv4Addr,
     host_addrs: &[Ipv4Addr],
     pool: Cidr,
+    record: bool,
 ) -> String {
     let mut deny: Vec<String> = ALWAYS_DENIED.iter().map(|s| s.to_string()).collect();
     deny.push(pool.to_string());
@@ -194,12 +216,16 @@ pub fn vm_ruleset(
             })
             .map(|a| a.to_string()),
     );
+    let l = |rule| log(record, rule);
     let (cidrs, mode_rules) = match egress {
-        Egress::Open => (vec![], "accept"),
-        Egress::None => (vec![], "jump deny"),
+        Egress::Open => (vec![], "accept".to_string()),
+        Egress::None => (vec![], format!("{}jump deny", l("none"))),
         Egress::Allow { cidrs, .. } => (
             cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            "ip daddr @allow_dns4 accept\n\t\tjump deny",
+            format!(
+                "ip daddr @allow_dns4 accept\n\t\t{}jump deny",
+                l("allowlist")
+            ),
         ),
     };
     let dns = !matches!(egress, Egress::None);
@@ -216,10 +242,10 @@ pub fn vm_ruleset(
 \t\treject with icmpx type admin-prohibited
 \t}}
 \tchain egress {{
-\t\tmeta nfproto ipv6 jump deny
-\t\tip daddr @deny4 jump deny
+\t\tmeta nfproto ipv6 {log_ipv6}jump deny
+\t\tip daddr @deny4 {log_deny4}jump deny
 \t\tip daddr @allow_cidr4 accept
-\t\tip daddr @private4 jump deny
+\t\tip daddr @private4 {log_private4}jump deny
 \t\t{mode_rules}
 \t}}
 \tchain forward {{
@@ -232,7 +258,7 @@ pub fn vm_ruleset(
 \t\tiif lo accept
 \t\tct state established,related accept
 \t\t{dns_rule}iifname \"{TAP}\" icmp type echo-request accept
-\t\tiifname \"{TAP}\" jump deny
+\t\tiifname \"{TAP}\" {log_gateway}jump deny
 \t}}
 \tchain postrouting {{
 \t\ttype nat hook postrouting priority srcnat; policy accept;
@@ -241,6 +267,10 @@ pub fn vm_ruleset(
 }}
 ",
         deny = deny.join(", "),
+        log_ipv6 = l("ipv6"),
+        log_deny4 = l("deny4"),
+        log_private4 = l("private4"),
+        log_gateway = l("gateway"),
         private = PRIVATE.join(", "),
         cidr_elems = if cidrs.is_empty() {
             String::new()
@@ -342,20 +372,46 @@ mod tests {
     fn vm_ruleset_names_the_deny_set_and_the_mode() {
         let pool: Cidr = "10.213.0.0/16".parse().unwrap();
         let host = ["192.0.2.7".parse().unwrap(), "127.0.0.1".parse().unwrap()];
-        let open = vm_ruleset(&Egress::Open, "10.213.0.6".parse().unwrap(), &host, pool);
+        let open = vm_ruleset(
+            &Egress::Open,
+            "10.213.0.6".parse().unwrap(),
+            &host,
+            pool,
+            false,
+        );
         assert!(open.contains("169.254.0.0/16"));
         assert!(open.contains("10.213.0.0/16"));
         assert!(open.contains("192.0.2.7"));
         assert!(open.contains("snat ip to 10.213.0.6"));
         assert!(open.contains("udp dport 53 accept"));
-        let none = vm_ruleset(&Egress::None, "10.213.0.6".parse().unwrap(), &host, pool);
+        let none = vm_ruleset(
+            &Egress::None,
+            "10.213.0.6".parse().unwrap(),
+            &host,
+            pool,
+            false,
+        );
         assert!(!none.contains("udp dport 53"));
         let allow = Egress::Allow {
             hosts: vec![],
             cidrs: vec!["10.5.0.0/16".parse().unwrap()],
         };
-        let a = vm_ruleset(&allow, "10.213.0.6".parse().unwrap(), &host, pool);
+        let a = vm_ruleset(&allow, "10.213.0.6".parse().unwrap(), &host, pool, false);
         assert!(a.contains("elements = { 10.5.0.0/16 }"));
         assert!(a.contains("@allow_dns4 accept"));
+        assert!(!a.contains("log "));
+        // Recording: every refusing rule logs under its own name, and
+        // nothing that accepts does.
+        let r = vm_ruleset(&allow, "10.213.0.6".parse().unwrap(), &host, pool, true);
+        for rule in ["deny4", "private4", "allowlist", "ipv6", "gateway"] {
+            assert!(
+                r.contains(&format!("log prefix \"{rule}\" group 1 jump deny")),
+                "{rule}"
+            );
+        }
+        assert!(r
+            .lines()
+            .filter(|l| l.contains("log "))
+            .all(|l| l.ends_with("jump deny")));
     }
 }

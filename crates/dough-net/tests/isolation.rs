@@ -7,6 +7,7 @@ mod world;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use dough_net::record::Verdict;
 use dough_net::{Egress, VmNet, GATEWAY};
 use world::*;
 
@@ -25,6 +26,26 @@ fn setup(w: &World, cfg: &dough_net::NetConfig, id: &str, egress: Egress) -> VmN
 
 fn teardown(w: &World, n: VmNet) -> Vec<String> {
     in_ns(&w.host, move || n.teardown())
+}
+
+/// Teardown, and the finished egress record.
+fn teardown_recorded(w: &World, n: VmNet) -> dough_net::EgressRecord {
+    let (errs, rec) = in_ns(&w.host, move || n.teardown_recorded());
+    assert!(errs.is_empty(), "{errs:?}");
+    rec.expect("recording is on")
+}
+
+/// The record's entry for `addr:port` with `verdict`.
+fn flow<'a>(
+    rec: &'a dough_net::EgressRecord,
+    addr: Ipv4Addr,
+    port: u16,
+    verdict: Verdict,
+) -> &'a dough_net::record::Flow {
+    rec.flows
+        .iter()
+        .find(|f| f.addr == addr && f.port == Some(port) && f.verdict == verdict)
+        .unwrap_or_else(|| panic!("no {verdict:?} flow to {addr}:{port} in {:#?}", rec.flows))
 }
 
 /// Blocked means rejected (docs/network.md): a TCP reset, so the connect
@@ -99,10 +120,54 @@ fn open_egress_reaches_the_internet_and_nothing_private() {
         assert_blocked(&ga, web(*p, WEB_PORT), "a private range");
     }
 
-    for n in [a, b] {
-        let errs = teardown(&w, n);
-        assert!(errs.is_empty(), "{errs:?}");
+    // The egress record, from the kernel and the forwarder: the web
+    // server reached (its bytes both ways, the name it was resolved from),
+    // each refusal with its rule, the DNS question with its answer.
+    let b_slot = b.slot_addr;
+    let b_rec = teardown_recorded(&w, b);
+    assert!(b_rec.flows.is_empty(), "b sent nothing: {b_rec:?}");
+    let rec = teardown_recorded(&w, a);
+    assert_eq!(rec.policy, "open");
+    let web_flow = flow(&rec, ALLOWED_WEB, WEB_PORT, Verdict::Allowed);
+    assert_eq!(web_flow.name.as_deref(), Some(ALLOWED_NAME));
+    assert_eq!(web_flow.proto, "tcp");
+    // A handshake, a request line, the answer (the peer's address), FINs.
+    assert!(web_flow.bytes_out >= 3 * 40, "{web_flow:?}");
+    assert!(web_flow.bytes_in >= 3 * 40 + 8, "{web_flow:?}");
+    assert!(web_flow.first_ms <= web_flow.last_ms && web_flow.first_ms >= rec.started_ms);
+    for (addr, port, rule) in [
+        (PRIVATE_SERVERS[0], WEB_PORT, "private4"),
+        (METADATA, WEB_PORT, "deny4"),
+        (HOST_UPLINK, HOST_PORT, "deny4"),
+        (b_slot, WEB_PORT, "deny4"),
+    ] {
+        let f = flow(&rec, addr, port, Verdict::Blocked);
+        assert_eq!(f.rule.as_deref(), Some(rule), "{f:?}");
+        assert_eq!((f.bytes_out, f.bytes_in), (0, 0));
     }
+    assert!(
+        rec.flows
+            .iter()
+            .all(|f| f.verdict == Verdict::Blocked || f.addr == ALLOWED_WEB),
+        "only the web server was reached: {:#?}",
+        rec.flows
+    );
+    // The gateway refuses in its input chain (no flow through it).
+    assert_eq!(
+        flow(&rec, GATEWAY, HOST_PORT, Verdict::Blocked)
+            .rule
+            .as_deref(),
+        Some("gateway")
+    );
+    let q = rec
+        .dns
+        .iter()
+        .find(|q| q.name == ALLOWED_NAME)
+        .expect("dns question");
+    assert_eq!((q.qtype.as_str(), q.allowed), ("A", true));
+    assert_eq!(q.answers, vec![ALLOWED_WEB]);
+    assert_eq!((rec.overflow.flows, rec.lost_events), (0, 0));
+    assert!(rec.ended_ms.is_some());
     for id in [&ida, &idb] {
         assert_gone(&w, id);
         let leased = dough_net::slot_leases(&cfg.slots_dir())
@@ -160,7 +225,40 @@ fn allowlist_passes_only_what_the_forwarder_answered() {
     // stays closed even when the guest knows it (its own /etc/hosts).
     assert_eq!(resolve(&g, GATEWAY, OTHER_NAME), Err("REFUSED".into()));
     assert_blocked(&g, web(OTHER_WEB, WEB_PORT), "a name not on the allowlist");
-    assert!(teardown(&w, n).is_empty());
+    // Recorded: the allowed answer, the refused name, the refusals.
+    let live = n.egress_record().expect("recording");
+    assert!(live.ended_ms.is_none());
+    let rec = teardown_recorded(&w, n);
+    assert_eq!(rec.policy, "allowlist");
+    let refused = rec
+        .dns
+        .iter()
+        .find(|q| q.name == OTHER_NAME)
+        .expect("refused name");
+    assert!(!refused.allowed && refused.answers.is_empty());
+    let asked = rec
+        .dns
+        .iter()
+        .find(|q| q.name == ALLOWED_NAME)
+        .expect("allowed name");
+    assert_eq!(
+        (asked.allowed, asked.answers.clone()),
+        (true, vec![ALLOWED_WEB])
+    );
+    assert_eq!(
+        flow(&rec, OTHER_WEB, WEB_PORT, Verdict::Blocked)
+            .rule
+            .as_deref(),
+        Some("allowlist")
+    );
+    // The same address: blocked before the answer, allowed after it.
+    assert_eq!(
+        flow(&rec, ALLOWED_WEB, WEB_PORT, Verdict::Blocked)
+            .rule
+            .as_deref(),
+        Some("allowlist")
+    );
+    assert!(flow(&rec, ALLOWED_WEB, WEB_PORT, Verdict::Allowed).bytes_in > 0);
 }
 
 #[test]
@@ -172,7 +270,13 @@ fn egress_none_blocks_even_dns() {
     let g = w.stand_in_guest(&id);
     assert_blocked(&g, web(ALLOWED_WEB, WEB_PORT), "the internet");
     assert!(resolve(&g, GATEWAY, ALLOWED_NAME).is_err());
-    assert!(teardown(&w, n).is_empty());
+    let rec = teardown_recorded(&w, n);
+    assert_eq!(
+        flow(&rec, ALLOWED_WEB, WEB_PORT, Verdict::Blocked)
+            .rule
+            .as_deref(),
+        Some("none")
+    );
 }
 
 #[test]

@@ -189,6 +189,7 @@ impl World {
             host_nat,
             run_root: PathBuf::from("/run/dough"),
             tag: format!("test {}", std::process::id()),
+            record_egress: true,
         }
     }
 

@@ -115,8 +115,13 @@ fn commands_setup(
         "via",
         &cfg.slot_addrs(slot).0.to_string(),
     ])?;
-    let rules =
-        dough_net::policy::vm_ruleset(&Egress::Open, cfg.slot_addrs(slot).1, host_addrs, cfg.pool);
+    let rules = dough_net::policy::vm_ruleset(
+        &Egress::Open,
+        cfg.slot_addrs(slot).1,
+        host_addrs,
+        cfg.pool,
+        false,
+    );
     sh_stdin(&["ip", "netns", "exec", &ns, "nft", "-f", "-"], &rules)
 }
 
@@ -186,6 +191,7 @@ fn in_namespace(ns: &str, n: u32) -> anyhow::Result<Samples> {
                 host_nat: true,
                 run_root: dough_net::RUN_ROOT.into(),
                 tag: "bench".into(),
+                record_egress: false,
             };
             dough_net::prepare_host(&cfg)?;
             let host_addrs = vec![std::net::Ipv4Addr::LOCALHOST];
