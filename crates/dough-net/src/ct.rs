@@ -100,7 +100,7 @@ fn request(ty: u16, flags: u16, family: u8, res_id: u16, attrs: &[(u16, &[u8])])
         m.extend((len as u16).to_ne_bytes());
         m.extend(t.to_ne_bytes());
         m.extend(*data);
-        while m.len() % 4 != 0 {
+        while !m.len().is_multiple_of(4) {
             m.push(0);
         }
     }
@@ -422,7 +422,7 @@ mod tests {
         let mut v = ((4 + data.len()) as u16).to_ne_bytes().to_vec();
         v.extend(ty.to_ne_bytes());
         v.extend(data);
-        while v.len() % 4 != 0 {
+        while !v.len().is_multiple_of(4) {
             v.push(0);
         }
         v
