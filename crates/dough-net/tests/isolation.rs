@@ -24,10 +24,6 @@ fn setup(w: &World, cfg: &dough_net::NetConfig, id: &str, egress: Egress) -> VmN
     })
 }
 
-fn teardown(w: &World, n: VmNet) -> Vec<String> {
-    in_ns(&w.host, move || n.teardown())
-}
-
 /// Teardown, and the finished egress record.
 fn teardown_recorded(w: &World, n: VmNet) -> dough_net::EgressRecord {
     let (errs, rec) = in_ns(&w.host, move || n.teardown_recorded());
@@ -36,12 +32,12 @@ fn teardown_recorded(w: &World, n: VmNet) -> dough_net::EgressRecord {
 }
 
 /// The record's entry for `addr:port` with `verdict`.
-fn flow<'a>(
-    rec: &'a dough_net::EgressRecord,
+fn flow(
+    rec: &dough_net::EgressRecord,
     addr: Ipv4Addr,
     port: u16,
     verdict: Verdict,
-) -> &'a dough_net::record::Flow {
+) -> &dough_net::record::Flow {
     rec.flows
         .iter()
         .find(|f| f.addr == addr && f.port == Some(port) && f.verdict == verdict)
