@@ -24,6 +24,7 @@ pub mod conn;
 pub mod imagebuild;
 pub mod leases;
 pub mod pool;
+pub mod provenance;
 pub mod registry;
 pub mod repo;
 pub mod rundir;

@@ -197,6 +197,13 @@ pub struct RunReport {
     pub image: Option<ImageUsed>,
     /// `TaskSpec::keep_scratch` was honoured: the disk is there.
     pub scratch_kept: bool,
+    /// What the guest did on the network, from the host's side (None: no
+    /// network, or recording off).
+    pub egress: Option<dough_net::EgressRecord>,
+    /// When the VM's work began and ended (ms since the epoch): the run's
+    /// start, and its teardown.
+    pub started_ms: u64,
+    pub ended_ms: u64,
 }
 
 /// Which image a run booted.
@@ -204,6 +211,17 @@ pub struct RunReport {
 pub struct ImageUsed {
     pub name: String,
     pub digest: String,
+    /// The kernel booted: which one, its release and its sha256.
+    pub kernel: KernelUsed,
+}
+
+/// Which of the image's kernels a run booted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct KernelUsed {
+    /// "debian" or "minimal".
+    pub kind: String,
+    pub release: String,
+    pub sha256: String,
 }
 
 /// The repository side of a run, as received from the guest (untrusted).
@@ -497,9 +515,26 @@ pub(crate) async fn boot_vm(
         Err(e) => return Err((parts, Err(e))),
     };
     parts.accel = Some(accel);
+    let m = &image.manifest;
     parts.image = Some(ImageUsed {
         name: image.name(),
-        digest: image.manifest.digest.clone(),
+        digest: m.digest.clone(),
+        kernel: match kernel.1 {
+            KernelKind::Minimal => KernelUsed {
+                kind: "minimal".into(),
+                release: m.kernel_minimal_version.clone(),
+                sha256: m
+                    .kernel_minimal
+                    .as_ref()
+                    .map(|k| k.sha256.clone())
+                    .unwrap_or_default(),
+            },
+            KernelKind::Debian => KernelUsed {
+                kind: "debian".into(),
+                release: m.kernel_version.clone(),
+                sha256: m.kernel.sha256.clone(),
+            },
+        },
     });
     let image_name = parts.image.as_ref().map(|i| i.name.clone());
     let rd = match RunDir::create_for(&host.runs_dir(), &vm_id, image_name.as_deref()) {
@@ -821,10 +856,14 @@ impl Parts {
             work,
             image: self.image.take(),
             scratch_kept: false,
+            egress: None,
+            started_ms: crate::store::now_ms().saturating_sub(ctx.t0.elapsed().as_millis() as u64),
+            ended_ms: 0,
         };
         let Some(rd) = self.rd.take() else {
             // Nothing was made.
             rep.phases = ctx.phases;
+            rep.ended_ms = crate::store::now_ms();
             return rep;
         };
         let keep = match &rep.result {
@@ -837,7 +876,9 @@ impl Parts {
         rep.scratch_kept = keep.is_some_and(|k| k.exists());
         // After the VMM: it holds tap0, and with it the namespace.
         if let Some(n) = self.net.take() {
-            errors.extend(n.teardown().into_iter().map(|e| format!("network: {e}")));
+            let (errs, record) = n.teardown_recorded();
+            errors.extend(errs.into_iter().map(|e| format!("network: {e}")));
+            rep.egress = record;
         }
         if let Some(l) = self.lease.take() {
             if let Err(e) = l.release() {
@@ -848,6 +889,7 @@ impl Parts {
         rep.vmm_ended_by = ended_by;
         ctx.phase(Phase::TornDown);
         rep.phases = ctx.phases;
+        rep.ended_ms = crate::store::now_ms();
         rep
     }
 }
