@@ -306,10 +306,13 @@ pub fn statement(f: &Facts) -> Value {
     let mut subject = vec![];
     if let Some(r) = &f.repo {
         for c in &r.commits {
-            subject.push(json!({"name": format!("{}@{}", r.branch, c), "digest": {"gitCommit": c}}));
+            subject
+                .push(json!({"name": format!("{}@{}", r.branch, c), "digest": {"gitCommit": c}}));
         }
         if let Some(b) = &r.bundle_sha256 {
-            subject.push(json!({"name": format!("task/{}/bundle", f.task_id), "digest": {"sha256": b}}));
+            subject.push(
+                json!({"name": format!("task/{}/bundle", f.task_id), "digest": {"sha256": b}}),
+            );
         }
     }
     if subject.is_empty() {
@@ -401,7 +404,10 @@ mod tests {
         let s = Signer::from_seed([7; 32]);
         let env = s.sign(&statement(&facts()));
         let st = verify(&env, &[s.public()]).unwrap();
-        assert_eq!(st["predicate"]["runDetails"]["metadata"]["invocationId"], "t1");
+        assert_eq!(
+            st["predicate"]["runDetails"]["metadata"]["invocationId"],
+            "t1"
+        );
         assert_eq!(
             st["predicate"]["runDetails"]["metadata"]["startedOn"],
             "2026-12-02T14:49:01.219Z"
@@ -415,7 +421,10 @@ mod tests {
             payload: B64.encode(&body),
             ..env.clone()
         };
-        assert_eq!(verify(&forged, &[s.public()]), Err(VerifyError::BadSignature));
+        assert_eq!(
+            verify(&forged, &[s.public()]),
+            Err(VerifyError::BadSignature)
+        );
         // Another key.
         let other = Signer::from_seed([8; 32]);
         assert!(matches!(
@@ -449,7 +458,9 @@ mod tests {
         let deps = st["predicate"]["buildDefinition"]["resolvedDependencies"]
             .as_array()
             .unwrap();
-        assert!(deps.iter().any(|d| d["digest"]["gitCommit"] == "c0".repeat(20)));
+        assert!(deps
+            .iter()
+            .any(|d| d["digest"]["gitCommit"] == "c0".repeat(20)));
     }
 
     #[test]
@@ -460,7 +471,10 @@ mod tests {
         let b = Signer::load_or_create(&p).unwrap();
         assert_eq!(a.public(), b.public());
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         std::fs::write(&p, b"short").unwrap();
         assert!(Signer::load_or_create(&p)
             .unwrap_err()

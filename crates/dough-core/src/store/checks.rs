@@ -23,6 +23,68 @@ pub fn all(open: &(dyn Fn(&str) -> Box<dyn Store> + Sync)) {
     claim_next_offers_the_head_in_run_order(&*open("next"));
     writes_under_an_old_claim_are_fenced(&*open("fence"));
     a_silent_node_is_reaped_once_and_its_tasks_settled(&*open("reap"));
+    artifacts_are_kept_fenced_and_deleted_with_their_task(open);
+}
+
+pub fn artifacts_are_kept_fenced_and_deleted_with_their_task(
+    open: &dyn Fn(&str) -> Box<dyn Store>,
+) {
+    {
+        let s = open("artifacts");
+        s.insert("a1", &req()).unwrap();
+        s.insert("a2", &req()).unwrap();
+        let t = s.claim("a1", "n", "vm1", &[]).unwrap().unwrap();
+        assert_eq!(s.artifact("a1", Artifact::Egress).unwrap(), None);
+        s.put_artifact("a1", Some(t.epoch), Artifact::Egress, "{\"v\":1}")
+            .unwrap();
+        s.put_artifact("a1", Some(t.epoch), Artifact::Egress, "{\"v\":2}")
+            .unwrap();
+        s.put_artifact("a1", None, Artifact::Provenance, "signed")
+            .unwrap();
+        s.put_artifact("a2", None, Artifact::Egress, "other")
+            .unwrap();
+        // Not under a claim that moved on.
+        assert!(matches!(
+            s.put_artifact("a1", Some(t.epoch + 1), Artifact::Egress, "late"),
+            Err(StoreError::Fenced { .. })
+        ));
+        assert!(matches!(
+            s.artifact("nope", Artifact::Egress),
+            Err(StoreError::NotFound(_))
+        ));
+        // A task in flight is not deleted.
+        assert!(matches!(s.delete("a1"), Err(StoreError::InFlight { .. })));
+    }
+    // Kept across a reopening (a daemon's restart).
+    let s = open("artifacts");
+    assert_eq!(
+        s.artifact("a1", Artifact::Egress).unwrap().as_deref(),
+        Some("{\"v\":2}")
+    );
+    assert_eq!(
+        s.artifact("a1", Artifact::Provenance).unwrap().as_deref(),
+        Some("signed")
+    );
+    s.append_output("a1", None, 1, b"out", 1 << 20).unwrap();
+    s.transition("a1", None, State::Failed, Some("x"), None, None)
+        .unwrap();
+    s.delete("a1").unwrap();
+    assert!(matches!(s.get("a1"), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.artifact("a1", Artifact::Egress),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(s.delete("a1"), Err(StoreError::NotFound(_))));
+    // Only its own: the other task keeps everything.
+    assert_eq!(
+        s.artifact("a2", Artifact::Egress).unwrap().as_deref(),
+        Some("other")
+    );
+    // Its id can be used again, with nothing of the old task's.
+    s.insert("a1", &req()).unwrap();
+    assert_eq!(s.artifact("a1", Artifact::Provenance).unwrap(), None);
+    assert!(s.logs("a1").unwrap().chunks.is_empty());
+    assert_eq!(s.get("a1").unwrap().transitions.len(), 1);
 }
 
 pub fn a_task_walks_its_states_and_survives_reopening(open: &dyn Fn(&str) -> Box<dyn Store>) {

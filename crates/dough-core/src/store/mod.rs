@@ -277,6 +277,26 @@ pub enum StoreError {
     Fenced { id: String, epoch: u64 },
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    #[error("task {id} is {state}: only a finished task can be deleted (cancel it first)")]
+    InFlight { id: String, state: State },
+}
+
+/// Documents kept per task besides its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Artifact {
+    /// The egress record (`dough_net::EgressRecord`, JSON).
+    Egress,
+    /// The signed provenance statement (a DSSE envelope, JSON).
+    Provenance,
+}
+
+impl Artifact {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Artifact::Egress => "egress",
+            Artifact::Provenance => "provenance",
+        }
+    }
 }
 
 /// An error and its causes, `: `-joined (the driver's own message is
@@ -460,6 +480,15 @@ pub trait Store: Send + Sync {
     /// Record the digest of the image the task's VM booted.
     /// With `fence`, only while the claim is still that epoch.
     fn set_image_digest(&self, id: &str, fence: Option<u64>, digest: &str) -> Result<()>;
+    /// Keep a document of the task's ([`Artifact`]), replacing one of the
+    /// same kind. With `fence`, only while the claim is still that epoch.
+    fn put_artifact(&self, id: &str, fence: Option<u64>, kind: Artifact, body: &str) -> Result<()>;
+    /// A document of the task's; None when it has none of that kind.
+    fn artifact(&self, id: &str, kind: Artifact) -> Result<Option<String>>;
+    /// Remove a finished task with everything kept for it (transitions,
+    /// output, result, artifacts). A task not finished is refused
+    /// ([`StoreError::InFlight`]).
+    fn delete(&self, id: &str) -> Result<()>;
     /// Back to the queue (recovery of a task whose VM never booted).
     fn requeue(&self, id: &str) -> Result<()>;
     /// Task counts per state.

@@ -18,7 +18,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use super::*;
 
 /// `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -94,6 +94,16 @@ END $$;
 CREATE TRIGGER tasks_cancel AFTER UPDATE OF cancel_requested ON tasks
     FOR EACH ROW WHEN (NEW.cancel_requested AND NEW.node IS NOT NULL)
     EXECUTE FUNCTION dough_notify_cancel();
+";
+
+/// Documents kept per task: the egress record, the provenance statement.
+const V3: &str = "
+CREATE TABLE artifacts (
+    task_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (task_id, kind)
+);
 ";
 
 /// How often, at most, a node tells the others that tasks were queued.
@@ -999,6 +1009,59 @@ impl Store for PgStore {
             let mut tx = c.transaction()?;
             fenced(&mut tx, id, fence)?;
             tx.execute("UPDATE tasks SET result = $2 WHERE id = $1", &[&id, &text])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn put_artifact(&self, id: &str, fence: Option<u64>, kind: Artifact, body: &str) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            fenced(&mut tx, id, fence)?;
+            tx.execute(
+                "INSERT INTO artifacts (task_id, kind, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (task_id, kind) DO UPDATE SET body = EXCLUDED.body",
+                &[&id, &kind.as_str(), &body],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn artifact(&self, id: &str, kind: Artifact) -> Result<Option<String>> {
+        self.with(|c| {
+            let row = c.query_opt(
+                "SELECT t.id, a.body FROM tasks t
+                 LEFT JOIN artifacts a ON a.task_id = t.id AND a.kind = $2
+                 WHERE t.id = $1",
+                &[&id, &kind.as_str()],
+            )?;
+            match row {
+                None => Err(StoreError::NotFound(id.into())),
+                Some(r) => Ok(r.get::<_, Option<String>>(1)),
+            }
+        })
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let row = tx.query_opt("SELECT state FROM tasks WHERE id = $1 FOR UPDATE", &[&id])?;
+            let Some(row) = row else {
+                return Err(StoreError::NotFound(id.into()));
+            };
+            let s: String = row.get(0);
+            let state = State::parse(&s).ok_or_else(|| StoreError::Corrupt(s.clone()))?;
+            if !state.is_terminal() {
+                return Err(StoreError::InFlight {
+                    id: id.into(),
+                    state,
+                });
+            }
+            for table in ["transitions", "output", "resources", "artifacts"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE task_id = $1"), &[&id])?;
+            }
+            tx.execute("DELETE FROM tasks WHERE id = $1", &[&id])?;
             tx.commit()?;
             Ok(())
         })

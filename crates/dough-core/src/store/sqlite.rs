@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    task_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (task_id, kind)
+);
 ";
 
 /// In `tx`: task `id` exists (else NotFound) and, with `fence`, its claim
@@ -379,6 +385,52 @@ impl Store for SqliteStore {
             "UPDATE tasks SET result = ?2 WHERE id = ?1",
             params![id, text],
         )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_artifact(&self, id: &str, fence: Option<u64>, kind: Artifact, body: &str) -> Result<()> {
+        let mut db = self.conn();
+        let tx = db.transaction()?;
+        fenced(&tx, id, fence)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO artifacts (task_id, kind, body) VALUES (?1, ?2, ?3)",
+            params![id, kind.as_str(), body],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn artifact(&self, id: &str, kind: Artifact) -> Result<Option<String>> {
+        self.get(id)?;
+        let db = self.conn();
+        Ok(db
+            .query_row(
+                "SELECT body FROM artifacts WHERE task_id = ?1 AND kind = ?2",
+                params![id, kind.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        let mut db = self.conn();
+        let tx = db.transaction()?;
+        let state: String = tx
+            .query_row("SELECT state FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        let state = State::parse(&state).ok_or_else(|| StoreError::Corrupt(state.clone()))?;
+        if !state.is_terminal() {
+            return Err(StoreError::InFlight {
+                id: id.into(),
+                state,
+            });
+        }
+        for table in ["transitions", "output", "resources", "artifacts"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE task_id = ?1"), [id])?;
+        }
+        tx.execute("DELETE FROM tasks WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(())
     }
