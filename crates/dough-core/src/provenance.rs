@@ -275,6 +275,34 @@ pub struct Facts {
     pub ended_ms: u64,
 }
 
+/// Signs statements for one task: the facts known before it runs, filled
+/// in as it goes (the run's, then the repository's).
+#[derive(Debug, Clone)]
+pub struct Attestor {
+    pub signer: std::sync::Arc<Signer>,
+    pub facts: Facts,
+}
+
+impl Attestor {
+    /// Take in what a finished run tells: its times, the image and kernel
+    /// booted, the egress record's summary.
+    pub fn ran(&mut self, rep: &crate::RunReport) {
+        let f = &mut self.facts;
+        f.started_ms = rep.started_ms;
+        f.ended_ms = rep.ended_ms;
+        if let Some(img) = &rep.image {
+            f.image_name = img.name.clone();
+            f.image_digest = img.digest.clone();
+            f.kernel = img.kernel.clone();
+        }
+        f.egress = rep.egress.as_ref().map(|r| r.summary());
+    }
+
+    pub fn sign(&self) -> Envelope {
+        self.signer.sign(&statement(&self.facts))
+    }
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }

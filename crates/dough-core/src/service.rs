@@ -25,8 +25,8 @@ use tracing::{info, warn};
 
 use crate::pool::{ImageName, PoolConfig, PoolSettings, Pools, Shape};
 use crate::store::{
-    now_ms, Claim, NodeCapacity, NodeRecord, NodeUse, Notice, State, Store, StoreError, TaskRecord,
-    TaskRequest,
+    now_ms, Artifact, Claim, NodeCapacity, NodeRecord, NodeUse, Notice, State, Store, StoreError,
+    TaskRecord, TaskRequest,
 };
 use crate::supervisor::{Event, Outcome, Phase, RunError, TaskSpec};
 use crate::HostConfig;
@@ -104,6 +104,8 @@ pub struct ServiceConfig {
     /// cannot reach the store for nearly as long stops its tasks
     /// ([`ServiceConfig::lease`]).
     pub node_timeout: Duration,
+    /// Signs each finished task's provenance statement (None: no statement).
+    pub signer: Option<Arc<crate::provenance::Signer>>,
 }
 
 impl ServiceConfig {
@@ -126,6 +128,7 @@ impl ServiceConfig {
                 .unwrap_or_else(|| "localhost".into()),
             node_timeout: Duration::from_secs(10),
             dry_run: false,
+            signer: None,
         }
     }
 
@@ -186,6 +189,8 @@ pub enum SubmitError {
     NotFound(String),
     #[error("task {0} is already {1}")]
     Finished(String, State),
+    #[error("task {0} is {1}: only a finished task can be deleted (cancel it first)")]
+    InFlight(String, State),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -229,6 +234,52 @@ struct Inner {
     drain_told: std::sync::atomic::AtomicU64,
     /// The VM of each task running here.
     vms: Mutex<HashMap<String, String>>,
+    /// What this node's finished tasks did on the network, summed.
+    egress: Mutex<EgressTotals>,
+}
+
+/// Egress records of this node's tasks, summed (the `dough_egress_*`
+/// metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressTotals {
+    /// Tasks with a record.
+    pub tasks: u64,
+    /// Connections let through.
+    pub connections: u64,
+    /// Packets refused.
+    pub blocked: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub dns_answered: u64,
+    pub dns_refused: u64,
+    /// Connections, packets and questions counted past a record's bounds.
+    pub overflow: u64,
+    /// Kernel events lost (socket buffer overruns).
+    pub lost_events: u64,
+}
+
+impl EgressTotals {
+    pub fn add(&mut self, r: &dough_net::EgressRecord) {
+        use dough_net::record::Verdict;
+        self.tasks += 1;
+        for f in &r.flows {
+            match f.verdict {
+                Verdict::Allowed => self.connections += f.count,
+                Verdict::Blocked => self.blocked += f.count,
+            }
+            self.bytes_out += f.bytes_out;
+            self.bytes_in += f.bytes_in;
+        }
+        for q in &r.dns {
+            if q.allowed {
+                self.dns_answered += q.count;
+            } else {
+                self.dns_refused += q.count;
+            }
+        }
+        self.overflow += r.overflow.flows + r.overflow.dns;
+        self.lost_events += r.lost_events;
+    }
 }
 
 /// The service. Cheap to clone.
@@ -270,6 +321,7 @@ impl Service {
                 draining: false.into(),
                 drain_told: 0.into(),
                 vms: Mutex::new(HashMap::new()),
+                egress: Mutex::default(),
             }),
         };
         let rec = svc.recover()?;
@@ -587,6 +639,11 @@ impl Service {
             && u.memory_mib + rm + shape.memory_mib as u64 <= lim.memory_mib
     }
 
+    /// What this node's finished tasks did on the network, summed.
+    pub fn egress_totals(&self) -> EgressTotals {
+        self.inner.egress.lock().unwrap().clone()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
@@ -785,6 +842,31 @@ impl Service {
                 .filter(|i| i.name() != dough_image::DEFAULT_IMAGE),
         );
         v
+    }
+
+    /// A document kept for task `id` (its egress record, its provenance
+    /// statement); None when it has none of that kind (yet).
+    pub fn artifact(&self, id: &str, kind: Artifact) -> Result<Option<String>, SubmitError> {
+        self.inner.store.artifact(id, kind).map_err(|e| match e {
+            StoreError::NotFound(id) => SubmitError::NotFound(id),
+            e => SubmitError::Store(e),
+        })
+    }
+
+    /// Forget a finished task: its record, output, result and documents.
+    pub fn delete(&self, id: &str) -> Result<(), SubmitError> {
+        self.inner.store.delete(id).map_err(|e| match e {
+            StoreError::NotFound(id) => SubmitError::NotFound(id),
+            StoreError::InFlight { id, state } => SubmitError::InFlight(id, state),
+            e => SubmitError::Store(e),
+        })?;
+        self.inner.channels.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// The keys this node signs provenance statements with.
+    pub fn public_keys(&self) -> Vec<crate::provenance::PublicKey> {
+        self.inner.cfg.signer.iter().map(|s| s.public()).collect()
     }
 
     /// Cancel: a queued task ends at once; a running one gets SIGTERM, then
@@ -1209,6 +1291,36 @@ impl Service {
                 return;
             }
         };
+        // The provenance statement's facts known before the run.
+        let attest = cfg.signer.clone().map(|signer| {
+            let eg = network.clone().unwrap_or_default();
+            let (hosts, cidrs) = match &eg {
+                Egress::Allow { hosts, cidrs } => (
+                    hosts.clone(),
+                    cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                ),
+                _ => (vec![], vec![]),
+            };
+            crate::provenance::Attestor {
+                signer,
+                facts: crate::provenance::Facts {
+                    task_id: t.id.clone(),
+                    node: cfg.node_name.clone(),
+                    dough_version: env!("CARGO_PKG_VERSION").into(),
+                    image_name: image.name(),
+                    image_digest: image.manifest.digest.clone(),
+                    command: r.command.clone(),
+                    prompt_sha256: r
+                        .prompt
+                        .as_ref()
+                        .map(|p| crate::provenance::sha256_hex(p.as_bytes())),
+                    egress_policy: serde_json::json!({
+                        "mode": eg.name(), "hosts": hosts, "cidrs": cidrs,
+                    }),
+                    ..Default::default()
+                },
+            }
+        });
         // Output goes through a bounded queue to a thread of its own that
         // stores and publishes it: the store's writes never block the
         // runtime, and a slow store slows the guest (the supervisor stops
@@ -1375,6 +1487,7 @@ impl Service {
                     warm,
                     &mut on_event,
                     cancelled,
+                    attest.clone(),
                 )
                 .await;
                 match run.split() {
@@ -1406,8 +1519,31 @@ impl Service {
         } else {
             rep.teardown_errors.join("; ")
         };
+        if let Some(rec) = &rep.egress {
+            self.inner.egress.lock().unwrap().add(rec);
+            let body = serde_json::to_string(rec).expect("a record serializes");
+            if let Err(e) =
+                self.inner
+                    .store
+                    .put_artifact(&t.id, Some(epoch), Artifact::Egress, &body)
+            {
+                warn!(task = %t.id, error = %e, "store the egress record");
+            }
+        }
+        // Signed before the pull request (its body has the digest), or not yet.
+        let mut signed = None;
+        let mut repo_facts = None;
         let work_failed = match work {
-            Some(Ok(fin)) => {
+            Some(Ok(mut fin)) => {
+                signed = fin.provenance.take();
+                repo_facts = Some(crate::provenance::RepoFacts {
+                    url: r.repo.as_ref().map(|x| x.url.clone()).unwrap_or_default(),
+                    base_branch: fin.base.clone(),
+                    base_commit: fin.base_commit.clone(),
+                    branch: fin.branch.clone(),
+                    commits: fin.commits.iter().map(|c| c.sha.clone()).collect(),
+                    bundle_sha256: None,
+                });
                 if let Err(e) = self.inner.store.set_result(&t.id, Some(epoch), &fin) {
                     warn!(task = %t.id, error = %e, "store result");
                 }
@@ -1416,6 +1552,12 @@ impl Service {
             Some(Err(e)) => Some(e),
             None => None,
         };
+        // The run's facts (a snapshot clone reports no image: the one its
+        // task asked for stays, without a kernel named).
+        let mut attest = attest;
+        if let Some(a) = attest.as_mut() {
+            a.ran(&rep);
+        }
         let store_failed = store_failed.lock().unwrap().take();
         let abandoned = self.inner.abandoned.lock().unwrap().remove(&t.id);
         let (state, reason, detail, code) = match rep.result {
@@ -1493,6 +1635,44 @@ impl Service {
                 (State::Failed, reason.into(), error_chain(&e), None)
             }
         };
+        // The provenance statement, signed, kept with the task.
+        // Not for a task this node gave up: its claim is gone.
+        if let Some(mut a) = attest.filter(|_| reason != "node_lost") {
+            let envelope = match signed {
+                Some(env) => env,
+                None => {
+                    a.facts.repo = repo_facts;
+                    a.facts.outcome = serde_json::json!({
+                        "state": state.as_str(), "reason": reason, "exit_code": code,
+                    });
+                    let (store, id) = (self.inner.store.clone(), t.id.clone());
+                    a.facts.output_sha256 = tokio::task::spawn_blocking(move || {
+                        let logs = store.logs(&id).ok()?;
+                        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                        for stream in [1u8, 2] {
+                            for (s, d) in &logs.chunks {
+                                if *s == stream {
+                                    sha2::Digest::update(&mut h, d);
+                                }
+                            }
+                        }
+                        Some(hex::encode(sha2::Digest::finalize(h)))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    a.sign()
+                }
+            };
+            let body = serde_json::to_string(&envelope).expect("an envelope serializes");
+            if let Err(e) =
+                self.inner
+                    .store
+                    .put_artifact(&t.id, Some(epoch), Artifact::Provenance, &body)
+            {
+                warn!(task = %t.id, error = %e, "store the provenance statement");
+            }
+        }
         self.finish(&t, state, &reason, &detail, code, &cleanup);
     }
 

@@ -109,14 +109,23 @@ pub struct Overflow {
     pub dns: u64,
 }
 
+/// One host reached, over all its ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reached {
+    pub host: String,
+    pub connections: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
 /// A short account of a record, for `dough run`, the pull request and the
 /// provenance statement.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressSummary {
     pub policy: String,
-    /// Distinct hosts reached (by name where the forwarder answered it,
-    /// else by address).
-    pub hosts_reached: Vec<String>,
+    /// Hosts reached (by name where the forwarder answered it, else by
+    /// address), in the order first reached.
+    pub hosts: Vec<Reached>,
     pub bytes_out: u64,
     pub bytes_in: u64,
     /// Distinct blocked destinations, `addr:port` (or `addr`), with the
@@ -137,9 +146,20 @@ impl EgressRecord {
             match f.verdict {
                 Verdict::Allowed => {
                     let host = f.name.clone().unwrap_or_else(|| f.addr.to_string());
-                    if !s.hosts_reached.contains(&host) {
-                        s.hosts_reached.push(host);
-                    }
+                    let i = match s.hosts.iter().position(|h| h.host == host) {
+                        Some(i) => i,
+                        None => {
+                            s.hosts.push(Reached {
+                                host,
+                                ..Reached::default()
+                            });
+                            s.hosts.len() - 1
+                        }
+                    };
+                    let h = &mut s.hosts[i];
+                    h.connections += f.count;
+                    h.bytes_out += f.bytes_out;
+                    h.bytes_in += f.bytes_in;
                     s.bytes_out += f.bytes_out;
                     s.bytes_in += f.bytes_in;
                 }
@@ -176,10 +196,7 @@ impl EgressSummary {
                 format!("{n} {many}")
             }
         };
-        let mut l = format!(
-            "reached {}",
-            plural(self.hosts_reached.len(), "host", "hosts")
-        );
+        let mut l = format!("reached {}", plural(self.hosts.len(), "host", "hosts"));
         if !self.blocked.is_empty() {
             const SHOWN: usize = 3;
             let mut list = self.blocked[..self.blocked.len().min(SHOWN)].join(", ");
@@ -415,6 +432,15 @@ mod tests {
             "reached 1 host, 1 blocked: 10.0.0.5:22, 1 DNS name refused"
         );
         assert_eq!((s.bytes_out, s.bytes_in), (150, 300));
+        assert_eq!(
+            s.hosts,
+            vec![Reached {
+                host: "example.com".into(),
+                connections: 2,
+                bytes_out: 150,
+                bytes_in: 300
+            }]
+        );
     }
 
     #[test]

@@ -72,7 +72,25 @@ pub const ROUTES: &[(&str, &str, bool, &str)] = &[
         "delete",
         "/v1/tasks/{id}",
         true,
-        "Cancel a task (SIGTERM, grace, SIGKILL, teardown)",
+        "Cancel a task (SIGTERM, grace, SIGKILL, teardown); ?purge=true instead deletes a finished task with all kept for it (409 while it runs)",
+    ),
+    (
+        "get",
+        "/v1/tasks/{id}/egress",
+        true,
+        "The task's egress record: DNS questions, flows allowed (with bytes) and blocked (with the rule); written when its VM is torn down",
+    ),
+    (
+        "get",
+        "/v1/tasks/{id}/provenance",
+        true,
+        "The task's signed provenance statement (a DSSE envelope of an in-toto statement, SLSA provenance predicate)",
+    ),
+    (
+        "get",
+        "/v1/keys",
+        true,
+        "The public keys provenance statements are signed with",
     ),
     (
         "get",
@@ -102,6 +120,9 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tasks", post(create).get(list))
         .route("/v1/tasks/{id}", get(show).delete(cancel))
         .route("/v1/tasks/{id}/logs", get(logs))
+        .route("/v1/tasks/{id}/egress", get(egress))
+        .route("/v1/tasks/{id}/provenance", get(provenance))
+        .route("/v1/keys", get(keys))
         .route("/v1/tasks/{id}/events", get(events))
         .route("/v1/pools", get(pools))
         .route("/v1/nodes", get(nodes))
@@ -170,6 +191,7 @@ fn submit_error(e: SubmitError) -> Response {
             format!("no task {id}"),
         ),
         e @ SubmitError::Finished(..) => error(StatusCode::CONFLICT, "finished", e.to_string()),
+        e @ SubmitError::InFlight(..) => error(StatusCode::CONFLICT, "in_flight", e.to_string()),
         SubmitError::Store(e) if e.is_full() => error(
             StatusCode::INSUFFICIENT_STORAGE,
             "state_full",
@@ -277,11 +299,72 @@ async fn show(State(api): State<Api>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
+#[derive(serde::Deserialize)]
+struct CancelQuery {
+    purge: Option<bool>,
+}
+
+async fn cancel(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    q: Result<Query<CancelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "query parameters: purge (true or false)",
+        );
+    };
+    if q.purge == Some(true) {
+        return match api.svc.delete(&id) {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => submit_error(e),
+        };
+    }
     match api.svc.cancel(&id) {
         Ok(t) => (StatusCode::ACCEPTED, axum::Json(t)).into_response(),
         Err(e) => submit_error(e),
     }
+}
+
+/// A stored JSON document of a task's, or 404 saying why there is none.
+fn artifact(api: &Api, id: &str, kind: dough_core::store::Artifact, none: &str) -> Response {
+    match api.svc.artifact(id, kind) {
+        Ok(Some(body)) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no_{}", kind.as_str()),
+            format!("task {id} has no {none}"),
+        ),
+        Err(e) => submit_error(e),
+    }
+}
+
+async fn egress(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    artifact(
+        &api,
+        &id,
+        dough_core::store::Artifact::Egress,
+        "egress record (it is written when the task's VM is torn down; a task without a network has none)",
+    )
+}
+
+async fn provenance(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    artifact(
+        &api,
+        &id,
+        dough_core::store::Artifact::Provenance,
+        "provenance statement (it is signed when the task ends)",
+    )
+}
+
+async fn keys(State(api): State<Api>) -> Response {
+    axum::Json(json!({"keys": api.svc.public_keys()})).into_response()
 }
 
 /// The stored output, streamed from the store a page at a time (the daemon
@@ -741,6 +824,55 @@ async fn metrics(State(api): State<Api>) -> Response {
         ),
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    // What this node's finished tasks did on the network (their egress
+    // records, summed).
+    let eg = api.svc.egress_totals();
+    for (name, help, lines) in [
+        (
+            "dough_egress_records_total",
+            "Finished tasks with an egress record.",
+            vec![(String::new(), eg.tasks)],
+        ),
+        (
+            "dough_egress_connections_total",
+            "Guest connections by verdict (allowed: flows let through; blocked: packets refused).",
+            vec![
+                ("{verdict=\"allowed\"}".to_string(), eg.connections),
+                ("{verdict=\"blocked\"}".to_string(), eg.blocked),
+            ],
+        ),
+        (
+            "dough_egress_bytes_total",
+            "Bytes of allowed flows, IP headers included, by direction.",
+            vec![
+                ("{direction=\"out\"}".to_string(), eg.bytes_out),
+                ("{direction=\"in\"}".to_string(), eg.bytes_in),
+            ],
+        ),
+        (
+            "dough_egress_dns_questions_total",
+            "DNS questions from guests by verdict.",
+            vec![
+                ("{verdict=\"answered\"}".to_string(), eg.dns_answered),
+                ("{verdict=\"refused\"}".to_string(), eg.dns_refused),
+            ],
+        ),
+        (
+            "dough_egress_overflow_total",
+            "Connections, refusals and questions counted past a record's bounds, not itemised.",
+            vec![(String::new(), eg.overflow)],
+        ),
+        (
+            "dough_egress_lost_events_total",
+            "Kernel events the records missed (socket buffer overruns).",
+            vec![(String::new(), eg.lost_events)],
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, v) in lines {
+            let _ = writeln!(s, "{name}{labels} {v}");
+        }
     }
     // The cluster: every node on record, its state, use and capacity (a
     // single host lists itself).

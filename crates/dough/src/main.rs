@@ -86,6 +86,16 @@ pub enum Command {
     Logs(cmd::client::LogsArgs),
     /// Cancel a task.
     Cancel(cmd::client::IdArgs),
+    /// What a task did on the network: DNS questions, hosts reached (with
+    /// bytes), attempts blocked (with the rule).
+    Egress(cmd::record::EgressArgs),
+    /// Print a task's signed provenance statement (in-toto, SLSA).
+    Provenance(cmd::client::IdArgs),
+    /// Check a provenance statement's signature and shape (exit 1: it does
+    /// not verify).
+    Verify(cmd::record::VerifyArgs),
+    /// Delete a finished task with everything kept for it.
+    Rm(cmd::client::IdArgs),
     /// List the nodes (`dough serve` daemons) sharing this store.
     Nodes(cmd::client::NodesArgs),
     /// Drain a node (it finishes its tasks, takes no new ones) or take it
@@ -148,6 +158,10 @@ fn main() -> ExitCode {
             Command::Show(a) => cmd::client::show(&cli, a),
             Command::Logs(a) => cmd::client::logs(&cli, a),
             Command::Cancel(a) => cmd::client::cancel(&cli, a),
+            Command::Egress(a) => cmd::record::egress(&cli, a),
+            Command::Provenance(a) => cmd::record::provenance(&cli, a),
+            Command::Verify(a) => cmd::record::verify(&cli, a),
+            Command::Rm(a) => cmd::record::rm(&cli, a),
             Command::Nodes(a) => cmd::client::nodes(&cli, a),
             Command::Node(a) => cmd::client::node(&cli, a),
         }

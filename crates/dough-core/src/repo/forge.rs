@@ -64,7 +64,12 @@ pub fn api_base(plan: &Plan) -> Result<String, String> {
 
 /// The pull request's body: the request's own text, then a record of the
 /// task that made it.
-pub fn pr_body(plan: &Plan, facts: &TaskFacts, commits: &[super::Commit]) -> String {
+pub fn pr_body(
+    plan: &Plan,
+    facts: &TaskFacts,
+    commits: &[super::Commit],
+    provenance: Option<&str>,
+) -> String {
     let mut b = String::new();
     if let Some(body) = &plan.pr.body {
         b.push_str(body.trim_end());
@@ -85,7 +90,89 @@ pub fn pr_body(plan: &Plan, facts: &TaskFacts, commits: &[super::Commit]) -> Str
             c.subject
         ));
     }
+    if let Some(rec) = &facts.egress {
+        b.push_str(&egress_section(rec, &facts.task_id));
+    }
+    if let Some(d) = provenance {
+        b.push_str(&format!(
+            "\nProvenance: a statement signed by the Dough node (in-toto, SLSA provenance), `{d}`; \
+             get it with `dough provenance {id} > {id}.json` and check it with `dough verify {id}.json`.\n",
+            id = facts.task_id
+        ));
+    }
     b
+}
+
+/// Blocked destinations listed in the body at most (the record has all).
+const BODY_BLOCKED_MAX: usize = 100;
+
+/// The network section of the body: every host reached, with its bytes,
+/// and every blocked attempt (up to [`BODY_BLOCKED_MAX`]).
+pub fn egress_section(rec: &dough_net::EgressRecord, task_id: &str) -> String {
+    let s = rec.summary();
+    let mut b = format!("\n### Network ({} policy): {}\n\n", rec.policy, s.line());
+    if !s.hosts.is_empty() {
+        b.push_str("| host | connections | sent | received |\n|---|---:|---:|---:|\n");
+        for h in &s.hosts {
+            b.push_str(&format!(
+                "| `{}` | {} | {} | {} |\n",
+                h.host,
+                h.connections,
+                bytes(h.bytes_out),
+                bytes(h.bytes_in)
+            ));
+        }
+    }
+    let blocked: Vec<&dough_net::record::Flow> = rec
+        .flows
+        .iter()
+        .filter(|f| f.verdict == dough_net::record::Verdict::Blocked)
+        .collect();
+    if !blocked.is_empty() {
+        b.push_str(&format!("\n**Blocked** ({}):\n", blocked.len()));
+        for f in blocked.iter().take(BODY_BLOCKED_MAX) {
+            let dest = match f.port {
+                Some(p) => format!("{}:{p}", f.addr),
+                None => f.addr.to_string(),
+            };
+            let name = f
+                .name
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            b.push_str(&format!(
+                "- `{dest}`{name} {} × {}, by rule `{}`\n",
+                f.proto,
+                f.count,
+                f.rule.as_deref().unwrap_or("?")
+            ));
+        }
+        if blocked.len() > BODY_BLOCKED_MAX {
+            b.push_str(&format!(
+                "- … and {} more (`dough egress {task_id}`)\n",
+                blocked.len() - BODY_BLOCKED_MAX,
+            ));
+        }
+    }
+    if !s.dns_refused.is_empty() {
+        b.push_str(&format!(
+            "\n**DNS refused**: {}\n",
+            s.dns_refused
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    b
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 10 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 10 << 10 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
 }
 
 fn shell_words(argv: &[String]) -> String {
@@ -211,16 +298,70 @@ mod tests {
                 image_digest: "abc".into(),
                 command: vec!["sh".into(), "-c".into(), "echo `hi`".into()],
                 failed_with: None,
+                egress: None,
+                attest: None,
             },
             &[crate::repo::Commit {
                 sha: "0123456789abcdef".into(),
                 subject: "Add x".into(),
             }],
+            None,
         );
         assert!(
             body.contains("task `t1`") && body.contains("`0123456789ab` Add x"),
             "{body}"
         );
         assert!(body.contains("command: `sh -c 'echo 'hi''`"), "{body}");
+        assert!(!body.contains("Network") && !body.contains("Provenance"));
+    }
+
+    #[test]
+    fn the_body_lists_hosts_reached_and_every_blocked_attempt() {
+        use dough_net::record::{Recorder, Seen, Verdict};
+        let mut r = Recorder::new("open", 1);
+        r.dns("github.com", 1, true, &["140.82.112.3".parse().unwrap()], 2);
+        r.dns("evil.test", 1, false, &[], 2);
+        let seen = |addr: &str, port, verdict, out| Seen {
+            proto: 6,
+            addr: addr.parse().unwrap(),
+            port: Some(port),
+            verdict,
+            rule: (verdict == Verdict::Blocked).then(|| "private4".to_string()),
+            bytes_out: out,
+            bytes_in: 3 * out,
+            first_ms: 3,
+            last_ms: 4,
+        };
+        r.flow(seen("140.82.112.3", 443, Verdict::Allowed, 20 << 10));
+        r.flow(seen("10.0.0.5", 22, Verdict::Blocked, 0));
+        r.flow(seen("10.0.0.5", 22, Verdict::Blocked, 0));
+        let plan = Plan {
+            url: "https://github.com/o/r".into(),
+            base_branch: "main".into(),
+            base_commit: "0".repeat(40),
+            branch: "dough/x".into(),
+            branch_exists: None,
+            private: false,
+            author_name: String::new(),
+            author_email: String::new(),
+            commit_message: "m".into(),
+            pr: Default::default(),
+        };
+        let facts = TaskFacts {
+            task_id: "t9".into(),
+            egress: Some(r.finish(5)),
+            ..TaskFacts::default()
+        };
+        let body = pr_body(&plan, &facts, &[], Some("sha256:feed"));
+        for want in [
+            "### Network (open policy): reached 1 host, 1 blocked: 10.0.0.5:22, 1 DNS name refused",
+            "| `github.com` | 1 | 20 KiB | 60 KiB |",
+            "- `10.0.0.5:22` tcp × 2, by rule `private4`",
+            "**DNS refused**: `evil.test`",
+            "`sha256:feed`",
+            "dough verify t9.json",
+        ] {
+            assert!(body.contains(want), "{want:?} missing from:\n{body}");
+        }
     }
 }

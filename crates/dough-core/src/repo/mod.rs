@@ -498,6 +498,10 @@ pub struct Finalized {
     /// Why there is no pull request ("nothing to do", no forge token, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The signed provenance statement, when it was made before the pull
+    /// request (whose body carries its digest). Kept apart from the result.
+    #[serde(skip)]
+    pub provenance: Option<crate::provenance::Envelope>,
 }
 
 /// Facts for the pull request's body.
@@ -509,6 +513,10 @@ pub struct TaskFacts {
     /// The task failed with this exit code (its partial work is pushed as
     /// asked, and no pull request opened).
     pub failed_with: Option<i32>,
+    /// What the task did on the network (the body lists it).
+    pub egress: Option<dough_net::EgressRecord>,
+    /// Signs the provenance statement (the body carries its digest).
+    pub attest: Option<crate::provenance::Attestor>,
 }
 
 /// After the VM: gate the bundle, push, open the pull request (blocking).
@@ -586,7 +594,23 @@ pub fn finalize(
         fin.note = Some("pushed; no DOUGH_FORGE_TOKEN, so no pull request was opened".into());
         return Ok(fin);
     };
-    let body = forge::pr_body(plan, facts, &fin.commits);
+    if let Some(a) = &facts.attest {
+        let mut a = a.clone();
+        a.facts.repo = Some(crate::provenance::RepoFacts {
+            url: plan.url.clone(),
+            base_branch: plan.base_branch.clone(),
+            base_commit: plan.base_commit.clone(),
+            branch: plan.branch.clone(),
+            commits: fin.commits.iter().map(|c| c.sha.clone()).collect(),
+            bundle_sha256: std::fs::read(bundle)
+                .ok()
+                .map(|b| crate::provenance::sha256_hex(&b)),
+        });
+        a.facts.outcome = serde_json::json!({"state": "succeeded", "exit_code": 0});
+        fin.provenance = Some(a.sign());
+    }
+    let digest = fin.provenance.as_ref().map(|e| e.digest());
+    let body = forge::pr_body(plan, facts, &fin.commits, digest.as_deref());
     gate.claim.check().map_err(RepoError::ClaimLost)?;
     let url = forge::open_pull_request(plan, token, &body).map_err(RepoError::PullRequest)?;
     fin.pr_url = Some(url);
@@ -632,6 +656,7 @@ pub async fn run(
     vm: Option<crate::BootedVm>,
     on_event: &mut (dyn FnMut(crate::Event<'_>) + Send),
     cancel: impl std::future::Future<Output = i32>,
+    attest: Option<crate::provenance::Attestor>,
 ) -> RepoRun {
     // A claimed VM the task cannot use is torn down before returning.
     let fail = |e, vm: Option<crate::BootedVm>| async move {
@@ -733,6 +758,11 @@ pub async fn run(
                 image_digest,
                 command: spec.command.clone(),
                 failed_with: partial.map(|(code, _)| code),
+                egress: report.egress.clone(),
+                attest: attest.map(|mut a| {
+                    a.ran(&report);
+                    a
+                }),
             };
             let (plan, out, path, wd, gate, creds) = (
                 plan.clone(),

@@ -136,6 +136,11 @@ impl Client {
     pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.call(self.req("GET", path).call())?.into_json()?)
     }
+
+    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.call(self.req("DELETE", path).call())?;
+        Ok(())
+    }
 }
 
 fn kv(v: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {

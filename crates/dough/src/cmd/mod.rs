@@ -10,6 +10,7 @@ pub mod client;
 pub mod doctor;
 pub mod gc;
 pub mod image;
+pub mod record;
 pub mod run;
 pub mod serve;
 pub mod table;

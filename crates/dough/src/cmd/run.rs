@@ -468,6 +468,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
                 None,
                 &mut on_event,
                 interrupted(),
+                None,
             )
             .await;
             match run.split() {
@@ -495,6 +496,10 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
     }
     for e in &rep.teardown_errors {
         eprintln!("dough: warning: teardown: {e}");
+    }
+    // What the guest did on the network, as the host saw it.
+    if let Some(rec) = &rep.egress {
+        eprintln!("dough: network: {}", rec.summary().line());
     }
     if let Some(e) = write_err {
         if e.kind() != std::io::ErrorKind::BrokenPipe {

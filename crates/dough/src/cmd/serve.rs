@@ -256,6 +256,12 @@ pub async fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<u8> {
     cfg.pool_clones = !a.no_pool_clones;
     cfg.node_timeout = Duration::from_secs(a.node_timeout);
     cfg.dry_run = a.dry_run;
+    // The node's signing key for provenance statements (made on first start).
+    let key = dough_core::provenance::Signer::path_in(&host.state_dir);
+    cfg.signer = Some(std::sync::Arc::new(
+        dough_core::provenance::Signer::load_or_create(&key)
+            .with_context(|| format!("the provenance signing key {}", key.display()))?,
+    ));
     // Two live daemons under one name would take each other's tasks for
     // their own.
     let name = cfg.node_name.clone();
