@@ -17,7 +17,8 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
-/// The legacy group mask of conntrack's destroy events.
+/// The legacy group masks of conntrack's events: new and destroyed entries.
+const NF_NETLINK_CONNTRACK_NEW: u32 = 1;
 const NF_NETLINK_CONNTRACK_DESTROY: u32 = 4;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -29,6 +30,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
+const CTA_ID: u16 = 12;
 const CTA_TIMESTAMP: u16 = 20;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -195,7 +197,9 @@ fn ipv4(b: &[u8]) -> Option<Ipv4Addr> {
 }
 
 /// A conntrack entry (after the nfgenmsg) as a flow from `guest`; None if
-/// it is not one (another source, the gateway itself, not IPv4).
+/// it is not one (another source, the gateway itself, not IPv4). `ended`:
+/// a destroy event or the final dump (its counters are final), else a new
+/// entry.
 fn ct_flow(payload: &[u8], guest: Ipv4Addr, gateway: Ipv4Addr, ended: bool) -> Option<Seen> {
     let a = payload.get(4..)?;
     let orig = attr(a, CTA_TUPLE_ORIG)?;
@@ -241,6 +245,8 @@ fn ct_flow(payload: &[u8], guest: Ipv4Addr, gateway: Ipv4Addr, ended: bool) -> O
         bytes_in: bytes(CTA_COUNTERS_REPLY),
         first_ms: first,
         last_ms: last.max(first),
+        ct_id: attr(a, CTA_ID).and_then(|b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))),
+        end: ended,
     })
 }
 
@@ -271,13 +277,15 @@ fn logged(payload: &[u8]) -> Option<Seen> {
         bytes_in: 0,
         first_ms: now,
         last_ms: now,
+        ct_id: None,
+        end: true,
     })
 }
 
 /// What the kernel tells about one VM's traffic. Open it on the thread
 /// that is in the VM's namespace.
 pub struct Sources {
-    /// conntrack destroy events.
+    /// conntrack events: new and destroyed entries.
     pub ct: OwnedFd,
     /// NFLOG group [`crate::policy::LOG_GROUP`].
     pub log: OwnedFd,
@@ -298,7 +306,10 @@ impl Sources {
             let p = format!("/proc/sys/net/netfilter/{k}");
             std::fs::write(&p, v).map_err(|e| io::Error::new(e.kind(), format!("{p}: {e}")))?;
         }
-        let ct = socket(NF_NETLINK_CONNTRACK_DESTROY, true)?;
+        let ct = socket(
+            NF_NETLINK_CONNTRACK_NEW | NF_NETLINK_CONNTRACK_DESTROY,
+            true,
+        )?;
         let log = socket(0, false)?;
         let ty = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG;
         let group = crate::policy::LOG_GROUP;
@@ -352,6 +363,8 @@ impl Sources {
                     for (ty, p) in messages(&self.buf[..n]) {
                         let seen = if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE {
                             ct_flow(p, self.guest, self.gateway, true)
+                        } else if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW {
+                            ct_flow(p, self.guest, self.gateway, false)
                         } else if ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
                             logged(p)
                         } else {
@@ -394,7 +407,8 @@ impl Sources {
                 match ty {
                     NLMSG_DONE | NLMSG_ERROR => return Ok(()),
                     t if t == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW => {
-                        if let Some(s) = ct_flow(p, self.guest, self.gateway, false) {
+                        // Still tracked: its counters as they are now.
+                        if let Some(s) = ct_flow(p, self.guest, self.gateway, true) {
                             out(s);
                         }
                     }

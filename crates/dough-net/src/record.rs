@@ -258,6 +258,11 @@ pub struct Seen {
     pub bytes_in: u64,
     pub first_ms: u64,
     pub last_ms: u64,
+    /// The kernel's id of the connection (conntrack), when it has one.
+    pub ct_id: Option<u32>,
+    /// The connection ended (or the record does): its byte counts are
+    /// final. Otherwise it just began.
+    pub end: bool,
 }
 
 type FlowKey = (u8, Ipv4Addr, Option<u16>, Verdict);
@@ -269,6 +274,8 @@ pub struct Recorder {
     flows: HashMap<FlowKey, usize>,
     dns: HashMap<(String, u16, bool), usize>,
     names: HashMap<Ipv4Addr, String>,
+    /// Connections counted when they began, whose end is still to come.
+    live: std::collections::HashSet<u32>,
 }
 
 impl Recorder {
@@ -288,7 +295,25 @@ impl Recorder {
         *self = Recorder::new(policy, now_ms);
     }
 
+    /// A connection began, ended, or was refused. A connection is counted
+    /// (and its destination itemised, bounds permitting) when it begins, so
+    /// the record keeps destinations in the order first reached; its bytes
+    /// come with its end. An end whose beginning was not seen counts as both.
     pub fn flow(&mut self, s: Seen) {
+        if let Some(id) = s.ct_id {
+            if !s.end {
+                self.live.insert(id);
+            } else if self.live.remove(&id) {
+                let key = (s.proto, s.addr, s.port, s.verdict);
+                if let Some(&i) = self.flows.get(&key) {
+                    let f = &mut self.rec.flows[i];
+                    f.bytes_out += s.bytes_out;
+                    f.bytes_in += s.bytes_in;
+                    f.last_ms = f.last_ms.max(s.last_ms);
+                }
+                return;
+            }
+        }
         let key = (s.proto, s.addr, s.port, s.verdict);
         let name = self.names.get(&s.addr).cloned();
         match self.flows.get(&key) {
@@ -402,6 +427,8 @@ mod tests {
             bytes_in: 2 * out,
             first_ms: 10,
             last_ms: 20,
+            ct_id: None,
+            end: true,
         }
     }
 
@@ -441,6 +468,42 @@ mod tests {
                 bytes_in: 300
             }]
         );
+    }
+
+    #[test]
+    fn a_connection_counts_once_when_it_begins_and_brings_its_bytes_when_it_ends() {
+        let mut r = Recorder::new("open", 1);
+        let begin = |id, port| Seen {
+            ct_id: Some(id),
+            end: false,
+            bytes_out: 0,
+            bytes_in: 0,
+            ..seen("203.0.113.5", port, Verdict::Allowed, 0)
+        };
+        let end = |id, port| Seen {
+            ct_id: Some(id),
+            last_ms: 50,
+            ..seen("203.0.113.5", port, Verdict::Allowed, 7)
+        };
+        r.flow(begin(1, 443));
+        r.flow(begin(2, 443));
+        r.flow(end(1, 443));
+        // Its beginning was missed: counted at its end.
+        r.flow(end(3, 443));
+        let rec = r.snapshot();
+        let f = &rec.flows[0];
+        assert_eq!(
+            (f.count, f.bytes_out, f.bytes_in, f.last_ms),
+            (3, 14, 28, 50)
+        );
+        // Past the bound: counted at the beginning only, once.
+        let mut r = Recorder::new("open", 1);
+        for p in 0..MAX_FLOWS as u16 {
+            r.flow(seen("203.0.113.5", p, Verdict::Allowed, 1));
+        }
+        r.flow(begin(9, 60000));
+        r.flow(end(9, 60000));
+        assert_eq!(r.snapshot().overflow.flows, 1);
     }
 
     #[test]

@@ -72,12 +72,12 @@ fn open_egress_reaches_the_internet_and_nothing_private() {
     let ga = w.stand_in_guest(&ida);
     let _gb = w.stand_in_guest(&idb);
 
+    // DNS through the gateway, to an upstream in a private range.
+    assert_eq!(resolve(&ga, GATEWAY, ALLOWED_NAME), Ok(vec![ALLOWED_WEB]));
     // Out through NAT: the server sees the slot address, not the guest's.
     let seen = fetch(&ga, web(ALLOWED_WEB, WEB_PORT)).expect("internet reachable");
     assert_eq!(seen, a.slot_addr.to_string());
     assert_ne!(a.slot_addr, b.slot_addr);
-    // DNS through the gateway, to an upstream in a private range.
-    assert_eq!(resolve(&ga, GATEWAY, ALLOWED_NAME), Ok(vec![ALLOWED_WEB]));
 
     // Each blocked target really serves: checked from the host namespace.
     let (host_end_a, _) = cfg.slot_addrs(a.slot);
