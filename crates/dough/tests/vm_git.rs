@@ -11,6 +11,7 @@ mod world;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Output};
 
+use base64::Engine;
 use common::*;
 use gitserver::*;
 use world::*;
@@ -516,7 +517,11 @@ fn a_repo_task_through_the_service_records_its_pull_request() {
             "--",
             "sh",
             "-c",
-            "printf '%s' \"$AGENT_API_KEY\" | wc -c > keylen.txt; cat \"$DOUGH_PROMPT_FILE\"; echo",
+            &format!(
+                "printf '%s' \"$AGENT_API_KEY\" | wc -c > keylen.txt; cat \"$DOUGH_PROMPT_FILE\"; echo; \
+                 curl -sS -m 5 -o /dev/null http://{}/ 2>/dev/null; echo \"private rc=$?\"",
+                PRIVATE_SERVERS[0]
+            ),
         ])
         .output()
         .unwrap();
@@ -561,7 +566,44 @@ fn a_repo_task_through_the_service_records_its_pull_request() {
         reqs[0].header("authorization"),
         Some("token forge-secret-2")
     );
-    assert!(reqs[0].body["body"].as_str().unwrap().contains(id));
+    let body = reqs[0].body["body"].as_str().unwrap();
+    assert!(body.contains(id));
+    assert!(stdout.contains("private rc=7"), "{stdout}");
+    // The body as the forge received it: the host reached (the git server,
+    // by address: the clone's URL names no host), with bytes; the blocked
+    // attempt with its rule; the provenance statement's digest.
+    for want in [
+        "### Network (open policy): reached 1 host, 1 blocked: ".to_string(),
+        format!("| `{GIT_ADDR}` | "),
+        format!("- `{}:80` tcp × 1, by rule `private4`", PRIVATE_SERVERS[0]),
+    ] {
+        assert!(
+            body.contains(&want),
+            "{want:?} missing from the PR body:\n{body}"
+        );
+    }
+    let mut prov: Command = e.h.cmd();
+    in_netns(&mut prov, &e.w.host);
+    let p = prov.args(["provenance", id]).output().unwrap();
+    assert!(p.status.success(), "{}", text(&p.stderr));
+    let env: serde_json::Value = serde_json::from_slice(&p.stdout).unwrap();
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(env["payload"].as_str().unwrap())
+        .unwrap();
+    let digest = format!("sha256:{}", dough_core::provenance::sha256_hex(&payload));
+    assert!(
+        body.contains(&format!("`{digest}`")),
+        "{digest} not in:\n{body}"
+    );
+    // It names the pushed commit and verifies against the daemon's key.
+    let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(statement["subject"][0]["digest"]["gitCommit"], tip.as_str());
+    let file = e.h.state.path().join("prov.json");
+    std::fs::write(&file, &p.stdout).unwrap();
+    let mut v: Command = e.h.cmd();
+    in_netns(&mut v, &e.w.host);
+    let v = v.arg("verify").arg(&file).output().unwrap();
+    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
     signal(daemon.id(), nix::sys::signal::Signal::SIGTERM);
     let _ = daemon.wait();
     e.h.assert_clean();

@@ -154,6 +154,18 @@ fn real_vms_reach_the_internet_and_nothing_else() {
         // DROP would end in -m 3's timeout, 28, however fast the machine.
         assert_eq!(rc, 7, "{t} was not rejected: {line}");
     }
+    // `dough run` ends with what the host saw: one host reached (the web
+    // server), every target blocked.
+    let distinct: std::collections::BTreeSet<&String> = targets.iter().collect();
+    let se = text(&out.stderr);
+    let summary = se
+        .lines()
+        .find_map(|l| l.strip_prefix("dough: network: "))
+        .unwrap_or_else(|| panic!("no network summary: {se}"));
+    assert!(
+        summary.starts_with(&format!("reached 1 host, {} blocked: ", distinct.len())),
+        "{summary}"
+    );
 
     // Allowlist mode in a third VM.
     let out = in_host(h.cmd(), &w.host)
@@ -170,6 +182,13 @@ fn real_vms_reach_the_internet_and_nothing_else() {
         .find_map(|l| l.strip_prefix("other via /etc/hosts: "))
         .unwrap_or_else(|| panic!("no /etc/hosts attempt: {so}"));
     assert_eq!(via_hosts, "7", "rejected, not timed out: {so}");
+    let se = text(&out.stderr);
+    assert!(
+        se.contains(
+            "dough: network: reached 1 host, 1 blocked: 198.51.100.11:80, 1 DNS name refused\n"
+        ),
+        "{se}"
+    );
 
     // kill -9 of B's `dough run`: its network stays until `dough gc`.
     signal(b.id(), nix::sys::signal::Signal::SIGKILL);
