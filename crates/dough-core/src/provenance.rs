@@ -6,7 +6,7 @@
 //!   seed readable by root only); its public half is served at `GET /v1/keys`.
 //! * The statement's subjects are the task's results: the pushed commits
 //!   (`gitCommit`) and the bundle (sha256) of a repository task, else the
-//!   task's output (sha256 of stdout then stderr).
+//!   task's stored output (sha256, as `GET /v1/tasks/{id}/logs` gives it).
 //! * `dough verify FILE` checks an envelope against the daemon's keys (or a
 //!   key given), and that what it signs is such a statement.
 use std::io::Write;
@@ -269,7 +269,8 @@ pub struct Facts {
     /// How the task ended: its state and reason, and exit code.
     pub outcome: Value,
     pub repo: Option<RepoFacts>,
-    /// sha256 of the task's output (stdout, then stderr).
+    /// sha256 of the task's stored output, as `GET /v1/tasks/{id}/logs`
+    /// gives it (stdout and stderr in order; no truncation line).
     pub output_sha256: Option<String>,
     pub started_ms: u64,
     pub ended_ms: u64,

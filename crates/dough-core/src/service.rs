@@ -1646,14 +1646,19 @@ impl Service {
                         "state": state.as_str(), "reason": reason, "exit_code": code,
                     });
                     let (store, id) = (self.inner.store.clone(), t.id.clone());
+                    // The stored output as `GET /logs` gives it, a page at
+                    // a time (never the whole output in memory).
                     a.facts.output_sha256 = tokio::task::spawn_blocking(move || {
-                        let logs = store.logs(&id).ok()?;
                         let mut h = <sha2::Sha256 as sha2::Digest>::new();
-                        for stream in [1u8, 2] {
-                            for (s, d) in &logs.chunks {
-                                if *s == stream {
-                                    sha2::Digest::update(&mut h, d);
-                                }
+                        let mut from = 0u64;
+                        loop {
+                            let page = store.output_from(&id, from, 256 << 10).ok()?;
+                            if page.is_empty() {
+                                break;
+                            }
+                            for (_, at, data) in page {
+                                from = at + data.len() as u64;
+                                sha2::Digest::update(&mut h, &data);
                             }
                         }
                         Some(hex::encode(sha2::Digest::finalize(h)))

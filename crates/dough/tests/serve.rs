@@ -448,13 +448,27 @@ fn the_openapi_document_matches_the_served_routes() {
             };
             if ops.get(method).is_some() {
                 documented += 1;
+                // A queued task has no egress record or statement yet: a
+                // 404 that says so, not a missing route.
+                if let Some(kind) = ["egress", "provenance"]
+                    .into_iter()
+                    .find(|k| path.ends_with(&format!("/{k}")))
+                {
+                    let (st, v) = s.call(&m, &concrete, None);
+                    assert_eq!(
+                        (st, v["error"]["code"].as_str()),
+                        (404, Some(format!("no_{kind}").as_str())),
+                        "{m} {path}: {v}"
+                    );
+                    continue;
+                }
                 assert!(st < 400, "{m} {path} is documented but answers {st}");
             } else {
                 assert_eq!(st, 405, "{m} {path} is not documented but answers {st}");
             }
         }
     }
-    assert_eq!(documented, 13, "{doc}");
+    assert_eq!(documented, 16, "{doc}");
     // Without pools the pool list is empty, not an error.
     assert_eq!(s.call("GET", "/v1/pools", None).1, json!({"pools": []}));
     // Routes outside the document do not exist.

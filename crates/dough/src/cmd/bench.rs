@@ -36,6 +36,10 @@ pub enum BenchCmd {
     /// 20 nodes, a node's death to its task settled, scheduler latency
     /// against SQLite.
     Cluster(super::bench_cluster::ClusterBenchArgs),
+    /// The egress record's cost: connection rate and download throughput
+    /// from a guest with the record on and off (interleaved), and the
+    /// record's size for a task opening 10 000 connections.
+    Egress(super::bench_egress::EgressBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +80,7 @@ pub async fn run(cli: &Cli, c: &BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::Faults(f) => return super::bench_faults::run(f),
         BenchCmd::Soak(s) => return super::bench_faults::soak(s),
         BenchCmd::Cluster(c) => return super::bench_cluster::run(c),
+        BenchCmd::Egress(e) => return super::bench_egress::run(cli, e).await,
     };
     let host = super::host_config(cli, a.accel, a.backend);
     let spec = TaskSpec {

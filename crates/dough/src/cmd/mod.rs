@@ -1,6 +1,7 @@
 pub mod agents;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_egress;
 pub mod bench_faults;
 pub mod bench_image;
 pub mod bench_net;

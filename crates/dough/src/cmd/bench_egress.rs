@@ -1,0 +1,321 @@
+//! `dough bench egress`: what the egress record costs a guest. Real VMs
+//! open connections and download from a server, with the record on and off,
+//! alternating in the same run; then one task opens 10 000 connections and
+//! the size of its record is reported.
+//!
+//! Everything runs in two namespaces the bench makes and deletes: a
+//! stand-in host (where the VMs' namespaces hang off, with Dough's host
+//! table) and a stand-in internet (the server), linked by a veth. The
+//! machine's own network is not touched.
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dough_core::{run_task, Event, Outcome, TaskSpec};
+use dough_net::Egress;
+use dough_proto::Stream;
+
+use crate::Cli;
+
+#[derive(Args, Debug)]
+pub struct EgressBenchArgs {
+    /// Runs with the record on, and as many with it off (interleaved).
+    #[arg(short, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub n: u32,
+    /// Connections per run.
+    #[arg(long, default_value_t = 2000)]
+    pub connections: u32,
+    /// MiB downloaded per run.
+    #[arg(long, default_value_t = 64)]
+    pub mib: u32,
+}
+
+const HOST_NS: &str = "db-egress-host";
+const INET_NS: &str = "db-egress-inet";
+const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// Accepts and closes.
+const CONNECT_PORT: u16 = 9000;
+/// Sends `--mib` MiB and closes.
+const BULK_PORT: u16 = 9001;
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("spawn {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The two namespaces, deleted when dropped.
+struct Topology;
+
+impl Topology {
+    fn make() -> anyhow::Result<Topology> {
+        let _ = Topology::remove();
+        sh(&["ip", "netns", "add", HOST_NS])?;
+        let t = Topology;
+        sh(&["ip", "netns", "add", INET_NS])?;
+        for ns in [HOST_NS, INET_NS] {
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh(&[
+            "ip", "-n", HOST_NS, "link", "add", "up0", "type", "veth", "peer", "name", "down0",
+            "netns", INET_NS,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            HOST_NS,
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/24"),
+            "dev",
+            "up0",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            INET_NS,
+            "addr",
+            "add",
+            &format!("{SERVER}/24"),
+            "dev",
+            "down0",
+        ])?;
+        sh(&["ip", "-n", HOST_NS, "link", "set", "up0", "up"])?;
+        sh(&["ip", "-n", INET_NS, "link", "set", "down0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            HOST_NS,
+            "route",
+            "add",
+            "default",
+            "via",
+            &SERVER.to_string(),
+        ])?;
+        Ok(t)
+    }
+
+    fn remove() -> anyhow::Result<()> {
+        let a = sh(&["ip", "netns", "del", HOST_NS]);
+        let b = sh(&["ip", "netns", "del", INET_NS]);
+        a.and(b)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Topology::remove();
+    }
+}
+
+fn enter(ns: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    Ok(())
+}
+
+/// The server's two ports, on threads in the internet namespace.
+fn serve(mib: u32) -> anyhow::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    std::thread::spawn(move || {
+        let listen = || -> anyhow::Result<(TcpListener, TcpListener)> {
+            enter(INET_NS)?;
+            Ok((
+                TcpListener::bind(SocketAddr::new(SERVER.into(), CONNECT_PORT))?,
+                TcpListener::bind(SocketAddr::new(SERVER.into(), BULK_PORT))?,
+            ))
+        };
+        let (conn, bulk) = match listen() {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        std::thread::spawn(move || {
+            let chunk = vec![0x5au8; 1 << 20];
+            for s in bulk.incoming().flatten() {
+                let chunk = chunk.clone();
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    for _ in 0..mib {
+                        if s.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        for s in conn.incoming().flatten() {
+            let mut s = s;
+            let _ = s.read(&mut [0u8; 1]);
+        }
+    });
+    rx.recv().context("the server thread")?
+}
+
+fn script(connections: u32, mib: u32) -> String {
+    format!(
+        r#"
+t0=$(date +%s%N)
+for i in $(seq 1 {connections}); do exec 3<>/dev/tcp/{SERVER}/{CONNECT_PORT}; exec 3>&-; done
+t1=$(date +%s%N)
+n=$(cat < /dev/tcp/{SERVER}/{BULK_PORT} | wc -c)
+t2=$(date +%s%N)
+echo "connect_us $(( (t1 - t0) / 1000 ))"
+echo "bulk_us $(( (t2 - t1) / 1000 )) bytes $n"
+[ "$n" = "{bytes}" ]
+"#,
+        bytes = mib as u64 * (1 << 20)
+    )
+}
+
+const WIDE: &str = r#"
+for p in $(seq 20000 29999); do : 2>/dev/null 3<>/dev/tcp/203.0.113.2/$p; done
+"#;
+
+struct Sample {
+    connect: Duration,
+    bulk: Duration,
+}
+
+async fn one(
+    host: &dough_core::HostConfig,
+    command: &str,
+) -> anyhow::Result<(String, Option<dough_net::EgressRecord>)> {
+    let spec = TaskSpec {
+        command: vec!["bash".into(), "-c".into(), command.into()],
+        network: Some(Egress::Open),
+        timeout: Some(Duration::from_secs(900)),
+        ..TaskSpec::default()
+    };
+    let mut out = Vec::new();
+    let rep = run_task(
+        host,
+        &spec,
+        &mut |e| {
+            if let Event::Output(Stream::Stdout, d) = e {
+                out.extend_from_slice(d);
+            }
+        },
+        std::future::pending(),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    match &rep.result {
+        Ok(Outcome::Exited(s)) if s.shell_code() == 0 => Ok((out, rep.egress)),
+        Ok(o) => bail!("the guest's run ended {o:?}: {out}"),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn field(out: &str, key: &str) -> anyhow::Result<Duration> {
+    let us: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {key} in the guest's output: {out}"))?;
+    Ok(Duration::from_micros(us))
+}
+
+pub async fn run(cli: &Cli, a: &EgressBenchArgs) -> anyhow::Result<u8> {
+    let base = super::host_config(
+        cli,
+        dough_vmm::AccelChoice::Auto,
+        dough_vmm::BackendChoice::Auto,
+    )
+    .with_net_env()
+    .map_err(anyhow::Error::msg)?;
+    let _topo = Topology::make()?;
+    serve(a.mib)?;
+    let (n, conns, mib) = (a.n, a.connections, a.mib);
+    // The VMs run from a thread of their own in the stand-in host: it and
+    // every thread it starts (a VM's network thread among them) live there.
+    let res = std::thread::spawn(move || -> anyhow::Result<_> {
+        enter(HOST_NS)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut on = vec![];
+            let mut off = vec![];
+            for i in 0..n {
+                for record in [i % 2 == 0, i % 2 != 0] {
+                    let mut host = base.clone();
+                    host.record_egress = record;
+                    eprintln!(
+                        "run {}/{n}, record {}",
+                        i + 1,
+                        if record { "on" } else { "off" }
+                    );
+                    let (out, rec) = one(&host, &script(conns, mib)).await?;
+                    if record != rec.is_some() {
+                        bail!("record {record} but the run's record is {rec:?}");
+                    }
+                    let s = Sample {
+                        connect: field(&out, "connect_us ")?,
+                        bulk: field(&out, "bulk_us ")?,
+                    };
+                    if record { &mut on } else { &mut off }.push(s);
+                }
+            }
+            eprintln!("one task opening 10 000 connections, record on");
+            let mut host = base.clone();
+            host.record_egress = true;
+            let (_, rec) = one(&host, WIDE).await?;
+            Ok((on, off, rec.context("the wide run has no record")?))
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the bench thread panicked"))??;
+    let (on, off, wide) = res;
+    let med =
+        |v: &[Sample], f: fn(&Sample) -> Duration| super::bench::median(v.iter().map(f).collect());
+    let rate = |d: Duration| conns as f64 / d.as_secs_f64().max(1e-9);
+    let tput = |d: Duration| mib as f64 / d.as_secs_f64().max(1e-9);
+    let (con_on, con_off) = (med(&on, |s| s.connect), med(&off, |s| s.connect));
+    let (bulk_on, bulk_off) = (med(&on, |s| s.bulk), med(&off, |s| s.bulk));
+    println!(
+        "## Egress record cost ({n} runs each way, interleaved; {conns} connections and {mib} MiB per run; medians)\n"
+    );
+    println!("| | record off (baseline) | record on | on / off |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| connections/s | {:.0} | {:.0} | {:.3} |",
+        rate(con_off),
+        rate(con_on),
+        rate(con_on) / rate(con_off)
+    );
+    println!(
+        "| download MiB/s | {:.1} | {:.1} | {:.3} |",
+        tput(bulk_off),
+        tput(bulk_on),
+        tput(bulk_on) / tput(bulk_off)
+    );
+    let json = serde_json::to_string(&wide)?;
+    let itemised: u64 = wide.flows.iter().map(|f| f.count).sum();
+    println!();
+    println!(
+        "slowdown: connections {:+.1} %, download {:+.1} % (target: at most 5 % slower)",
+        (con_on.as_secs_f64() / con_off.as_secs_f64() - 1.0) * 100.0,
+        (bulk_on.as_secs_f64() / bulk_off.as_secs_f64() - 1.0) * 100.0,
+    );
+    println!(
+        "a task opening 10 000 connections: record {} KiB of JSON, {} destinations kept, {} connections itemised, {} counted past the bound, {} events lost",
+        json.len() >> 10,
+        wide.flows.len(),
+        itemised,
+        wide.overflow.flows,
+        wide.lost_events
+    );
+    Ok(0)
+}
