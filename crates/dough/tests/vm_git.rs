@@ -598,6 +598,12 @@ fn a_repo_task_through_the_service_records_its_pull_request() {
     // It names the pushed commit and verifies against the daemon's key.
     let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(statement["subject"][0]["digest"]["gitCommit"], tip.as_str());
+    let bundle = &statement["subject"][1];
+    assert!(
+        bundle["name"].as_str().unwrap().ends_with("/bundle")
+            && bundle["digest"]["sha256"].as_str().unwrap().len() == 64,
+        "{statement}"
+    );
     let file = e.h.state.path().join("prov.json");
     std::fs::write(&file, &p.stdout).unwrap();
     let mut v: Command = e.h.cmd();

@@ -584,16 +584,8 @@ pub fn finalize(
         message,
     })?;
     fin.pushed = true;
-    if let Some(code) = facts.failed_with {
-        fin.note = Some(format!(
-            "partial work of a failed task (exit code {code}) pushed as asked (--push-partial); no pull request is opened for it"
-        ));
-        return Ok(fin);
-    }
-    let Some(token) = creds.forge_token.as_deref() else {
-        fin.note = Some("pushed; no DOUGH_FORGE_TOKEN, so no pull request was opened".into());
-        return Ok(fin);
-    };
+    // Signed once the commits are pushed, while the bundle is at hand: the
+    // pull request's body carries its digest.
     if let Some(a) = &facts.attest {
         let mut a = a.clone();
         a.facts.repo = Some(crate::provenance::RepoFacts {
@@ -606,9 +598,26 @@ pub fn finalize(
                 .ok()
                 .map(|b| crate::provenance::sha256_hex(&b)),
         });
-        a.facts.outcome = serde_json::json!({"state": "succeeded", "exit_code": 0});
+        a.facts.outcome = match facts.failed_with {
+            None => {
+                serde_json::json!({"state": "succeeded", "reason": "exit_code", "exit_code": 0})
+            }
+            Some(code) => {
+                serde_json::json!({"state": "failed", "reason": "exit_code", "exit_code": code})
+            }
+        };
         fin.provenance = Some(a.sign());
     }
+    if let Some(code) = facts.failed_with {
+        fin.note = Some(format!(
+            "partial work of a failed task (exit code {code}) pushed as asked (--push-partial); no pull request is opened for it"
+        ));
+        return Ok(fin);
+    }
+    let Some(token) = creds.forge_token.as_deref() else {
+        fin.note = Some("pushed; no DOUGH_FORGE_TOKEN, so no pull request was opened".into());
+        return Ok(fin);
+    };
     let digest = fin.provenance.as_ref().map(|e| e.digest());
     let body = forge::pr_body(plan, facts, &fin.commits, digest.as_deref());
     gate.claim.check().map_err(RepoError::ClaimLost)?;
