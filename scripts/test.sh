@@ -54,6 +54,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/
   [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
+# Test-only: the Python client's tests (clients/python/tests/run.sh) run
+# pytest in a venv that sees Debian's httpx and pytest; the client itself is
+# installed from the tree.
+if ! dpkg -s python3-httpx python3-pytest python3-venv python3-wheel >/dev/null 2>&1; then
+  printf '\n== apt: python3-httpx, python3-pytest, python3-venv, python3-wheel (test-only)\n' >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    python3-httpx python3-pytest python3-venv python3-wheel python3-setuptools >/dev/null
+fi
+
 # The image of the end-to-end agent test (crates/dough/tests/vm_claude.rs):
 # Claude Code from the npm registry, ~5 minutes under TCG the first time,
 # then cached by content (its layers are keyed by the steps and the base).
@@ -69,6 +78,12 @@ printf '\n== cargo test\n' >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 RUST_TEST_THREADS=2 cargo test --workspace --release --locked 2>&1 | tee "$log"
-# One closing line over every test binary (cargo prints one per binary).
+printf '\n== python client (pytest, real daemon and VMs)\n' >&2
+pylog=$(mktemp)
+trap 'rm -f "$log" "$pylog"' EXIT
+clients/python/tests/run.sh 2>&1 | tee "$pylog"
+# One closing line over every test binary (cargo prints one per binary) and
+# pytest's summary ("8 passed in 36.54s").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
+tail -n 1 "$pylog" | sed 's/^/python client tests: /'
