@@ -55,12 +55,13 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/
 fi
 
 # Test-only: the Python client's tests (clients/python/tests/run.sh) run
-# pytest in a venv that sees Debian's httpx and pytest; the client itself is
-# installed from the tree.
-if ! dpkg -s python3-httpx python3-pytest python3-venv python3-wheel >/dev/null 2>&1; then
-  printf '\n== apt: python3-httpx, python3-pytest, python3-venv, python3-wheel (test-only)\n' >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    python3-httpx python3-pytest python3-venv python3-wheel python3-setuptools >/dev/null
+# pytest in a venv that sees Debian's httpx, pytest and Selenium; the client
+# itself is installed from the tree. The dashboard's test drives Debian's
+# Chromium headless through chromedriver.
+py_pkgs=(python3-httpx python3-pytest python3-venv python3-wheel python3-setuptools python3-selenium chromium chromium-driver)
+if ! dpkg -s "${py_pkgs[@]}" >/dev/null 2>&1; then
+  printf '\n== apt: %s (test-only)\n' "${py_pkgs[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${py_pkgs[@]}" >/dev/null
 fi
 
 # The image of the end-to-end agent test (crates/dough/tests/vm_claude.rs):
@@ -78,7 +79,7 @@ printf '\n== cargo test\n' >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 RUST_TEST_THREADS=2 cargo test --workspace --release --locked 2>&1 | tee "$log"
-printf '\n== python client (pytest, real daemon and VMs)\n' >&2
+printf '\n== python client and dashboard (pytest, Chromium; real daemon and VMs; screenshots in target/artifacts/dashboard)\n' >&2
 pylog=$(mktemp)
 trap 'rm -f "$log" "$pylog"' EXIT
 clients/python/tests/run.sh 2>&1 | tee "$pylog"

@@ -31,6 +31,12 @@ pub struct Api {
 pub const ROUTES: &[(&str, &str, bool, &str)] = &[
     (
         "get",
+        "/",
+        false,
+        "The web dashboard: one static page (no token needed to load it; it asks for the token and keeps it in the browser tab)",
+    ),
+    (
+        "get",
         "/healthz",
         false,
         "Liveness of the daemon (no token needed)",
@@ -114,6 +120,7 @@ pub const ROUTES: &[(&str, &str, bool, &str)] = &[
 
 pub fn router(api: Api) -> Router {
     let r = Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -154,7 +161,9 @@ async fn method_not_allowed() -> Response {
 }
 
 async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/healthz" {
+    // The dashboard's page holds no data: every call it makes carries the
+    // token.
+    if matches!(req.uri().path(), "/healthz" | "/") {
         return next.run(req).await;
     }
     let given = req
@@ -175,6 +184,25 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// The dashboard, embedded in the binary (no build step, no files).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 async fn healthz() -> Response {

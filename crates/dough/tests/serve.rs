@@ -468,7 +468,7 @@ fn the_openapi_document_matches_the_served_routes() {
             }
         }
     }
-    assert_eq!(documented, 16, "{doc}");
+    assert_eq!(documented, 17, "{doc}");
     // Without pools the pool list is empty, not an error.
     assert_eq!(s.call("GET", "/v1/pools", None).1, json!({"pools": []}));
     // Routes outside the document do not exist.
