@@ -66,8 +66,8 @@ def test_log_in_follow_a_task_live_cancel_it_and_see_capacity(browser, daemon):
     assert b.execute_script("return sessionStorage.getItem('dough-token')") == daemon["token"]
     assert b.execute_script("return localStorage.length") == 0
 
-    with Dough(daemon["url"], daemon["token"]) as d:
-        task = d.submit("echo hello-from-the-dashboard; sleep 600", labels={"suite": "dash"})
+    d = Dough(daemon["url"], daemon["token"])
+    task = d.submit("echo hello-from-the-dashboard; sleep 600", labels={"suite": "dash"})
     row = f"tr[data-id='{task.id}']"
     wait(b, "the submitted task in the list", lambda: b.find_elements(By.CSS_SELECTOR, row))
     # The label filter keeps it, or not.
@@ -97,8 +97,24 @@ def test_log_in_follow_a_task_live_cancel_it_and_see_capacity(browser, daemon):
         "the cancel in the transitions",
         lambda: "cancelled" in b.find_element(By.ID, "t-transitions").text,
     )
-    assert task.client is not None
     shot(b, "4-task-cancelled")
+
+    # Resubmit: the same request again, as a new task, whose page opens.
+    b.find_element(By.ID, "t-resubmit").click()
+    wait(
+        b,
+        "the resubmitted task's page",
+        lambda: b.find_element(By.ID, "t-id").text not in ("", task.id),
+    )
+    again = d.task(b.find_element(By.ID, "t-id").text)
+    assert again.status()["request"]["command"] == task.status()["request"]["command"]
+    wait(
+        b,
+        "the resubmitted task's output",
+        lambda: "hello-from-the-dashboard" in b.find_element(By.ID, "t-output").text,
+    )
+    again.cancel()
+    wait(b, "the resubmitted task cancelled", lambda: b.find_element(By.ID, "t-state").text == "cancelled")
 
     b.get(daemon["url"] + "/#/capacity")
     wait(
@@ -112,3 +128,4 @@ def test_log_in_follow_a_task_live_cancel_it_and_see_capacity(browser, daemon):
     b.find_element(By.ID, "logout").click()
     wait(b, "logged out", lambda: visible(b, "login"))
     assert b.execute_script("return sessionStorage.getItem('dough-token')") is None
+    d.close()
