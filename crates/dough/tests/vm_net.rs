@@ -99,7 +99,12 @@ fn real_vms_reach_the_internet_and_nothing_else() {
     }
     targets.extend(PRIVATE_SERVERS.iter().map(|p| format!("{p}:{WEB_PORT}")));
     let out = in_host(h.cmd(), &w.host)
-        .args(["run", "--env", &format!("TARGETS={}", targets.join(" "))])
+        .args([
+            "run",
+            "--network-summary",
+            "--env",
+            &format!("TARGETS={}", targets.join(" ")),
+        ])
         .args(["--", "bash", "-c", MATRIX])
         .output()
         .unwrap();
@@ -169,7 +174,13 @@ fn real_vms_reach_the_internet_and_nothing_else() {
 
     // Allowlist mode in a third VM.
     let out = in_host(h.cmd(), &w.host)
-        .args(["run", "--root", "--allow-host", ALLOWED_NAME])
+        .args([
+            "run",
+            "--network-summary",
+            "--root",
+            "--allow-host",
+            ALLOWED_NAME,
+        ])
         .args(["--", "bash", "-c", ALLOWLIST])
         .output()
         .unwrap();

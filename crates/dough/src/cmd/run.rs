@@ -38,6 +38,12 @@ pub struct RunArgs {
     /// clone, the task, teardown, and gate/push/pull request.
     #[arg(long)]
     pub timings: bool,
+    /// At the end, print what the guest did on the network ("dough:
+    /// network: reached 3 hosts, 1 blocked: 10.0.0.5:22") also when stderr
+    /// is not a terminal (on a terminal it is always printed; otherwise
+    /// stderr carries only the task's own unless asked).
+    #[arg(long)]
+    pub network_summary: bool,
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -498,7 +504,7 @@ pub async fn run(cli: &Cli, a: &RunArgs) -> anyhow::Result<u8> {
         eprintln!("dough: warning: teardown: {e}");
     }
     // What the guest did on the network, as the host saw it.
-    if let Some(rec) = &rep.egress {
+    if let Some(rec) = rep.egress.as_ref().filter(|_| tty || a.network_summary) {
         eprintln!("dough: network: {}", rec.summary().line());
     }
     if let Some(e) = write_err {
