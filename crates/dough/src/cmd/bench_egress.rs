@@ -268,6 +268,12 @@ fn stand_in_round(
     if !errs.is_empty() {
         bail!("teardown: {errs:?}");
     }
+    // The kernel destroys the namespace in the background: the next round
+    // starts once its devices are gone, not while it works on them.
+    let t = std::time::Instant::now();
+    while !dough_net::leftovers(id).is_empty() && t.elapsed() < dough_net::NETNS_CLEANUP {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok((timed?, rec))
 }
 
