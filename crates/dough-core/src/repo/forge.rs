@@ -270,9 +270,8 @@ mod tests {
         assert_eq!(owner_repo("https://github.com/"), None);
     }
 
-    #[test]
-    fn api_bases() {
-        let mut plan = Plan {
+    fn github_plan() -> Plan {
+        Plan {
             url: "https://github.com/o/r".into(),
             base_branch: "main".into(),
             base_commit: "0".repeat(40),
@@ -283,7 +282,12 @@ mod tests {
             author_email: String::new(),
             commit_message: "m".into(),
             pr: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn api_bases() {
+        let mut plan = github_plan();
         assert_eq!(api_base(&plan).unwrap(), "https://api.github.com");
         plan.url = "https://ghe.corp:8443/o/r".into();
         assert_eq!(api_base(&plan).unwrap(), "https://ghe.corp:8443/api/v3");
@@ -337,18 +341,7 @@ mod tests {
         r.flow(seen("140.82.112.3", 443, Verdict::Allowed, 20 << 10));
         r.flow(seen("10.0.0.5", 22, Verdict::Blocked, 0));
         r.flow(seen("10.0.0.5", 22, Verdict::Blocked, 0));
-        let plan = Plan {
-            url: "https://github.com/o/r".into(),
-            base_branch: "main".into(),
-            base_commit: "0".repeat(40),
-            branch: "dough/x".into(),
-            branch_exists: None,
-            private: false,
-            author_name: String::new(),
-            author_email: String::new(),
-            commit_message: "m".into(),
-            pr: Default::default(),
-        };
+        let plan = github_plan();
         let facts = TaskFacts {
             task_id: "t9".into(),
             egress: Some(r.finish(5)),

@@ -16,7 +16,6 @@
 //! network is not touched.
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -25,6 +24,7 @@ use dough_core::{run_task, Event, Outcome, TaskSpec};
 use dough_net::Egress;
 use dough_proto::Stream;
 
+use super::bench_net::sh;
 use crate::Cli;
 
 #[derive(Args, Debug)]
@@ -54,17 +54,6 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 const CONNECT_PORT: u16 = 9000;
 /// Sends `--mib` MiB and closes.
 const BULK_PORT: u16 = 9001;
-
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("spawn {}", args[0]))?;
-    if !out.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
 
 /// The two namespaces, deleted when dropped.
 struct Topology;

@@ -31,7 +31,8 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<()> {
+/// Run a command; its stderr is the error when it fails.
+pub(super) fn sh(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
