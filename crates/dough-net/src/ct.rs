@@ -1,8 +1,10 @@
 //! The kernel's side of the egress record ([`crate::record`]): conntrack
-//! (destroy events and a dump at the end, with byte counters) and NFLOG
+//! (destroy events and a dump at the end, with byte counters and start and
+//! stop times) and NFLOG
 //! (packets a rule refused), both read over nfnetlink in the VM's
 //! namespace. Opened on the namespace's thread; the sockets stay bound to
 //! it wherever they are read.
+use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -17,8 +19,11 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
-/// The legacy group masks of conntrack's events: new and destroyed entries.
-const NF_NETLINK_CONNTRACK_NEW: u32 = 1;
+/// The legacy group mask of conntrack's destroy events. Only these: a new
+/// entry's event would be built on the packet path of every connection's
+/// first packet, a destroy event mostly off it (a closed TCP connection's
+/// entry is destroyed by conntrack's garbage collector, minutes later),
+/// and it carries all the record needs — tuple, bytes, start and stop.
 const NF_NETLINK_CONNTRACK_DESTROY: u32 = 4;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -30,7 +35,10 @@ const NLM_F_DUMP: u16 = 0x300;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
+const CTA_STATUS: u16 = 3;
 const CTA_ID: u16 = 12;
+/// `IPS_DYING` of an entry's status.
+const IPS_DYING: u32 = 1 << 9;
 const CTA_TIMESTAMP: u16 = 20;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -165,22 +173,24 @@ fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
 }
 
 /// Attributes: (type without flags, data).
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = vec![];
-    while b.len() >= 4 {
+fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
         let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
         if len < 4 || len > b.len() {
-            break;
+            return None;
         }
-        out.push((ty, &b[4..len]));
+        let data = &b[4..len];
         b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    out
+        Some((ty, data))
+    })
 }
 
 fn attr(b: &[u8], ty: u16) -> Option<&[u8]> {
-    attrs(b).into_iter().find(|(t, _)| *t == ty).map(|(_, d)| d)
+    attrs(b).find(|(t, _)| *t == ty).map(|(_, d)| d)
 }
 
 fn be64(b: &[u8]) -> Option<u64> {
@@ -196,11 +206,10 @@ fn ipv4(b: &[u8]) -> Option<Ipv4Addr> {
     ))
 }
 
-/// A conntrack entry (after the nfgenmsg) as a flow from `guest`; None if
-/// it is not one (another source, the gateway itself, not IPv4). `ended`:
-/// a destroy event or the final dump (its counters are final), else a new
-/// entry.
-fn ct_flow(payload: &[u8], guest: Ipv4Addr, gateway: Ipv4Addr, ended: bool) -> Option<Seen> {
+/// A conntrack entry (after the nfgenmsg: a destroy event, or one of the
+/// final dump, whose counters are final too) as a flow from `guest`; None
+/// if it is not one (another source, the gateway itself, not IPv4).
+fn ct_flow(payload: &[u8], guest: Ipv4Addr, gateway: Ipv4Addr) -> Option<Seen> {
     let a = payload.get(4..)?;
     let orig = attr(a, CTA_TUPLE_ORIG)?;
     let ip = attr(orig, CTA_TUPLE_IP)?;
@@ -230,11 +239,8 @@ fn ct_flow(payload: &[u8], guest: Ipv4Addr, gateway: Ipv4Addr, ended: bool) -> O
             .map(|ns| ns / 1_000_000)
     };
     let first = ms(CTA_TIMESTAMP_START).unwrap_or(now);
-    let last = if ended {
-        ms(CTA_TIMESTAMP_STOP).unwrap_or(now)
-    } else {
-        now
-    };
+    // Still tracked at the end (the dump): no stop time yet.
+    let last = ms(CTA_TIMESTAMP_STOP).unwrap_or(now);
     Some(Seen {
         proto: num,
         addr: dst,
@@ -245,9 +251,33 @@ fn ct_flow(payload: &[u8], guest: Ipv4Addr, gateway: Ipv4Addr, ended: bool) -> O
         bytes_in: bytes(CTA_COUNTERS_REPLY),
         first_ms: first,
         last_ms: last.max(first),
-        ct_id: attr(a, CTA_ID).and_then(|b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))),
-        end: ended,
     })
+}
+
+/// The entry is being destroyed: its destroy event is sent, or on its way.
+fn dying(payload: &[u8]) -> bool {
+    payload
+        .get(4..)
+        .and_then(|a| attr(a, CTA_STATUS))
+        .and_then(|b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?)))
+        .is_some_and(|st| st & IPS_DYING != 0)
+}
+
+/// Which conntrack entry this is: its id and its start time. The id alone
+/// is not enough: it is a 32-bit hash, two entries of a dump can share it,
+/// and an entry made again for the same connection's tuple (a new SYN
+/// reopening a closed one) can get its predecessor's.
+type Entry = (u32, u64);
+
+fn entry(payload: &[u8]) -> Option<Entry> {
+    let a = payload.get(4..)?;
+    let b = attr(a, CTA_ID)?;
+    let id = u32::from_be_bytes(b.get(..4)?.try_into().ok()?);
+    let start = attr(a, CTA_TIMESTAMP)
+        .and_then(|ts| attr(ts, CTA_TIMESTAMP_START))
+        .and_then(be64)
+        .unwrap_or(0);
+    Some((id, start))
 }
 
 /// An NFLOG packet message as a blocked attempt.
@@ -277,15 +307,13 @@ fn logged(payload: &[u8]) -> Option<Seen> {
         bytes_in: 0,
         first_ms: now,
         last_ms: now,
-        ct_id: None,
-        end: true,
     })
 }
 
 /// What the kernel tells about one VM's traffic. Open it on the thread
 /// that is in the VM's namespace.
 pub struct Sources {
-    /// conntrack events: new and destroyed entries.
+    /// conntrack events: destroyed entries.
     pub ct: OwnedFd,
     /// NFLOG group [`crate::policy::LOG_GROUP`].
     pub log: OwnedFd,
@@ -306,10 +334,7 @@ impl Sources {
             let p = format!("/proc/sys/net/netfilter/{k}");
             std::fs::write(&p, v).map_err(|e| io::Error::new(e.kind(), format!("{p}: {e}")))?;
         }
-        let ct = socket(
-            NF_NETLINK_CONNTRACK_NEW | NF_NETLINK_CONNTRACK_DESTROY,
-            true,
-        )?;
+        let ct = socket(NF_NETLINK_CONNTRACK_DESTROY, true)?;
         let log = socket(0, false)?;
         let ty = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG;
         let group = crate::policy::LOG_GROUP;
@@ -357,14 +382,26 @@ impl Sources {
     /// Read what is waiting on `fd` (one of ours) into `out`; `lost` is
     /// called once per overrun.
     pub fn drain(&mut self, fd: RawFd, out: &mut dyn FnMut(Seen), lost: &mut dyn FnMut()) {
+        self.drain_except(fd, &HashSet::new(), out, lost)
+    }
+
+    /// [`Sources::drain`], leaving out the conntrack entries in `skip`.
+    fn drain_except(
+        &mut self,
+        fd: RawFd,
+        skip: &HashSet<Entry>,
+        out: &mut dyn FnMut(Seen),
+        lost: &mut dyn FnMut(),
+    ) {
         loop {
             match recv(fd, &mut self.buf) {
                 Ok(Some(n)) => {
                     for (ty, p) in messages(&self.buf[..n]) {
                         let seen = if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE {
-                            ct_flow(p, self.guest, self.gateway, true)
-                        } else if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW {
-                            ct_flow(p, self.guest, self.gateway, false)
+                            match entry(p) {
+                                Some(e) if skip.contains(&e) => None,
+                                _ => ct_flow(p, self.guest, self.gateway),
+                            }
                         } else if ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
                             logged(p)
                         } else {
@@ -384,12 +421,21 @@ impl Sources {
     }
 
     /// Everything still waiting, then every flow conntrack still tracks
-    /// (open connections, and closed ones not yet expired): the end of the
-    /// record.
+    /// (open connections, and closed ones not yet expired), then what was
+    /// destroyed meanwhile and not in the dump: the end of the record.
     pub fn finish(&mut self, out: &mut dyn FnMut(Seen), lost: &mut dyn FnMut()) -> io::Result<()> {
         let (ct, log) = (self.ct.as_raw_fd(), self.log.as_raw_fd());
         self.drain(log, out, lost);
         self.drain(ct, out, lost);
+        let mut dumped = HashSet::new();
+        let r = self.dump(&mut dumped, out);
+        self.drain_except(ct, &dumped, out, lost);
+        self.drain(log, out, lost);
+        r
+    }
+
+    /// Every entry conntrack tracks, each once, into `ids`.
+    fn dump(&mut self, ids: &mut HashSet<Entry>, out: &mut dyn FnMut(Seen)) -> io::Result<()> {
         let dump = socket(0, false)?;
         let m = request(
             (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
@@ -407,8 +453,14 @@ impl Sources {
                 match ty {
                     NLMSG_DONE | NLMSG_ERROR => return Ok(()),
                     t if t == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW => {
-                        // Still tracked: its counters as they are now.
-                        if let Some(s) = ct_flow(p, self.guest, self.gateway, true) {
+                        // Still tracked: its counters as they are now. Not
+                        // an entry being destroyed (its event comes), nor
+                        // one the dump gave already (a dump resumed after
+                        // its place vanished starts its bucket again).
+                        if dying(p) || entry(p).is_some_and(|e| !ids.insert(e)) {
+                            continue;
+                        }
+                        if let Some(s) = ct_flow(p, self.guest, self.gateway) {
                             out(s);
                         }
                     }
@@ -471,8 +523,14 @@ mod tests {
         p.extend(nla(CTA_COUNTERS_ORIG | nested, &counters(120)));
         p.extend(nla(CTA_COUNTERS_REPLY | nested, &counters(4000)));
         p.extend(nla(CTA_TIMESTAMP | nested, &ts));
+        p.extend(nla(CTA_ID, &0xdeadbeefu32.to_be_bytes()));
+        assert_eq!(entry(&p), Some((0xdeadbeef, 5_000_000)));
+        assert!(!dying(&p));
+        let mut d = p.clone();
+        d.extend(nla(CTA_STATUS, &(IPS_DYING | 0x8).to_be_bytes()));
+        assert!(dying(&d));
         let guest = Ipv4Addr::new(172, 16, 0, 2);
-        let s = ct_flow(&p, guest, Ipv4Addr::new(172, 16, 0, 1), true).unwrap();
+        let s = ct_flow(&p, guest, Ipv4Addr::new(172, 16, 0, 1)).unwrap();
         assert_eq!(
             (
                 s.addr,
@@ -485,9 +543,9 @@ mod tests {
             ("203.0.113.9".parse().unwrap(), Some(443), 120, 4000, 5, 9)
         );
         // Traffic to the gateway (DNS) is the forwarder's to record.
-        assert!(ct_flow(&p, guest, Ipv4Addr::new(203, 0, 113, 9), true).is_none());
+        assert!(ct_flow(&p, guest, Ipv4Addr::new(203, 0, 113, 9)).is_none());
         // Cut inside the tuple: nothing, no panic.
-        assert!(ct_flow(&p[..20], guest, Ipv4Addr::new(172, 16, 0, 1), true).is_none());
+        assert!(ct_flow(&p[..20], guest, Ipv4Addr::new(172, 16, 0, 1)).is_none());
     }
 
     #[test]

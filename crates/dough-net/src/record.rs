@@ -22,7 +22,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-/// Destinations kept per task (allowed and blocked together).
+/// Destinations kept per task (allowed and blocked together): the first
+/// seen, a connection being seen when it ends (or at the task's end).
 pub const MAX_FLOWS: usize = 1000;
 /// DNS questions (name, type, verdict) kept per task.
 pub const MAX_DNS: usize = 1000;
@@ -40,7 +41,7 @@ pub struct EgressRecord {
     pub started_ms: u64,
     /// When it ended (the VM's teardown); None while the task runs.
     pub ended_ms: Option<u64>,
-    /// One entry per destination and verdict, in the order first seen.
+    /// One entry per destination and verdict, in the order first reached.
     pub flows: Vec<Flow>,
     /// One entry per DNS question and verdict, in the order first asked.
     pub dns: Vec<DnsQuestion>,
@@ -258,11 +259,6 @@ pub struct Seen {
     pub bytes_in: u64,
     pub first_ms: u64,
     pub last_ms: u64,
-    /// The kernel's id of the connection (conntrack), when it has one.
-    pub ct_id: Option<u32>,
-    /// The connection ended (or the record does): its byte counts are
-    /// final. Otherwise it just began.
-    pub end: bool,
 }
 
 type FlowKey = (u8, Ipv4Addr, Option<u16>, Verdict);
@@ -274,8 +270,6 @@ pub struct Recorder {
     flows: HashMap<FlowKey, usize>,
     dns: HashMap<(String, u16, bool), usize>,
     names: HashMap<Ipv4Addr, String>,
-    /// Connections counted when they began, whose end is still to come.
-    live: std::collections::HashSet<u32>,
 }
 
 impl Recorder {
@@ -295,25 +289,9 @@ impl Recorder {
         *self = Recorder::new(policy, now_ms);
     }
 
-    /// A connection began, ended, or was refused. A connection is counted
-    /// (and its destination itemised, bounds permitting) when it begins, so
-    /// the record keeps destinations in the order first reached; its bytes
-    /// come with its end. An end whose beginning was not seen counts as both.
+    /// A connection ended (or was still open at the end), or a packet was
+    /// refused: counted, with its bytes, under its destination.
     pub fn flow(&mut self, s: Seen) {
-        if let Some(id) = s.ct_id {
-            if !s.end {
-                self.live.insert(id);
-            } else if self.live.remove(&id) {
-                let key = (s.proto, s.addr, s.port, s.verdict);
-                if let Some(&i) = self.flows.get(&key) {
-                    let f = &mut self.rec.flows[i];
-                    f.bytes_out += s.bytes_out;
-                    f.bytes_in += s.bytes_in;
-                    f.last_ms = f.last_ms.max(s.last_ms);
-                }
-                return;
-            }
-        }
         let key = (s.proto, s.addr, s.port, s.verdict);
         let name = self.names.get(&s.addr).cloned();
         match self.flows.get(&key) {
@@ -393,15 +371,19 @@ impl Recorder {
         self.rec.lost_events += 1;
     }
 
-    /// The record so far.
+    /// The record so far: connections still open are not in it yet.
     pub fn snapshot(&self) -> EgressRecord {
-        self.rec.clone()
+        let mut rec = self.rec.clone();
+        // Kept in the order seen (a connection is seen when it ends);
+        // listed in the order first reached.
+        rec.flows.sort_by_key(|f| f.first_ms);
+        rec
     }
 
     /// The record, ended at `now_ms`.
     pub fn finish(&mut self, now_ms: u64) -> EgressRecord {
         self.rec.ended_ms = Some(now_ms);
-        self.rec.clone()
+        self.snapshot()
     }
 }
 
@@ -427,8 +409,6 @@ mod tests {
             bytes_in: 2 * out,
             first_ms: 10,
             last_ms: 20,
-            ct_id: None,
-            end: true,
         }
     }
 
@@ -471,39 +451,25 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_counts_once_when_it_begins_and_brings_its_bytes_when_it_ends() {
+    fn flows_are_listed_in_the_order_first_reached() {
         let mut r = Recorder::new("open", 1);
-        let begin = |id, port| Seen {
-            ct_id: Some(id),
-            end: false,
-            bytes_out: 0,
-            bytes_in: 0,
-            ..seen("203.0.113.5", port, Verdict::Allowed, 0)
-        };
-        let end = |id, port| Seen {
-            ct_id: Some(id),
-            last_ms: 50,
-            ..seen("203.0.113.5", port, Verdict::Allowed, 7)
-        };
-        r.flow(begin(1, 443));
-        r.flow(begin(2, 443));
-        r.flow(end(1, 443));
-        // Its beginning was missed: counted at its end.
-        r.flow(end(3, 443));
-        let rec = r.snapshot();
-        let f = &rec.flows[0];
-        assert_eq!(
-            (f.count, f.bytes_out, f.bytes_in, f.last_ms),
-            (3, 14, 28, 50)
-        );
-        // Past the bound: counted at the beginning only, once.
-        let mut r = Recorder::new("open", 1);
-        for p in 0..MAX_FLOWS as u16 {
-            r.flow(seen("203.0.113.5", p, Verdict::Allowed, 1));
-        }
-        r.flow(begin(9, 60000));
-        r.flow(end(9, 60000));
-        assert_eq!(r.snapshot().overflow.flows, 1);
+        // A long connection ends (is seen) after a short one that began later.
+        r.flow(Seen {
+            first_ms: 30,
+            ..seen("203.0.113.6", 80, Verdict::Allowed, 1)
+        });
+        r.flow(Seen {
+            first_ms: 5,
+            ..seen("203.0.113.5", 443, Verdict::Allowed, 1)
+        });
+        r.flow(Seen {
+            first_ms: 40,
+            ..seen("203.0.113.5", 443, Verdict::Allowed, 1)
+        });
+        let order = |rec: EgressRecord| rec.flows.iter().map(|f| f.port).collect::<Vec<_>>();
+        assert_eq!(order(r.snapshot()), vec![Some(443), Some(80)]);
+        assert_eq!(order(r.finish(50)), vec![Some(443), Some(80)]);
+        assert_eq!(r.snapshot().flows[0].count, 2);
     }
 
     #[test]

@@ -335,8 +335,6 @@ mod tests {
             bytes_in: 3 * out,
             first_ms: 3,
             last_ms: 4,
-            ct_id: None,
-            end: true,
         };
         r.flow(seen("140.82.112.3", 443, Verdict::Allowed, 20 << 10));
         r.flow(seen("10.0.0.5", 22, Verdict::Blocked, 0));
