@@ -22,8 +22,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-/// Destinations kept per task (allowed and blocked together): the first
-/// seen, a connection being seen when it ends (or at the task's end).
+/// Destinations kept per task (allowed and blocked together): those
+/// reached first.
 pub const MAX_FLOWS: usize = 1000;
 /// DNS questions (name, type, verdict) kept per task.
 pub const MAX_DNS: usize = 1000;
@@ -230,6 +230,16 @@ pub fn proto_name(p: u8) -> String {
     }
 }
 
+/// The number of a protocol named by [`proto_name`].
+fn proto_number(name: &str) -> u8 {
+    match name {
+        "icmp" => 1,
+        "tcp" => 6,
+        "udp" => 17,
+        n => n.parse().unwrap_or(0),
+    }
+}
+
 /// The name of a DNS type.
 pub fn qtype_name(t: u16) -> String {
     match t {
@@ -270,6 +280,9 @@ pub struct Recorder {
     flows: HashMap<FlowKey, usize>,
     dns: HashMap<(String, u16, bool), usize>,
     names: HashMap<Ipv4Addr, String>,
+    /// When full: the kept destination whose first connection began last
+    /// (its start, its index), None when it is to be found again.
+    latest: Option<(u64, usize)>,
 }
 
 impl Recorder {
@@ -300,13 +313,49 @@ impl Recorder {
                 f.count += 1;
                 f.bytes_out += s.bytes_out;
                 f.bytes_in += s.bytes_in;
-                f.first_ms = f.first_ms.min(s.first_ms);
+                if s.first_ms < f.first_ms {
+                    f.first_ms = s.first_ms;
+                    self.latest = None;
+                }
                 f.last_ms = f.last_ms.max(s.last_ms);
                 if f.name.is_none() {
                     f.name = name;
                 }
             }
-            None if self.rec.flows.len() >= MAX_FLOWS => self.rec.overflow.flows += 1,
+            None if self.rec.flows.len() >= MAX_FLOWS => {
+                // Full: the destinations kept are those reached first. A
+                // connection is seen when it ends, so one that began
+                // before the latest kept destination's first connection
+                // (a long one, seen at the dump) takes that one's place.
+                let flows = &self.rec.flows;
+                let (latest, at) = *self.latest.get_or_insert_with(|| {
+                    flows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| (f.first_ms, i))
+                        .max()
+                        .unwrap_or((0, 0))
+                });
+                if s.first_ms >= latest {
+                    self.rec.overflow.flows += 1;
+                    return;
+                }
+                self.latest = None;
+                let out = self.rec.flows.swap_remove(at);
+                self.rec.overflow.flows += out.count;
+                let gone = (proto_number(&out.proto), out.addr, out.port, out.verdict);
+                self.flows.remove(&gone);
+                if let Some(moved) = self.rec.flows.get(at) {
+                    let k = (
+                        proto_number(&moved.proto),
+                        moved.addr,
+                        moved.port,
+                        moved.verdict,
+                    );
+                    self.flows.insert(k, at);
+                }
+                self.flow(s);
+            }
             None => {
                 self.flows.insert(key, self.rec.flows.len());
                 self.rec.flows.push(Flow {
@@ -470,6 +519,54 @@ mod tests {
         assert_eq!(order(r.snapshot()), vec![Some(443), Some(80)]);
         assert_eq!(order(r.finish(50)), vec![Some(443), Some(80)]);
         assert_eq!(r.snapshot().flows[0].count, 2);
+    }
+
+    #[test]
+    fn when_full_a_destination_reached_earlier_takes_the_latest_ones_place() {
+        let mut r = Recorder::new("open", 1);
+        for p in 0..MAX_FLOWS as u16 {
+            r.flow(Seen {
+                first_ms: 100 + p as u64,
+                ..seen("203.0.113.5", p, Verdict::Allowed, 1)
+            });
+        }
+        // Began after every kept one: counted past the bound.
+        r.flow(Seen {
+            first_ms: 5000,
+            ..seen("203.0.113.6", 1, Verdict::Allowed, 1)
+        });
+        // Began first (a long connection, seen at the end): kept.
+        r.flow(Seen {
+            first_ms: 50,
+            ..seen("203.0.113.9", 443, Verdict::Allowed, 9)
+        });
+        let rec = r.snapshot();
+        assert_eq!(rec.flows.len(), MAX_FLOWS);
+        assert_eq!(rec.overflow.flows, 2);
+        assert_eq!(
+            rec.flows[0].addr,
+            "203.0.113.9".parse::<Ipv4Addr>().unwrap()
+        );
+        assert!(!rec
+            .flows
+            .iter()
+            .any(|f| f.port == Some(MAX_FLOWS as u16 - 1)));
+        // The index still finds every kept destination.
+        r.flow(Seen {
+            first_ms: 60,
+            ..seen("203.0.113.5", 7, Verdict::Allowed, 1)
+        });
+        r.flow(Seen {
+            first_ms: 60,
+            ..seen("203.0.113.9", 443, Verdict::Allowed, 1)
+        });
+        let rec = r.snapshot();
+        assert_eq!((rec.flows.len(), rec.overflow.flows), (MAX_FLOWS, 2));
+        assert_eq!(rec.flows[0].count, 2);
+        assert_eq!(
+            rec.flows.iter().find(|f| f.port == Some(7)).unwrap().count,
+            2
+        );
     }
 
     #[test]
