@@ -311,12 +311,13 @@ fn stand_in_round(base: &dough_net::NetConfig, round: u32) -> anyhow::Result<Rou
         for record in [true, false] {
             let mut cfg = base.clone();
             cfg.record_egress = record;
-            let id = format!("dbeg{round}{}", if record { "on" } else { "off" });
+            let mode = if record { "on" } else { "off" };
+            let id = format!("dbeg{round}{mode}");
+            let ns = format!("db-egress-g{mode}");
             let net =
                 dough_net::VmNet::setup(&cfg, &id, &Egress::Open, dough_net::TapSpec::ROOT_FD)?;
-            nets.push((id.clone(), net));
+            nets.push((id.clone(), ns.clone(), net));
             dough_net::prepare_host(&cfg)?;
-            let ns = format!("db-egress-g{}", if record { "on" } else { "off" });
             stand_in_guest(&format!("dough-{id}"), &ns)?;
             turns.push(connector(ns));
         }
@@ -339,19 +340,11 @@ fn stand_in_round(base: &dough_net::NetConfig, round: u32) -> anyhow::Result<Rou
     drop(turns);
     let mut record = None;
     let mut errs = vec![];
-    for (id, net) in nets {
+    for (id, ns, net) in nets {
         let (e, rec) = net.teardown_recorded();
         errs.extend(e);
         record = record.or(rec);
-        let _ = sh(&[
-            "ip",
-            "netns",
-            "del",
-            &format!(
-                "db-egress-g{}",
-                if id.ends_with("on") { "on" } else { "off" }
-            ),
-        ]);
+        let _ = sh(&["ip", "netns", "del", &ns]);
         // The kernel destroys the namespace in the background: the next
         // round starts once its devices are gone, not while it works on them.
         let t = std::time::Instant::now();
